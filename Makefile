@@ -1,0 +1,54 @@
+# walink — `make run` starts a worker, the simulator and the try-it page; `make test` runs everything.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CHROMIUM_PATH ?= /usr/bin/chromium
+export CHROMIUM_PATH
+
+.PHONY: install chromium test lint typecheck unit run bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed chromium
+
+# Debian's chromium (Playwright cannot download browsers on this network)
+chromium:
+	@if [ ! -x "$(CHROMIUM_PATH)" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing Debian's chromium…"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation >/dev/null; \
+	  else \
+	    echo "Chromium is missing: run  sudo apt-get install -y chromium  (or set CHROMIUM_PATH)"; exit 1; \
+	  fi; \
+	fi
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed
+	$(BIN)/pytest -q tests/test_units.py
+
+test: install lint typecheck
+	$(BIN)/pytest -q -p no:cacheprovider
+
+run: install
+	@mkdir -p var/log
+	@echo "walink: worker http://127.0.0.1:3001/ (try-it page) · simulator http://127.0.0.1:3100/ · Ctrl-C stops"
+	$(BIN)/supervisord -c supervisord.conf -n
+
+bench: install
+	$(BIN)/python -m load_tests.bench
+
+clean:
+	rm -rf var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``) and locust load tests."""

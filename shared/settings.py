@@ -1,0 +1,132 @@
+"""Process settings, read from the environment once per process.
+
+Every field ``name`` is read from ``WALINK_<NAME>``; ``CHROMIUM_PATH`` is also honoured for the
+browser binary (it is the name used by the rest of the tooling). An unknown ``WALINK_*`` key is
+an error, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+from shared.errors import SettingsError
+
+ENV_PREFIX = "WALINK_"
+
+Target = Literal["simulator", "whatsapp"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # --- where this process listens
+    host: str = "127.0.0.1"
+    worker_port: int = 3001
+    # --- files
+    data_dir: Path = Path("var")
+    chromium_path: Path = Path("/usr/bin/chromium")
+    headless: bool = True
+    # --- what the browsers talk to
+    target: Target = "simulator"
+    simulator_url: str = "http://127.0.0.1:3100"
+    # WhatsApp Web version whose bootstrap HTML is served from the local cache (target=whatsapp)
+    wa_version: str = "2.3000.1030947950"
+    # --- linking
+    qr_concurrency: int = 3
+    warm_pool_size: int = 2
+    qr_batches: int = 1
+    start_timeout_s: float = 45.0
+    link_timeout_s: float = 120.0
+    passkey_timeout_s: float = 300.0
+    takeover_on_conflict: bool = True
+    restore_on_start: bool = True
+    # --- HTTP edge
+    max_body_bytes: int = 64 * 1024
+    internal_token: str = field(default="", repr=False)
+    sse_keepalive_s: float = 15.0
+    # --- lifecycle
+    shutdown_deadline_s: float = 20.0
+    browser_close_timeout_s: float = 5.0
+    log_level: str = "INFO"
+
+    @property
+    def worker_data_dir(self) -> Path:
+        """This worker's own directory: profiles, session sidecars, the web version cache."""
+        return self.data_dir / f"worker-{self.worker_port}"
+
+    @property
+    def profiles_dir(self) -> Path:
+        return self.worker_data_dir / "profiles"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.worker_data_dir / "sessions"
+
+    @property
+    def webcache_dir(self) -> Path:
+        return self.data_dir / "webcache"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(
+            k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in known
+        )
+        if unknown:
+            raise SettingsError(
+                f"unknown setting(s) {', '.join(unknown)}; known: "
+                + ", ".join(ENV_PREFIX + n.upper() for n in sorted(known))
+            )
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            raw = env.get(key)
+            if raw is None and f.name == "chromium_path":
+                raw = env.get("CHROMIUM_PATH")
+            if raw is not None:
+                values[f.name] = _parse(key, raw, hints[f.name])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.target not in get_args(Target):
+            raise SettingsError(f"WALINK_TARGET must be one of {get_args(Target)}, not {self.target!r}")
+        for name in ("qr_concurrency", "qr_batches", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
+        if self.warm_pool_size < 0:
+            raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
+        if not 0 < self.worker_port < 65536:
+            raise SettingsError("WALINK_WORKER_PORT must be a TCP port")
+
+
+def _parse(key: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true/false")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw)
+        if kind is str or kind == Target:
+            return raw
+    except ValueError as exc:
+        raise SettingsError(f"{key}={raw!r}: {exc}") from exc
+    raise SettingsError(f"{key}: unsupported setting type {kind!r}")  # pragma: no cover

@@ -1,0 +1,190 @@
+"""Fixtures: a real simulator, real workers with real Chromium, and an SSE reader.
+
+Nothing here is mocked: each test gets its own simulator (aiohttp, in-process) and its own worker
+data directory under ``tmp_path``, and every test checks that no Chromium of its own is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient, TestServer
+
+from shared.settings import Settings
+from simulator.app import create_app as create_simulator
+from worker import chromium
+from worker.app import create_app as create_worker
+from worker.keys import MANAGER
+
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+WAIT_S = 60.0  # how long a test waits for an event before calling it lost (not a speed check)
+
+AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+AiohttpServer = Callable[..., Awaitable[TestServer]]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if not CHROMIUM.exists():
+        skip = pytest.mark.skip(reason=f"no Chromium at {CHROMIUM}; `make test` installs it")
+        for item in items:
+            if "chromium" in item.keywords:
+                item.add_marker(skip)
+
+
+class Sim:
+    """The simulator under test and its phone/admin API."""
+
+    def __init__(self, server: TestServer, client: TestClient[Any, Any]) -> None:
+        self.server = server
+        self.client = client
+        self.url = str(server.make_url("")).rstrip("/")
+
+    async def post(self, path: str, body: dict[str, Any], expect: int = 200) -> dict[str, Any]:
+        resp = await self.client.post(path, json=body)
+        data: dict[str, Any] = await resp.json()
+        assert resp.status == expect, (path, resp.status, data)
+        return data
+
+    async def profile(self, **fields: Any) -> dict[str, Any]:
+        return await self.post("/admin/profile", fields)
+
+    async def scan(self, qr: str, phone: str, expect: int = 200, **extra: Any) -> dict[str, Any]:
+        return await self.post("/phone/scan", {"qr": qr, "phone": phone, **extra}, expect)
+
+    async def devices(self, phone: str) -> list[dict[str, Any]]:
+        resp = await self.client.get("/phone/devices", params={"phone": phone})
+        data = await resp.json()
+        devices: list[dict[str, Any]] = data["devices"]
+        return devices
+
+
+@pytest.fixture
+async def sim(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient) -> Sim:
+    server = await aiohttp_server(create_simulator("instant"))
+    client = await aiohttp_client(server)
+    return Sim(server, client)
+
+
+def worker_settings(tmp_path: Path, sim: Sim, **overrides: Any) -> Settings:
+    base = Settings(
+        data_dir=tmp_path / "var",
+        chromium_path=CHROMIUM,
+        simulator_url=sim.url,
+        warm_pool_size=0,
+        start_timeout_s=45.0,
+        shutdown_deadline_s=10.0,
+    )
+    return base.replace(**overrides)
+
+
+WorkerFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def start_worker(
+    tmp_path: Path, sim: Sim, aiohttp_client: AiohttpClient
+) -> AsyncIterator[WorkerFactory]:
+    """Start a worker app (real Playwright + Chromium) on this test's data dir."""
+    started: list[TestClient[Any, Any]] = []
+
+    async def start(**overrides: Any) -> TestClient[Any, Any]:
+        app = create_worker(worker_settings(tmp_path, sim, **overrides))
+        client = await aiohttp_client(app)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        await client.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_chromium(tmp_path: Path) -> Any:
+    """After each test: no Chromium running on a profile of this test, no profile lock left."""
+    yield
+    root = str(tmp_path.resolve()) + os.sep
+    left = [p for p in chromium._processes() if (chromium._user_data_dir(p) or "").startswith(root)]
+    assert not left, f"Chromium left running: {[p.pid for p in left]}"
+    locks = [p for p in tmp_path.rglob("Singleton*")]
+    assert not locks, f"profile locks left: {locks}"
+
+
+class EventStream:
+    """Reads a session's SSE stream: ``await stream.until("status", status="ready")``."""
+
+    def __init__(self, resp: ClientResponse) -> None:
+        self.resp = resp
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    async def next(self) -> tuple[str, dict[str, Any]]:
+        event: str | None = None
+        data: dict[str, Any] = {}
+        while True:
+            raw = await self.resp.content.readline()
+            if not raw:
+                raise EOFError("event stream ended")
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = orjson.loads(line[6:])
+            elif line == "" and event is not None:
+                self.seen.append((event, data))
+                return event, data
+
+    async def until(self, kind: str, **match: Any) -> dict[str, Any]:
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                event, data = await self.next()
+                if event == kind and all(data.get(k) == v for k, v in match.items()):
+                    return data
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+async def events(client: TestClient[Any, Any], session_id: str, after: int | None = None) -> EventStream:
+    headers = {"Last-Event-ID": str(after)} if after is not None else {}
+    resp = await client.get(f"/v1/sessions/{session_id}/events", headers=headers)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    return EventStream(resp)
+
+
+async def create(client: TestClient[Any, Any], **body: Any) -> dict[str, Any]:
+    resp = await client.post("/v1/sessions", json=body)
+    data: dict[str, Any] = await resp.json()
+    assert resp.status == 201, data
+    return data
+
+
+async def get_json(client: TestClient[Any, Any], path: str, expect: int = 200) -> dict[str, Any]:
+    resp = await client.get(path)
+    data: dict[str, Any] = await resp.json()
+    assert resp.status == expect, (path, resp.status, data)
+    return data
+
+
+def manager_of(client: TestClient[Any, Any]) -> Any:
+    app = client.app
+    assert isinstance(app, web.Application)
+    return app[MANAGER]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the suite: no Chromium started by a test may still run (the suite fails otherwise)."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    root = str(Path(factory.getbasetemp()).resolve()) + os.sep
+    left = [p.pid for p in chromium._processes() if (chromium._user_data_dir(p) or "").startswith(root)]
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nChromium processes left after the suite: {left}")

@@ -1,0 +1,194 @@
+"""Fast unit tests: settings, ids, the QR queue, the adapter's pure parts, QR images, states."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zxingcpp
+from aiohttp import web
+from PIL import Image
+
+from shared.errors import InvalidPhoneNumber, InvalidSessionId, InvalidState, SettingsError
+from shared.ids import check_session_id, new_session_id, normalize_phone
+from shared.models import SessionStatus
+from shared.settings import Settings
+from shared.web import error_middleware, read_json_object
+from worker import qr_image
+from worker import whatsapp_web as wa
+from worker.qr_queue import BACKGROUND, USER, QrQueue
+from worker.session import Session
+
+
+def test_settings_read_from_env_with_types() -> None:
+    s = Settings.from_env(
+        {
+            "WALINK_WORKER_PORT": "3002",
+            "WALINK_HEADLESS": "false",
+            "WALINK_START_TIMEOUT_S": "2.5",
+            "CHROMIUM_PATH": "/opt/chrome",
+            "PATH": "/bin",
+        }
+    )
+    assert (s.worker_port, s.headless, s.start_timeout_s) == (3002, False, 2.5)
+    assert s.chromium_path == Path("/opt/chrome")
+    assert s.worker_data_dir == Path("var/worker-3002")
+
+
+def test_settings_reject_unknown_and_bad_values() -> None:
+    with pytest.raises(SettingsError, match="WALINK_QR_CONCURENCY"):
+        Settings.from_env({"WALINK_QR_CONCURENCY": "3"})
+    with pytest.raises(SettingsError, match="WALINK_WORKER_PORT"):
+        Settings.from_env({"WALINK_WORKER_PORT": "many"})
+    with pytest.raises(SettingsError, match="WALINK_TARGET"):
+        Settings.from_env({"WALINK_TARGET": "telegram"})
+    with pytest.raises(SettingsError):
+        Settings.from_env({"WALINK_QR_CONCURRENCY": "0"})
+
+
+def test_settings_repr_hides_the_internal_token() -> None:
+    assert "s3cret" not in repr(Settings(internal_token="s3cret"))
+
+
+@pytest.mark.parametrize("bad", ["", "ab", "../etc", "a/b", "A" * 3, "x" * 65, "-abc", "a b c", None, 42])
+def test_session_id_rejects_paths_and_junk(bad: Any) -> None:
+    with pytest.raises(InvalidSessionId):
+        check_session_id(bad)
+
+
+def test_session_ids_are_valid_and_unique() -> None:
+    ids = {new_session_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(check_session_id(i) == i for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("raw", "digits"), [("+1 (202) 555-0108", "12025550108"), ("447911123456", "447911123456")]
+)
+def test_phone_normalized(raw: str, digits: str) -> None:
+    assert normalize_phone(raw) == digits
+
+
+@pytest.mark.parametrize("bad", ["", "12345", "0123456789", "+1-800-FLOWERS", "1" * 16, 12025550108, None])
+def test_phone_rejected(bad: Any) -> None:
+    with pytest.raises(InvalidPhoneNumber):
+        normalize_phone(bad)
+
+
+async def test_qr_queue_limits_and_serves_users_first() -> None:
+    queue = QrQueue(2)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def job(name: str, priority: int) -> None:
+        async with queue.slot(priority):
+            order.append(name)
+            await gate.wait()
+
+    holders = [asyncio.create_task(job(f"h{i}", USER)) for i in range(2)]
+    await asyncio.sleep(0)
+    background = asyncio.create_task(job("pool", BACKGROUND))
+    await asyncio.sleep(0)
+    user = asyncio.create_task(job("user", USER))
+    await asyncio.sleep(0)
+    assert queue.stats()["waiting"] == 2 and queue.active == 2
+    gate.set()
+    await asyncio.gather(*holders, background, user)
+    assert order[:2] == ["h0", "h1"]
+    assert order.index("user") < order.index("pool")
+    assert queue.max_active_seen == 2 and queue.active == 0
+
+
+async def test_qr_queue_cancelled_waiter_gives_its_place_back() -> None:
+    queue = QrQueue(1)
+    await queue.acquire()
+    waiter = asyncio.create_task(queue.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    queue.release()
+    assert queue.active == 0
+    await asyncio.wait_for(queue.acquire(), 1)
+    assert queue.active == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "reason", "failure"),
+    [
+        ("https://web.whatsapp.com/?post_logout=1&logout_reason=user_initiated", "phone_logout", False),
+        ("https://web.whatsapp.com/?post_logout=1&logout_reason=0", "client_fatal", False),
+        ("https://web.whatsapp.com/?post_logout=1&logout_reason=1", "sync_failed", True),
+        ("https://web.whatsapp.com/?post_logout=1", "phone_logout", False),
+    ],
+)
+def test_logout_urls(url: str, reason: str, failure: bool) -> None:
+    notice = wa.parse_logout_url(url)
+    assert notice is not None
+    assert (notice.reason, notice.is_failure) == (reason, failure)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://web.whatsapp.com/", "https://evil.example/?post_logout=1", "about:blank"]
+)
+def test_not_logout_urls(url: str) -> None:
+    assert wa.parse_logout_url(url) is None
+
+
+def test_web_version_cache_round_trip(tmp_path: Path) -> None:
+    cache = wa.WebVersionCache(tmp_path, "2.3000.1030947950")
+    assert cache.resolve() is None
+    cache.persist(b"<html>pinned</html>", "2.3000.1030947950")
+    assert cache.resolve() == b"<html>pinned</html>"
+    with pytest.raises(ValueError):
+        cache.persist(b"x", "../../etc/passwd")
+
+
+def test_user_agent_is_not_headless() -> None:
+    ua = wa.user_agent_for("156.0.7000.1")
+    assert "HeadlessChrome" not in ua and "Chrome/156." in ua
+
+
+def test_qr_png_decodes_to_the_raw_string() -> None:
+    raw = "2@" + "A" * 80 + ",bm9pc2U=,aWRlbnRpdHk=,YWR2,1"
+    results = zxingcpp.read_barcodes(Image.open(io.BytesIO(qr_image.png(raw))))
+    assert [r.text for r in results] == [raw]
+    assert qr_image.svg(raw).startswith(b"<svg")
+
+
+def test_state_machine_keeps_history_and_refuses_bad_moves() -> None:
+    s = Session(id="s_test", workspace_id="w", profile_id="p")
+    s.transition(SessionStatus.QR, "qr_shown")
+    s.transition(SessionStatus.AUTHENTICATED, "scanned")
+    s.transition(SessionStatus.READY, "synced")
+    assert [t.status for t in s.history] == ["starting", "qr", "authenticated", "ready"]
+    assert [e.seq for e in s.events] == [1, 2, 3]
+    with pytest.raises(InvalidState):
+        s.transition(SessionStatus.QR, "nope")
+    restored = Session.from_record(s.record())
+    assert restored.history == s.history and restored.status == SessionStatus.READY
+
+
+async def test_error_middleware_turns_errors_into_json(aiohttp_client: Any) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        await read_json_object(request, max_bytes=100)
+        raise RuntimeError("a bug")
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=100)
+    app.router.add_post("/x", handler)
+    client = await aiohttp_client(app)
+    cases = [
+        (b"not json", 400, "invalid_json"),
+        (b"[1]", 400, "invalid_json"),
+        (b"{" + b" " * 200 + b"}", 413, "payload_too_large"),
+        (b"{}", 500, "internal_error"),
+    ]
+    for body, status, code in cases:
+        resp = await client.post("/x", data=body)
+        assert resp.status == status
+        assert (await resp.json())["error"]["code"] == code
+    resp = await client.get("/nowhere")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"

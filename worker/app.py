@@ -1,0 +1,149 @@
+"""The worker's aiohttp application: one cleanup context per resource, in dependency order.
+
+Start: HTTP client → Playwright (reaping what an earlier run left) → warm pool → sessions
+(restored from their profiles). Shutdown runs the same list backwards under a deadline that stays
+below supervisord's ``stopwaitsecs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from playwright.async_api import async_playwright
+
+from shared.settings import Settings
+from shared.web import error_middleware
+from worker import chromium
+from worker.browser import BrowserLauncher
+from worker.keys import HTTP, LAUNCHER, MANAGER, PLAYWRIGHT, POOL, QUEUE, SETTINGS, STARTED_AT
+from worker.qr_queue import QrQueue
+from worker.routes import add_routes, auth_middleware
+from worker.session_store import SessionStore
+from worker.sessions import SessionManager, close_with_deadline
+from worker.warm_pool import WarmPool
+
+log = logging.getLogger("walink.worker")
+
+
+async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=256, limit_per_host=256, keepalive_timeout=30)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as http:
+        app[HTTP] = http
+        yield
+
+
+async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    settings.profiles_dir.mkdir(parents=True, exist_ok=True)
+    killed, locks = chromium.reap(settings.profiles_dir)
+    if killed or locks:
+        log.info("start: reaped %d orphan browser group(s), %d stale lock(s)", killed, locks)
+    pw = await asyncio.wait_for(async_playwright().start(), 60)
+    app[PLAYWRIGHT] = pw
+    app[LAUNCHER] = BrowserLauncher(settings, pw, app[HTTP])
+    try:
+        yield
+    finally:
+        try:
+            await asyncio.wait_for(pw.stop(), 10)
+        finally:
+            chromium.reap(settings.profiles_dir)  # nothing of ours outlives the worker
+
+
+async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pool = WarmPool(settings.warm_pool_size, app[LAUNCHER], app[QUEUE], settings.start_timeout_s)
+    app[POOL] = pool
+    pool.start()
+    try:
+        yield
+    finally:
+        await asyncio.wait_for(pool.close(), settings.shutdown_deadline_s)
+
+
+async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    manager = SessionManager(
+        settings, app[LAUNCHER], app[QUEUE], app[POOL], SessionStore(settings.sessions_dir)
+    )
+    app[MANAGER] = manager
+    if settings.restore_on_start:
+        restored = manager.restore_all()
+        if restored:
+            log.info("start: restoring %d linked session(s) from their profiles", restored)
+    try:
+        yield
+    finally:
+        started = time.monotonic()
+        await close_with_deadline(manager, settings.shutdown_deadline_s)
+        log.info(
+            "shutdown ◆ %d session(s) kept for the next start ◆ %.2fs",
+            len(manager.sessions),
+            time.monotonic() - started,
+        )
+
+
+async def on_shutdown(app: web.Application) -> None:
+    """Stop intake and end open event streams before the runner waits for handlers."""
+    manager = app.get(MANAGER)
+    if manager is not None:
+        manager.closing = True
+        for session in manager.sessions.values():
+            session.close_subscribers()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=settings.max_body_bytes
+    )
+    app[SETTINGS] = settings
+    app[STARTED_AT] = time.monotonic()
+    app[QUEUE] = QrQueue(settings.qr_concurrency)
+    app.cleanup_ctx.extend([http_ctx, playwright_ctx, pool_ctx, sessions_ctx])
+    app.on_shutdown.append(on_shutdown)
+    add_routes(app)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down in order within the deadline."""
+    runner = web.AppRunner(
+        create_app(settings),
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_deadline_s,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.worker_port, reuse_address=True)
+        await site.start()
+        log.info("ready on http://%s:%d", settings.host, settings.worker_port)
+        await stop.wait()
+        log.info("stopping: no new sessions; ending browsers (deadline %.0fs)", settings.shutdown_deadline_s)
+    finally:
+        await runner.cleanup()
+
+
+def main(settings: Settings | None = None) -> None:
+    from shared.logs import setup_logging
+
+    settings = settings or Settings.from_env()
+    setup_logging(settings.log_level)
+    log.info(
+        "worker %s:%d, data in %s, target %s",
+        settings.host,
+        settings.worker_port,
+        settings.worker_data_dir,
+        settings.target,
+    )
+    asyncio.run(serve(settings))

@@ -1,0 +1,286 @@
+"""One Chromium per profile: launching it on WhatsApp Web, routing the origin, relaying page events.
+
+A :class:`BrowserSlot` is a persistent Chromium context on one profile directory (the only
+place WhatsApp's non-extractable keys survive) with one page on ``https://web.whatsapp.com/``.
+Page events arrive through the exposed binding and are handed to the slot's current *sink*:
+the warm pool while the slot waits, then the session that took it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from playwright.async_api import BrowserContext, Frame, Page, Playwright, Route
+from playwright.async_api import Error as PlaywrightError
+
+from shared.errors import BrowserError, BrowserTimeout
+from shared.settings import Settings
+from worker import chromium
+from worker import whatsapp_web as wa
+
+log = logging.getLogger("walink.browser")
+
+PageEventSink = Callable[[str, Any], None]
+
+_HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host", "upgrade"}
+)
+
+
+class BrowserSlot:
+    """A running Chromium on one profile, showing WhatsApp Web."""
+
+    def __init__(self, profile_id: str, profile_dir: Path, close_timeout_s: float) -> None:
+        self.profile_id = profile_id
+        self.profile_dir = profile_dir
+        self.context: BrowserContext | None = None
+        self.page: Page | None = None
+        self.pid: int | None = None
+        self.started_at = time.monotonic()
+        self.last_qr: str | None = None
+        self.last_qr_ttl_ms: int | None = None
+        self.socket_state: str | None = None
+        self.wa_version: str | None = None
+        self.first_qr = asyncio.Event()
+        self.hooked = asyncio.Event()
+        self.dead = asyncio.Event()
+        self._sink: PageEventSink | None = None
+        self._on_idle: Callable[[BrowserSlot], None] | None = None
+        self._on_dead: Callable[[BrowserSlot], None] | None = None
+        self._closing = False
+        self._close_timeout_s = close_timeout_s
+        self._hook_needed = asyncio.Event()
+        self._hook_task: asyncio.Task[None] | None = None
+        self._hook_timeout_s = 30.0
+
+    # ----- who receives the page's events
+    def set_sink(self, sink: PageEventSink | None) -> None:
+        self._sink = sink
+
+    def set_pool_callbacks(
+        self, on_idle: Callable[[BrowserSlot], None] | None, on_dead: Callable[[BrowserSlot], None] | None
+    ) -> None:
+        self._on_idle = on_idle
+        self._on_dead = on_dead
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _dispatch(self, kind: str, data: Any) -> None:
+        if kind == "qr" and isinstance(data, dict):
+            self.last_qr = str(data.get("qr") or "") or None
+            ttl = data.get("ttl_ms")
+            self.last_qr_ttl_ms = int(ttl) if isinstance(ttl, int | float) else None
+            if self.last_qr:
+                self.first_qr.set()
+        elif kind == "state":
+            self.socket_state = str(data)
+        elif kind == "hooked" and isinstance(data, dict):
+            self.wa_version = str(data.get("version"))
+            self.hooked.set()
+        elif kind in {"crashed", "closed"}:
+            self.dead.set()
+        if self._sink is not None:
+            self._sink(kind, data)
+            return
+        if kind == "state" and data == wa.STATE_UNPAIRED_IDLE and self._on_idle is not None:
+            self._on_idle(self)
+        elif kind in {"crashed", "closed"} and self._on_dead is not None:
+            self._on_dead(self)
+
+    # ----- wiring done by the launcher
+    def _on_binding(self, _source: Any, kind: str, data: Any = None) -> None:
+        self._dispatch(str(kind), data)
+
+    def _on_navigated(self, frame: Frame) -> None:
+        if self.page is None or frame != self.page.main_frame:
+            return
+        notice = wa.parse_logout_url(frame.url)
+        if notice is not None:
+            self._dispatch("logged_out", notice)
+        self._hook_needed.set()
+
+    def _on_crash(self, _page: Page) -> None:
+        if not self._closing:
+            self._dispatch("crashed", None)
+
+    def _on_context_close(self, _ctx: BrowserContext) -> None:
+        if not self._closing:
+            self._dispatch("closed", None)
+        self.dead.set()
+
+    def start_hooking(self, timeout_s: float) -> None:
+        self._hook_timeout_s = timeout_s
+        self._hook_task = asyncio.create_task(self._hook_loop(), name=f"hook-{self.profile_id}")
+
+    async def _hook_loop(self) -> None:
+        """After every navigation, wait for WhatsApp's module system and install the hooks."""
+        while not self._closing:
+            await self._hook_needed.wait()
+            self._hook_needed.clear()
+            page = self.page
+            if page is None or page.is_closed():
+                return
+            try:
+                await page.wait_for_function(wa.MODULES_READY, timeout=self._hook_timeout_s * 1000)
+                await page.evaluate(wa.HOOK_SCRIPT, wa.PASSKEY_PROMPT)
+            except PlaywrightError as exc:
+                if self._closing or page.is_closed():
+                    return
+                if self._hook_needed.is_set():
+                    continue  # navigated again while we waited: hook the new document
+                if "Timeout" in str(exc) or "timeout" in str(exc):
+                    self._dispatch("hook_timeout", str(exc))
+                else:
+                    log.debug("hook of %s interrupted: %s", self.profile_id, exc)
+
+    # ----- commands
+    async def _evaluate(self, script: str, arg: Any = None, *, timeout_s: float = 10.0) -> Any:
+        page = self.page
+        if page is None or self._closing:
+            raise BrowserError("the browser of this session is not running")
+        try:
+            return await asyncio.wait_for(page.evaluate(script, arg), timeout_s)
+        except TimeoutError as exc:
+            raise BrowserTimeout("the page did not answer in time") from exc
+        except PlaywrightError as exc:
+            raise BrowserError(f"page script failed: {exc.message}") from exc
+
+    async def request_pairing_code(self, phone: str) -> str:
+        code = await self._evaluate(wa.PAIRING_CODE_SCRIPT, phone, timeout_s=30.0)
+        if not isinstance(code, str) or not code:
+            raise BrowserError("WhatsApp Web returned no pairing code")
+        return code
+
+    async def refresh_qr(self) -> None:
+        await self._evaluate(wa.REFRESH_QR_SCRIPT)
+
+    async def takeover(self) -> None:
+        await self._evaluate(wa.TAKEOVER_SCRIPT)
+
+    async def logout(self) -> None:
+        await self._evaluate(wa.LOGOUT_SCRIPT)
+
+    def memory_bytes(self) -> int:
+        return chromium.rss_of_group(self.pid) if self.pid else 0
+
+    async def close(self) -> None:
+        """End the browser and its whole process group; the profile directory stays."""
+        if self._closing:
+            await self.dead.wait()
+            return
+        self._closing = True
+        self._sink = None
+        if self._hook_task is not None:
+            self._hook_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._hook_task
+        if self.context is not None:
+            with contextlib.suppress(PlaywrightError, TimeoutError):
+                await asyncio.wait_for(self.context.close(), self._close_timeout_s)
+        if self.pid is not None and chromium.alive(self.pid):
+            chromium.kill_group(self.pid)
+        chromium.remove_profile_locks(self.profile_dir)
+        self.dead.set()
+
+
+class BrowserLauncher:
+    """Starts :class:`BrowserSlot` s: Chromium on a profile, the origin routed, WhatsApp Web open."""
+
+    def __init__(self, settings: Settings, playwright: Playwright, http: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.playwright = playwright
+        self.http = http
+        self.version = chromium.chromium_version(settings.chromium_path)
+        self.user_agent = wa.user_agent_for(self.version)
+        self.web_cache = wa.WebVersionCache(settings.webcache_dir, settings.wa_version)
+        self.launched_total = 0
+
+    def profile_dir(self, profile_id: str) -> Path:
+        return self.settings.profiles_dir / profile_id
+
+    async def launch(self, profile_id: str) -> BrowserSlot:
+        settings = self.settings
+        profile_dir = self.profile_dir(profile_id)
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        chromium.remove_profile_locks(profile_dir)
+        slot = BrowserSlot(profile_id, profile_dir, settings.browser_close_timeout_s)
+        timeout_ms = settings.start_timeout_s * 1000
+        try:
+            context = await self.playwright.chromium.launch_persistent_context(
+                str(profile_dir.resolve()),
+                executable_path=str(settings.chromium_path),
+                headless=settings.headless,
+                args=chromium.launch_args(),
+                service_workers="block",
+                user_agent=self.user_agent,
+                viewport={"width": 1024, "height": 768},
+                timeout=timeout_ms,
+            )
+        except PlaywrightError as exc:
+            raise BrowserError(f"Chromium did not start: {exc.message}") from exc
+        self.launched_total += 1
+        slot.context = context
+        slot.pid = chromium.browser_pid_for_profile(profile_dir)
+        try:
+            context.set_default_timeout(timeout_ms)
+            await context.expose_binding(wa.BINDING_NAME, slot._on_binding)
+            if settings.target == "simulator":
+                await context.route(wa.ROUTE_PATTERN, self._route_to_simulator)
+            else:
+                await context.route(lambda url: url == wa.APP_URL, self._route_cached_html)
+            page = context.pages[0] if context.pages else await context.new_page()
+            slot.page = page
+            page.on("framenavigated", slot._on_navigated)
+            page.on("crash", slot._on_crash)
+            context.on("close", slot._on_context_close)
+            slot.start_hooking(settings.start_timeout_s)
+            await page.goto(wa.APP_URL, wait_until="commit", timeout=timeout_ms)
+        except PlaywrightError as exc:
+            await slot.close()
+            raise BrowserError(f"WhatsApp Web did not open: {exc.message}") from exc
+        except BaseException:
+            await slot.close()
+            raise
+        return slot
+
+    async def _route_to_simulator(self, route: Route) -> None:
+        """Serve ``https://web.whatsapp.com/**`` from the simulator: same origin, same storage keys."""
+        request = route.request
+        path = request.url[len(wa.ORIGIN) :] or "/"
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        try:
+            async with self.http.request(
+                request.method,
+                self.settings.simulator_url.rstrip("/") + path,
+                headers=headers,
+                data=request.post_data_buffer,
+                timeout=aiohttp.ClientTimeout(total=60),
+            ) as resp:
+                body = await resp.read()
+                out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+            await route.fulfill(status=resp.status, headers=out_headers, body=body)
+        except (aiohttp.ClientError, TimeoutError):
+            with contextlib.suppress(PlaywrightError):
+                await route.abort("connectionrefused")
+        except PlaywrightError:
+            pass  # the page went away while the request was in flight
+
+    async def _route_cached_html(self, route: Route) -> None:
+        """Target ``whatsapp``: the pinned bootstrap HTML from the local cache, else the live one."""
+        cached = self.web_cache.resolve()
+        try:
+            if cached is not None:
+                await route.fulfill(status=200, content_type="text/html", body=cached)
+            else:
+                await route.fallback()
+        except PlaywrightError:
+            pass

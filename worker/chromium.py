@@ -1,0 +1,170 @@
+"""Chromium processes: launch flags, finding a profile's browser process, ending process groups,
+and reaping what an earlier run of this worker left behind.
+
+Playwright starts Chromium detached (its own process group), so the browser's pid is also its
+process-group id and ``killpg`` ends the browser with its renderers, GPU and zygote processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("walink.chromium")
+
+PROFILE_LOCKS = ("SingletonLock", "SingletonSocket", "SingletonCookie")
+
+
+def launch_args() -> list[str]:
+    """Flags for every Chromium walink starts (the network is closed; no sandbox only as root)."""
+    args = [
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--disable-blink-features=AutomationControlled",
+        "--disable-features=Translate,MediaRouter,OptimizationHints",
+        "--mute-audio",
+        "--no-default-browser-check",
+        "--password-store=basic",
+    ]
+    if os.geteuid() == 0:
+        args.append("--no-sandbox")
+    return args
+
+
+def chromium_version(executable: Path) -> str:
+    """``156.0.7000.1`` from ``chromium --version``; empty when it cannot be run."""
+    try:
+        out = subprocess.run(  # noqa: S603 - fixed argv, our own setting
+            [str(executable), "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    for word in out.split():
+        if word[:1].isdigit():
+            return word
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Proc:
+    pid: int
+    pgid: int
+    cmdline: tuple[str, ...]
+
+
+def _processes() -> Iterator[Proc]:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                raw = fh.read()
+            pgid = os.getpgid(pid)
+        except (OSError, ProcessLookupError):
+            continue
+        if raw:
+            yield Proc(pid, pgid, tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a))
+
+
+def _user_data_dir(proc: Proc) -> str | None:
+    for arg in proc.cmdline:
+        if arg.startswith("--user-data-dir="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def browser_pid_for_profile(profile_dir: Path) -> int | None:
+    """The pid of the main browser process running on ``profile_dir`` (not its helpers)."""
+    wanted = str(profile_dir.resolve())
+    for proc in _processes():
+        if _user_data_dir(proc) == wanted and not any(a.startswith("--type=") for a in proc.cmdline):
+            return proc.pid
+    return None
+
+
+def kill_group(pgid: int) -> bool:
+    """SIGKILL a whole process group; False when it was already gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - not ours
+        log.warning("not allowed to kill process group %d", pgid)
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pgid, os.WNOHANG)
+    return True
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
+def remove_profile_locks(profile_dir: Path) -> int:
+    removed = 0
+    for name in PROFILE_LOCKS:
+        path = profile_dir / name
+        if path.is_symlink() or path.exists():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def reap(profiles_root: Path) -> tuple[int, int]:
+    """Kill every Chromium running on a profile under ``profiles_root`` and drop stale locks.
+
+    Only processes whose ``--user-data-dir`` is inside this worker's own profiles directory are
+    touched, so several workers (and anything else on the machine) are left alone. Returns
+    ``(process groups killed, lock files removed)``.
+    """
+    root = str(profiles_root.resolve()) + os.sep
+    groups = {p.pgid for p in _processes() if (_user_data_dir(p) or "").startswith(root)}
+    groups.discard(os.getpgid(0))
+    killed = sum(kill_group(g) for g in groups)
+    locks = 0
+    if profiles_root.is_dir():
+        for profile in profiles_root.iterdir():
+            if profile.is_dir():
+                locks += remove_profile_locks(profile)
+    if killed or locks:
+        log.warning("reaped %d orphan Chromium group(s) and %d stale profile lock(s)", killed, locks)
+    return killed, locks
+
+
+def rss_of_group(pgid: int) -> int:
+    """Proportional set size (bytes) of every process in a group: what the browser really costs."""
+    total = 0
+    for proc in _processes():
+        if proc.pgid != pgid:
+            continue
+        try:
+            with open(f"/proc/{proc.pid}/smaps_rollup", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError):
+            continue
+    return total

@@ -1,0 +1,232 @@
+"""The worker's HTTP routes: the session API of DESIGN.md, health, metrics and the try-it page."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from prometheus_async.aio.web import server_stats
+
+from shared import metrics
+from shared.errors import BadRequest, InvalidState, Unauthorized
+from shared.ids import check_session_id, normalize_phone
+from shared.settings import Settings
+from shared.web import check_keys, json_response, optional_str, read_json_object
+from worker import qr_image, sse
+from worker.keys import MANAGER, POOL, QUEUE, SETTINGS, STARTED_AT
+from worker.session import Session
+from worker.sessions import SessionManager
+
+DEFAULT_WORKSPACE = "default"
+WORKSPACE_HEADER = "X-Walink-Workspace"
+PUBLIC_PATHS = frozenset({"/", "/health", "/metrics", "/dashboard/config"})
+
+
+def _workspace(request: web.Request) -> str | None:
+    """The workspace the caller may see (set by the gateway); None = this worker's own operator."""
+    value = request.headers.get(WORKSPACE_HEADER)
+    if value is not None and not (0 < len(value) <= 64):
+        raise BadRequest(f"{WORKSPACE_HEADER} must be 1-64 characters")
+    return value
+
+
+def _session(request: web.Request) -> Session:
+    manager = request.app[MANAGER]
+    return manager.get(check_session_id(request.match_info["session_id"]), _workspace(request))
+
+
+def _links(session: Session) -> dict[str, str]:
+    base = f"/v1/sessions/{session.id}"
+    return {"qr_url": base + "/qr", "events_url": base + "/events"}
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    token = request.app[SETTINGS].internal_token
+    if token and request.path not in PUBLIC_PATHS:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("missing or wrong bearer token")
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def create_session(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    data = await read_json_object(request, max_bytes=settings.max_body_bytes)
+    check_keys(data, {"id", "workspace_id", "label", "webhook_url", "metadata"})
+    caller_ws = _workspace(request)
+    workspace_id = optional_str(data, "workspace_id", max_len=64) or caller_ws or DEFAULT_WORKSPACE
+    if caller_ws is not None and workspace_id != caller_ws:
+        raise BadRequest("workspace_id does not match the caller's workspace")
+    webhook_url = optional_str(data, "webhook_url", max_len=2048)
+    if webhook_url is not None and not webhook_url.startswith(("http://", "https://")):
+        raise BadRequest("webhook_url must be an http(s) URL")
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata must be a JSON object")
+    session_id = data.get("id")
+    if session_id is not None:
+        check_session_id(session_id)
+    session = await request.app[MANAGER].create(
+        session_id=session_id,
+        workspace_id=workspace_id,
+        label=optional_str(data, "label", max_len=200),
+        webhook_url=webhook_url,
+        metadata=metadata,
+    )
+    body = {"id": session.id, "status": session.status.value, **_links(session)}
+    return json_response(body, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    items = [s.public(manager.name) for s in manager.in_workspace(_workspace(request))]
+    return json_response({"sessions": items})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session = _session(request)
+    body = session.public(request.app[MANAGER].name)
+    body.update(_links(session))
+    if session.pairing_code and session.status.value == "qr":
+        body["pairing_code"] = session.pairing_code
+    return json_response(body)
+
+
+def _qr_format(request: web.Request) -> str:
+    fmt = request.query.get("format")
+    if fmt is not None:
+        if fmt not in {"png", "svg", "raw", "json"}:
+            raise BadRequest("format must be png, svg or raw")
+        return "raw" if fmt == "json" else fmt
+    accept = request.headers.get("Accept", "")
+    if "image/png" in accept:
+        return "png"
+    if "image/svg+xml" in accept:
+        return "svg"
+    return "raw"
+
+
+async def get_qr(request: web.Request) -> web.Response:
+    session = _session(request)
+    fmt = _qr_format(request)
+    if session.qr is None:
+        raise InvalidState(f"no QR to show: the session is {session.status.value}")
+    headers = {"Cache-Control": "no-store"}
+    if fmt == "png":
+        return web.Response(body=qr_image.png(session.qr), content_type="image/png", headers=headers)
+    if fmt == "svg":
+        return web.Response(body=qr_image.svg(session.qr), content_type="image/svg+xml", headers=headers)
+    return json_response(
+        {"qr": session.qr, "expires_at_ms": session.qr_expires_at_ms, "n": session.qr_count}, headers=headers
+    )
+
+
+async def session_events(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    return await sse.stream(request, session, keepalive_s=request.app[SETTINGS].sse_keepalive_s)
+
+
+async def pairing_code(request: web.Request) -> web.Response:
+    session = _session(request)
+    data = await read_json_object(request, max_bytes=request.app[SETTINGS].max_body_bytes)
+    check_keys(data, {"phone_number"})
+    phone = normalize_phone(data.get("phone_number"))
+    code = await request.app[MANAGER].pairing_code(session, phone)
+    return json_response({"code": code, "phone_number": phone})
+
+
+async def restart_session(request: web.Request) -> web.Response:
+    session = await request.app[MANAGER].restart(_session(request))
+    return json_response({"id": session.id, "status": session.status.value, **_links(session)}, status=202)
+
+
+async def logout_session(request: web.Request) -> web.Response:
+    session = await request.app[MANAGER].logout(_session(request))
+    return json_response({"id": session.id, "status": session.status.value, "reason": session.reason})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    await request.app[MANAGER].delete(_session(request))
+    return web.Response(status=204)
+
+
+def memory_info(manager: SessionManager) -> dict[str, int]:
+    with open("/proc/self/statm") as fh:
+        rss_pages = int(fh.read().split()[1])
+    browsers = sum(slot.memory_bytes() for slot in manager.browsers())
+    return {"rss": rss_pages * os.sysconf("SC_PAGE_SIZE"), "browsers_pss": browsers}
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    manager = app[MANAGER]
+    sessions = manager.stats()
+    queue = app[QUEUE].stats()
+    pool = app[POOL].stats()
+    memory = memory_info(manager)
+    metrics.BROWSER_MEMORY.set(memory["browsers_pss"])
+    status = "shutting_down" if manager.closing else "healthy"
+    body = {
+        "status": status,
+        "uptime": round(time.monotonic() - app[STARTED_AT], 3),
+        "memory": memory,
+        "sessions": sessions,
+        "performance": manager.performance(),
+        "queue": queue,
+        "pool": pool,
+        "worker": {
+            "name": manager.name,
+            "pid": os.getpid(),
+            "chromium": manager.launcher.version,
+            "browsers_launched": manager.launcher.launched_total,
+        },
+    }
+    return json_response(body, status=503 if manager.closing else 200)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    app = request.app
+    manager = app[MANAGER]
+    for status, count in manager.stats()["by_status"].items():
+        metrics.SESSIONS.labels(status).set(count)
+    queue = app[QUEUE]
+    metrics.QUEUE_ACTIVE.set(queue.active)
+    metrics.QUEUE_WAITING.set(queue.waiting)
+    metrics.POOL_READY.set(app[POOL].stats()["ready"])
+    metrics.BROWSERS.set(len(manager.browsers()))
+    response: web.Response = await server_stats(request)
+    return response
+
+
+async def dashboard(_request: web.Request) -> web.Response:
+    html = resources.files("worker").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+    return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+async def dashboard_config(request: web.Request) -> web.Response:
+    settings: Settings = request.app[SETTINGS]
+    return json_response(
+        {"simulator_url": settings.simulator_url if settings.target == "simulator" else None}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", dashboard)
+    app.router.add_get("/dashboard/config", dashboard_config)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_post("/v1/sessions", create_session)
+    app.router.add_get("/v1/sessions", list_sessions)
+    app.router.add_get("/v1/sessions/{session_id}", get_session)
+    app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    app.router.add_get("/v1/sessions/{session_id}/qr", get_qr)
+    app.router.add_get("/v1/sessions/{session_id}/events", session_events)
+    app.router.add_post("/v1/sessions/{session_id}/pairing-code", pairing_code)
+    app.router.add_post("/v1/sessions/{session_id}/restart", restart_session)
+    app.router.add_post("/v1/sessions/{session_id}/logout", logout_session)

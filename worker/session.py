@@ -1,0 +1,176 @@
+"""A session: its state machine with history, timings, current QR, and the events it emitted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import InvalidState
+from shared.models import (
+    ENDED,
+    TRANSITIONS,
+    EventType,
+    SessionEvent,
+    SessionStatus,
+    Transition,
+    now_ms,
+)
+from worker.browser import BrowserSlot
+
+log = logging.getLogger("walink.session")
+
+EVENT_BACKLOG = 256
+SUBSCRIBER_QUEUE = 256
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    workspace_id: str
+    profile_id: str
+    label: str | None = None
+    webhook_url: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    status: SessionStatus = SessionStatus.STARTING
+    reason: str = "created"
+    phone_number: str | None = None
+    push_name: str | None = None
+    phone_method: str | None = None
+    history: list[Transition] = field(default_factory=list)
+    timings: dict[str, int] = field(default_factory=dict)
+    qr: str | None = None
+    qr_expires_at_ms: int | None = None
+    qr_count: int = 0
+    qr_in_batch: int = 0
+    batches_used: int = 0
+    pairing_code: str | None = None
+    seq: int = 0
+    # runtime only
+    slot: BrowserSlot | None = field(default=None, repr=False)
+    events: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=EVENT_BACKLOG), repr=False)
+    subscribers: set[asyncio.Queue[SessionEvent | None]] = field(default_factory=set, repr=False)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+    logout_requested: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.history:
+            self.history.append(Transition(self.status, self.reason))
+        self.timings.setdefault("created_at_ms", self.history[0].at_ms)
+
+    # ----- state machine
+    def can_move_to(self, status: SessionStatus) -> bool:
+        return status in TRANSITIONS[self.status]
+
+    def transition(self, status: SessionStatus, reason: str) -> None:
+        if status == self.status:
+            return
+        if not self.can_move_to(status):
+            raise InvalidState(f"session {self.id} cannot go from {self.status} to {status}")
+        log.info("%s %s → %s (%s)", self.id, self.status, status, reason)
+        self.status = status
+        self.reason = reason
+        self.history.append(Transition(status, reason))
+        if status != SessionStatus.QR:
+            self.qr = None
+            self.qr_expires_at_ms = None
+        self.publish(EventType.STATUS, {"status": status.value, "reason": reason})
+        fired, self.changed = self.changed, asyncio.Event()
+        fired.set()
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    # ----- events
+    def publish(self, type_: EventType, data: dict[str, Any]) -> SessionEvent:
+        self.seq += 1
+        event = SessionEvent(self.seq, type_, {"session_id": self.id, **data})
+        self.events.append(event)
+        for queue in list(self.subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # a stalled reader: drop it; it reconnects with Last-Event-ID and misses nothing
+                self.subscribers.discard(queue)
+        return event
+
+    def subscribe(self) -> asyncio.Queue[SessionEvent | None]:
+        queue: asyncio.Queue[SessionEvent | None] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[SessionEvent | None]) -> None:
+        self.subscribers.discard(queue)
+
+    def close_subscribers(self) -> None:
+        for queue in list(self.subscribers):
+            if not queue.full():
+                queue.put_nowait(None)
+        self.subscribers.clear()
+
+    def events_after(self, seq: int) -> list[SessionEvent]:
+        return [e for e in self.events if e.seq > seq]
+
+    def mark(self, name: str) -> int:
+        at = now_ms()
+        self.timings[name] = at
+        return at
+
+    # ----- representations
+    def public(self, worker: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "workspace_id": self.workspace_id,
+            "status": self.status.value,
+            "reason": self.reason,
+            "phone_number": self.phone_number,
+            "push_name": self.push_name,
+            "label": self.label,
+            "metadata": self.metadata,
+            "worker": worker,
+            "qr_available": self.qr is not None,
+            "history": [t.to_dict() for t in self.history],
+            "timings": dict(self.timings),
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What survives a worker restart (the session sidecar)."""
+        return {
+            "id": self.id,
+            "workspace_id": self.workspace_id,
+            "profile_id": self.profile_id,
+            "label": self.label,
+            "webhook_url": self.webhook_url,
+            "metadata": self.metadata,
+            "status": self.status.value,
+            "reason": self.reason,
+            "phone_number": self.phone_number,
+            "push_name": self.push_name,
+            "phone_method": self.phone_method,
+            "history": [t.to_dict() for t in self.history],
+            "timings": self.timings,
+            "seq": self.seq,
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Session:
+        return cls(
+            id=str(data["id"]),
+            workspace_id=str(data["workspace_id"]),
+            profile_id=str(data["profile_id"]),
+            label=data.get("label"),
+            webhook_url=data.get("webhook_url"),
+            metadata=dict(data.get("metadata") or {}),
+            status=SessionStatus(data["status"]),
+            reason=str(data.get("reason") or ""),
+            phone_number=data.get("phone_number"),
+            push_name=data.get("push_name"),
+            phone_method=data.get("phone_method"),
+            history=[Transition.from_dict(t) for t in data.get("history") or []],
+            timings={str(k): int(v) for k, v in (data.get("timings") or {}).items()},
+            seq=int(data.get("seq") or 0),
+        )
