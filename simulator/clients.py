@@ -1,0 +1,62 @@
+"""One simulated WhatsApp Web page (a companion "client"): its keys and its long-poll event queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_QUEUED_EVENTS = 256
+
+
+@dataclass(eq=False)
+class Client:
+    device_id: str
+    noise_pub: str = ""
+    identity_pub: str = ""
+    adv_secret: str = ""
+    platform: str = ""
+    batch_id: int = 0
+    """Id of the live ref batch; refs of older batches are superseded."""
+    seq: int = 0
+    waiters: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_QUEUED_EVENTS))
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, event_type: str, **fields: Any) -> dict[str, Any]:
+        """Queue an event for the page and wake every pending long-poll."""
+        self.seq += 1
+        event = {"seq": self.seq, "type": event_type, **fields}
+        self.events.append(event)
+        self.wake()
+        return event
+
+    def wake(self) -> None:
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    def events_after(self, after: int) -> list[dict[str, Any]]:
+        if after > self.seq:  # the page's cursor predates a reset of the simulator: replay all
+            after = 0
+        return [event for event in self.events if event["seq"] > after]
+
+    async def wait_events(self, after: int, max_wait_s: float) -> list[dict[str, Any]]:
+        """Long-poll: events with seq > after, waiting up to ``max_wait_s`` for the next push."""
+        self.last_seen = time.monotonic()
+        ready = self.events_after(after)
+        if ready:
+            return ready
+        wake = self._wake
+        self.waiters += 1
+        try:
+            async with asyncio.timeout(max_wait_s):
+                await wake.wait()
+        except TimeoutError:
+            pass
+        finally:  # also runs when the handler is cancelled because the client went away
+            self.waiters -= 1
+            self.last_seen = time.monotonic()
+        return self.events_after(after)

@@ -1,0 +1,80 @@
+"""Page-internal API under /sim/api/ (used only by wa.js)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from simulator.httputil import json_response, read_json, req_param, req_str
+from simulator.keys import STATE
+from simulator.qr import qr_matrices
+from simulator.state import SimError, check_device_id
+
+VERSION = "2.3000.1031415926-sim"
+POLL_TIMEOUT_S = 20.0
+_KEY_MAX = 128
+
+
+def _qr_part(body: dict[str, Any], key: str, max_len: int = _KEY_MAX) -> str:
+    value = req_str(body, key, max_len)
+    if "," in value:
+        raise SimError(400, "invalid_request", f"{key!r} must not contain a comma")
+    return value
+
+
+async def boot(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return json_response({"version": VERSION, "profile": state.profile.to_dict()})
+
+
+async def pair_device(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    state = request.app[STATE]
+    client, refs, texts = state.begin_batch(
+        check_device_id(req_str(body, "device_id", 64)),
+        _qr_part(body, "noise_pub"),
+        _qr_part(body, "identity_pub"),
+        _qr_part(body, "adv_secret"),
+        _qr_part(body, "platform", 8),
+    )
+    # ~15 ms of CPU per QR (segno's mask selection): keep the event loop free for long-polls meanwhile
+    matrices = await asyncio.to_thread(qr_matrices, texts)
+    return json_response(state.commit_batch(client, refs, texts, matrices))
+
+
+async def login(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    return json_response(request.app[STATE].login(req_str(body, "device_id", 64)))
+
+
+async def pair_code(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    state = request.app[STATE]
+    code = state.request_pair_code(req_str(body, "device_id", 64), req_str(body, "phone", 32))
+    return json_response({"code": code})
+
+
+async def unpair(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    removed = request.app[STATE].unpair(check_device_id(req_str(body, "device_id", 64)))
+    return json_response({"ok": True, "removed": removed})
+
+
+async def poll(request: web.Request) -> web.Response:
+    client = request.app[STATE].client(req_param(request, "device_id"))
+    raw_after = request.query.get("after", "0")
+    if not (raw_after.isascii() and raw_after.isdigit()) or len(raw_after) > 18:
+        raise SimError(400, "invalid_request", "'after' must be a non-negative integer")
+    events = await client.wait_events(int(raw_after), POLL_TIMEOUT_S)
+    return json_response({"events": events})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/sim/api/boot", boot)
+    app.router.add_post("/sim/api/pair-device", pair_device)
+    app.router.add_post("/sim/api/login", login)
+    app.router.add_post("/sim/api/pair-code", pair_code)
+    app.router.add_post("/sim/api/unpair", unpair)
+    app.router.add_get("/sim/api/poll", poll)

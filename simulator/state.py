@@ -1,0 +1,314 @@
+"""The simulator's world: pages (clients), their QR refs and pairing codes, and the phones' linked devices."""
+
+from __future__ import annotations
+
+import random
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from simulator.clients import Client
+from simulator.profiles import PROFILES, Profile
+from simulator.qr import full_text, new_ref, parse_qr
+
+MAX_DEVICES_PER_PHONE = 4
+CODE_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTVWXYZ"
+REF_GRACE_S = 0.25
+"""A ref stays scannable this long (at most a quarter of its window) past its end: the page's timers
+start when the batch reaches it, a little after the server opened the windows."""
+RETENTION_S = 900.0
+"""Expired refs/codes and idle unlinked clients are forgotten after this long."""
+GC_INTERVAL_S = 30.0
+
+_PHONE_RE = re.compile(r"\+?([0-9]{6,15})")
+_DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+class SimError(Exception):
+    """A 4xx answer: ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class RefEntry:
+    ref: str
+    device_id: str
+    batch_id: int
+    valid_from: float
+    valid_until: float
+
+
+@dataclass(slots=True)
+class LinkedDevice:
+    device_id: str
+    phone: str
+    push_name: str
+    device_index: int
+    linked_at: str
+    platform: str
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "device_index": self.device_index,
+            "push_name": self.push_name,
+            "platform": self.platform,
+            "linked_at": self.linked_at,
+        }
+
+
+@dataclass(slots=True)
+class PairCode:
+    code: str
+    device_id: str
+    phone: str
+    expires_at: float
+
+
+def check_phone(value: str) -> str:
+    """6-15 digits, optional leading ``+``; returns the digits."""
+    match = _PHONE_RE.fullmatch(value.strip())
+    if match is None:
+        raise SimError(400, "invalid_phone", "phone must be 6-15 digits, optionally with a leading +")
+    return match.group(1)
+
+
+def check_device_id(value: str) -> str:
+    if _DEVICE_ID_RE.fullmatch(value) is None:
+        raise SimError(400, "invalid_request", "device_id must be 8-64 characters [A-Za-z0-9_-]")
+    return value
+
+
+def _utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class SimState:
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.clients: dict[str, Client] = {}
+        self.refs: dict[str, RefEntry] = {}
+        self.codes: dict[str, PairCode] = {}
+        self.devices: dict[str, LinkedDevice] = {}
+        self.last_index: dict[str, int] = {}
+        self.pending_passkey: dict[str, str] = {}
+        self._last_gc = time.monotonic()
+
+    # ----- pages -------------------------------------------------------------------------------------
+    def client(self, device_id: str) -> Client:
+        client = self.clients.get(check_device_id(device_id))
+        if client is None:
+            client = self.clients[device_id] = Client(device_id)
+        client.last_seen = time.monotonic()
+        return client
+
+    def begin_batch(
+        self, device_id: str, noise_pub: str, identity_pub: str, adv_secret: str, platform: str
+    ) -> tuple[Client, list[str], list[str]]:
+        """Refs and QR texts of a page's next batch (call :meth:`commit_batch` once the matrices exist)."""
+        self._maybe_gc()
+        client = self.client(device_id)
+        if device_id in self.devices:
+            raise SimError(409, "already_linked", "this device is already linked")
+        client.noise_pub, client.identity_pub = noise_pub, identity_pub
+        client.adv_secret, client.platform = adv_secret, platform
+        refs = [new_ref() for _ in range(self.profile.refs_per_batch)]
+        return client, refs, [full_text(ref, noise_pub, identity_pub, adv_secret, platform) for ref in refs]
+
+    def commit_batch(
+        self, client: Client, refs: list[str], texts: list[str], matrices: list[list[list[int]]]
+    ) -> dict[str, Any]:
+        """Open the batch's validity windows from now on; it supersedes the page's previous batch."""
+        if client.device_id in self.devices:
+            raise SimError(409, "already_linked", "this device is already linked")
+        client.batch_id += 1
+        prof = self.profile
+        first_s, next_s = prof.qr_first_ms / 1000, prof.qr_next_ms / 1000
+        start = time.monotonic()
+        for i, ref in enumerate(refs):
+            valid_from = start if i == 0 else start + first_s + (i - 1) * next_s
+            ttl = first_s if i == 0 else next_s
+            self.refs[ref] = RefEntry(ref, client.device_id, client.batch_id, valid_from, valid_from + ttl)
+        return {
+            "refs": refs,
+            "ttl_first_ms": prof.qr_first_ms,
+            "ttl_next_ms": prof.qr_next_ms,
+            "qrs": [{"text": t, "matrix": m} for t, m in zip(texts, matrices, strict=True)],
+            "seq": client.seq,
+        }
+
+    def login(self, device_id: str) -> dict[str, Any]:
+        client = self.client(device_id)
+        device = self.devices.get(device_id)
+        if device is None:
+            return {"linked": False, "seq": client.seq}
+        return {
+            "linked": True,
+            "phone": device.phone,
+            "push_name": device.push_name,
+            "device_index": device.device_index,
+            "seq": client.seq,
+        }
+
+    def request_pair_code(self, device_id: str, phone: str) -> str:
+        digits = check_phone(phone)
+        self.client(device_id)
+        if device_id in self.devices:
+            raise SimError(409, "already_linked", "this device is already linked")
+        for code in [c for c, entry in self.codes.items() if entry.device_id == device_id]:
+            self.codes[code].expires_at = 0.0  # a new code supersedes the page's previous one
+        code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(8))
+        ttl_s = self.profile.pair_code_ttl_ms / 1000
+        self.codes[code] = PairCode(code, device_id, digits, time.monotonic() + ttl_s)
+        return code
+
+    def unpair(self, device_id: str) -> bool:
+        """The page logged itself out (``Socket.logout()``)."""
+        self.pending_passkey.pop(device_id, None)
+        return self.devices.pop(device_id, None) is not None
+
+    # ----- phone -------------------------------------------------------------------------------------
+    def scan(self, raw_qr: str, phone: str, push_name: str | None) -> dict[str, Any]:
+        digits = check_phone(phone)
+        scanned = parse_qr(raw_qr)
+        entry = self.refs.get(scanned.ref) if scanned else None
+        client = self.clients.get(entry.device_id) if entry else None
+        if scanned is None or entry is None or client is None:
+            raise SimError(404, "unknown_qr", "this QR code is not a known WhatsApp Web code")
+        keys = (scanned.noise_pub, scanned.identity_pub, scanned.adv_secret)
+        platform_ok = scanned.platform is None or scanned.platform == client.platform
+        if keys != (client.noise_pub, client.identity_pub, client.adv_secret) or not platform_ok:
+            raise SimError(404, "unknown_qr", "this QR code's keys do not match the page that showed it")
+        if entry.device_id in self.devices:
+            raise SimError(409, "already_linked", "this device is already linked")
+        now = time.monotonic()
+        grace = min(REF_GRACE_S, (entry.valid_until - entry.valid_from) / 4)
+        if entry.batch_id != client.batch_id or not entry.valid_from <= now <= entry.valid_until + grace:
+            raise SimError(410, "qr_expired", "this QR code is not (or no longer) valid")
+        return self._link(client, digits, push_name)
+
+    def pair(self, code: str, phone: str) -> dict[str, Any]:
+        digits = check_phone(phone)
+        entry = self.codes.get(code.strip().replace("-", "").upper())
+        if entry is None or entry.device_id not in self.clients:
+            raise SimError(404, "unknown_code", "no such pairing code")
+        if time.monotonic() > entry.expires_at:
+            raise SimError(410, "code_expired", "this pairing code has expired")
+        if entry.phone != digits:
+            raise SimError(409, "phone_mismatch", "this pairing code was requested for another phone")
+        if entry.device_id in self.devices:
+            raise SimError(409, "already_linked", "this device is already linked")
+        return self._link(self.clients[entry.device_id], digits, None)
+
+    def _link(self, client: Client, phone: str, push_name: str | None) -> dict[str, Any]:
+        if len(self.phone_devices(phone)) >= MAX_DEVICES_PER_PHONE:
+            raise SimError(409, "too_many_devices", f"this phone already has {MAX_DEVICES_PER_PHONE} devices")
+        prof = self.profile
+        fail = random.random() < prof.fail_rate
+        passkey = prof.passkey and not fail
+        index = self.last_index.get(phone, 0) + 1
+        name = push_name or f"User {phone[-4:]}"
+        if not fail:
+            self.last_index[phone] = index
+            self.devices[client.device_id] = LinkedDevice(
+                client.device_id, phone, name, index, _utc_now_iso(), client.platform
+            )
+            if passkey:
+                self.pending_passkey[client.device_id] = phone
+        client.batch_id += 1  # the page stops showing QR codes: its refs are spent
+        for code in self.codes.values():
+            if code.device_id == client.device_id:
+                code.expires_at = 0.0
+        client.push(
+            "paired",
+            phone=phone,
+            push_name=name,
+            device_index=index,
+            fail=fail,
+            passkey=passkey,
+            profile=prof.to_dict(),
+        )
+        return {"ok": True, "device_id": client.device_id}
+
+    def phone_devices(self, phone: str) -> list[LinkedDevice]:
+        found = [d for d in self.devices.values() if d.phone == phone]
+        return sorted(found, key=lambda d: d.device_index)
+
+    def logout(self, phone: str, device_id: str | None) -> int:
+        digits = check_phone(phone)
+        targets = [d for d in self.phone_devices(digits) if device_id is None or d.device_id == device_id]
+        if not targets:
+            raise SimError(404, "not_linked", "no such linked device for this phone")
+        for device in targets:
+            del self.devices[device.device_id]
+            self.pending_passkey.pop(device.device_id, None)
+            client = self.clients.get(device.device_id)
+            if client is not None:
+                client.push("logout", reason="user_initiated")
+        return len(targets)
+
+    def conflict(self, phone: str) -> int:
+        targets = self.phone_devices(check_phone(phone))
+        if not targets:
+            raise SimError(404, "not_linked", "this phone has no linked devices")
+        for device in targets:
+            self.client(device.device_id).push("conflict")
+        return len(targets)
+
+    def confirm_passkey(self, phone: str) -> int:
+        digits = check_phone(phone)
+        pending = [dev for dev, ph in self.pending_passkey.items() if ph == digits]
+        if not pending:
+            raise SimError(404, "no_pending_passkey", "no passkey prompt is pending for this phone")
+        for device_id in pending:
+            del self.pending_passkey[device_id]
+            self.client(device_id).push("passkey_ok")
+        return len(pending)
+
+    # ----- admin -------------------------------------------------------------------------------------
+    def set_profile(self, name: str | None, overrides: dict[str, Any]) -> Profile:
+        base = self.profile
+        if name is not None:
+            if name not in PROFILES:
+                raise SimError(400, "invalid_request", f"unknown profile {name!r}")
+            base = PROFILES[name]
+        self.profile = base.with_overrides(overrides)
+        return self.profile
+
+    def reset(self) -> None:
+        for client in self.clients.values():
+            client.wake()  # pending long-polls return at once
+        self.clients.clear()
+        self.refs.clear()
+        self.codes.clear()
+        self.devices.clear()
+        self.last_index.clear()
+        self.pending_passkey.clear()
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "clients": len(self.clients),
+            "linked_devices": len(self.devices),
+            "pending_polls": sum(c.waiters for c in self.clients.values()),
+        }
+
+    def _maybe_gc(self) -> None:
+        now = time.monotonic()
+        if now - self._last_gc < GC_INTERVAL_S:
+            return
+        self._last_gc = now
+        horizon = now - RETENTION_S
+        self.refs = {r: e for r, e in self.refs.items() if e.valid_until > horizon}
+        self.codes = {c: e for c, e in self.codes.items() if e.expires_at > horizon}
+        for device_id, client in list(self.clients.items()):
+            idle = client.waiters == 0 and client.last_seen < horizon
+            if idle and device_id not in self.devices:
+                del self.clients[device_id]
