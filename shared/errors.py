@@ -97,3 +97,16 @@ class BrowserError(WalinkError):
 
 class BrowserTimeout(BrowserError, TimeoutError):
     code = "browser_timeout"
+
+
+class StaleOwner(Conflict):
+    """A write carried a fencing token older than the session's: another worker owns it now."""
+
+    code = "stale_owner"
+
+
+class SnapshotInvalid(WalinkError):
+    """A profile snapshot failed authentication (tampered, wrong key, other session) or is malformed."""
+
+    status = 422
+    code = "snapshot_invalid"

@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
+from shared import db
 from shared.settings import Settings
 from simulator.app import create_app as create_simulator
 from worker import chromium
@@ -36,6 +39,72 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for item in items:
             if "chromium" in item.keywords:
                 item.add_marker(skip)
+
+
+PG_ADMIN_DSN = os.environ.get("WALINK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("WALINK_TEST_REDIS", "redis://127.0.0.1:6379/0")
+RUN_ID = f"{os.getpid()}_{os.urandom(3).hex()}"
+TABLES = ("delivery_attempts", "outbox", "profile_snapshots", "whatsapp_accounts", "api_keys", "workspaces")
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Any:
+    """A database of this test run (created, migrated, dropped at the end): runs never collide."""
+    name = f"walink_test_{RUN_ID}"
+    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+
+    async def setup() -> None:
+        await db.ensure_database(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+
+    async def teardown() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    yield dsn
+    asyncio.run(teardown())
+
+
+@pytest.fixture
+async def pg_pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the run's database, with every table emptied before the test."""
+    pool = await db.create_pool(pg_dsn, max_size=10)
+    await pool.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix of this test (``walink_test:<run>:<n>:``); its keys are deleted afterwards."""
+    prefix = f"walink_test:{RUN_ID}:{os.urandom(3).hex()}:"
+    yield prefix
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_client(redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 class Sim:
