@@ -7,11 +7,14 @@ from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger("walink.db")
 
 # pg_advisory_lock key so that several processes starting at once migrate one after the other
 MIGRATION_LOCK = 0x77616C696E6B  # "walink"
+
+Conn = asyncpg.Connection | PoolConnectionProxy
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -20,7 +23,7 @@ def migration_files() -> list[tuple[str, str]]:
     return [(name.removesuffix(".sql"), folder.joinpath(name).read_text(encoding="utf-8")) for name in names]
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Conn) -> list[str]:
     """Apply the migrations not applied yet, each in its own transaction; returns their names."""
     applied: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
@@ -60,7 +63,9 @@ async def ensure_database(dsn: str, *, timeout_s: float = 10.0) -> None:
         await conn.close()
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, timeout_s: float = 10.0) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, timeout_s: float = 10.0
+) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, timeout=timeout_s, command_timeout=timeout_s
     )

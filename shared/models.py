@@ -72,18 +72,27 @@ class Reason(enum.StrEnum):
     BROWSER_LAUNCH_FAILED = "browser_launch_failed"
     SHUTDOWN = "shutdown"
     DELETED = "deleted"
+    WAKE = "wake"
+    IDLE = "idle"
+    LRU = "lru"
+    REPLACED = "replaced"
+    LEASE_LOST = "lease_lost"
 
 
 class EventType(enum.StrEnum):
-    """Events pushed on SSE (and, from the outbox, to webhooks)."""
+    """Event types as written to the outbox. Webhooks get all but ``status``; SSE gets all, with
+    ``qr_code_generated`` named ``qr`` on the stream."""
 
     STATUS = "status"
-    QR = "qr"
-    QR_CODE_GENERATED = "qr_code_generated"
+    QR = "qr_code_generated"
     SESSION_AUTHENTICATED = "session_authenticated"
     SESSION_READY = "session_ready"
     SESSION_DISCONNECTED = "session_disconnected"
     SESSION_FAILED = "session_failed"
+
+
+def sse_name(event_type: str) -> str:
+    return "qr" if event_type == EventType.QR else event_type
 
 
 def now_ms() -> int:
@@ -106,10 +115,19 @@ class Transition:
 
 @dataclass(slots=True)
 class SessionEvent:
+    """A committed event of one session (its ``seq`` is the outbox's per-session sequence)."""
+
     seq: int
-    type: EventType
+    type: str
     data: dict[str, Any]
     at_ms: int = field(default_factory=now_ms)
+    event_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "type": self.type.value, "at_ms": self.at_ms, **self.data}
+        return {
+            "seq": self.seq,
+            "type": self.type,
+            "event_id": self.event_id,
+            "at_ms": self.at_ms,
+            **self.data,
+        }

@@ -26,6 +26,8 @@ class Settings:
     # --- where this process listens
     host: str = "127.0.0.1"
     worker_port: int = 3001
+    # this worker's name on the ring and in leases (default host:port); stable across restarts
+    worker_name: str = ""
     # --- files
     data_dir: Path = Path("var")
     chromium_path: Path = Path("/usr/bin/chromium")
@@ -44,6 +46,23 @@ class Settings:
     passkey_timeout_s: float = 300.0
     takeover_on_conflict: bool = True
     restore_on_start: bool = True
+    # --- durable state
+    database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/walink", repr=False)
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    redis_prefix: str = "walink:"
+    redis_timeout_s: float = 0.5
+    db_timeout_s: float = 5.0
+    lease_ttl_ms: int = 10_000
+    # AES-256-GCM key of profile snapshots: base64 of 32 bytes (empty: snapshots disabled)
+    snapshot_key: str = field(default="", repr=False)
+    # --- hibernation (the seed's LRU of 20 and 5-minute idle timeout)
+    idle_timeout_s: float = 300.0
+    max_active_sessions: int = 20
+    # --- webhooks
+    webhook_timeout_s: float = 5.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_base_s: float = 0.5
+    webhook_backoff_max_s: float = 300.0
     # --- HTTP edge
     max_body_bytes: int = 64 * 1024
     internal_token: str = field(default="", repr=False)
@@ -61,10 +80,6 @@ class Settings:
     @property
     def profiles_dir(self) -> Path:
         return self.worker_data_dir / "profiles"
-
-    @property
-    def sessions_dir(self) -> Path:
-        return self.worker_data_dir / "sessions"
 
     @property
     def webcache_dir(self) -> Path:
@@ -101,7 +116,14 @@ class Settings:
     def validate(self) -> None:
         if self.target not in get_args(Target):
             raise SettingsError(f"WALINK_TARGET must be one of {get_args(Target)}, not {self.target!r}")
-        for name in ("qr_concurrency", "qr_batches", "max_body_bytes"):
+        for name in (
+            "qr_concurrency",
+            "qr_batches",
+            "max_body_bytes",
+            "max_active_sessions",
+            "webhook_max_attempts",
+            "lease_ttl_ms",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
         if self.warm_pool_size < 0:

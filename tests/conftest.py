@@ -141,14 +141,23 @@ async def sim(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient) -> S
     return Sim(server, client)
 
 
-def worker_settings(tmp_path: Path, sim: Sim, **overrides: Any) -> Settings:
+SNAPSHOT_KEY = "q0v4cXmW2m5W8Ck3tM2o3H3n5F3n2kq9yA8fQ6pL1xE="  # test-only key (base64 of 32 bytes)
+
+
+def worker_settings(tmp_path: Path, sim: Sim, pg_dsn: str, redis_prefix: str, **overrides: Any) -> Settings:
     base = Settings(
         data_dir=tmp_path / "var",
         chromium_path=CHROMIUM,
         simulator_url=sim.url,
+        database_url=pg_dsn,
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        snapshot_key=SNAPSHOT_KEY,
         warm_pool_size=0,
         start_timeout_s=45.0,
         shutdown_deadline_s=10.0,
+        webhook_backoff_base_s=0.05,
+        webhook_backoff_max_s=0.5,
     )
     return base.replace(**overrides)
 
@@ -158,13 +167,18 @@ WorkerFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 @pytest.fixture
 async def start_worker(
-    tmp_path: Path, sim: Sim, aiohttp_client: AiohttpClient
+    tmp_path: Path,
+    sim: Sim,
+    aiohttp_client: AiohttpClient,
+    pg_pool: asyncpg.Pool,
+    pg_dsn: str,
+    redis_prefix: str,
 ) -> AsyncIterator[WorkerFactory]:
-    """Start a worker app (real Playwright + Chromium) on this test's data dir."""
+    """Start a worker app (real Playwright + Chromium, Postgres, Redis) on this test's data dir."""
     started: list[TestClient[Any, Any]] = []
 
     async def start(**overrides: Any) -> TestClient[Any, Any]:
-        app = create_worker(worker_settings(tmp_path, sim, **overrides))
+        app = create_worker(worker_settings(tmp_path, sim, pg_dsn, redis_prefix, **overrides))
         client = await aiohttp_client(app)
         started.append(client)
         return client

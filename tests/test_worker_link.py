@@ -219,7 +219,7 @@ async def test_failed_sync_is_a_failure_with_reason(sim: Sim, start_worker: Work
 async def test_restart_endpoint_keeps_a_ready_session(sim: Sim, start_worker: WorkerFactory) -> None:
     client = await start_worker()
     sid = (await link(client, sim))["id"]
-    stream = await events(client, sid, after=10_000)
+    stream = await events(client, sid, after=manager_of(client).get(sid).last_seq)
     resp = await client.post(f"/v1/sessions/{sid}/restart")
     assert resp.status == 202
     await stream.until("session_ready")

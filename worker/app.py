@@ -8,23 +8,44 @@ below supervisord's ``stopwaitsecs``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 from playwright.async_api import async_playwright
 
+from shared import db
+from shared import store as store_mod
+from shared.outbox import WebhookDispatcher
+from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.web import error_middleware
 from worker import chromium
 from worker.browser import BrowserLauncher
-from worker.keys import HTTP, LAUNCHER, MANAGER, PLAYWRIGHT, POOL, QUEUE, SETTINGS, STARTED_AT
+from worker.durable import Durable
+from worker.keys import (
+    DB,
+    DISPATCHER,
+    DURABLE,
+    HTTP,
+    LAUNCHER,
+    MANAGER,
+    NAME,
+    PLAYWRIGHT,
+    POOL,
+    QUEUE,
+    REDIS,
+    SETTINGS,
+    STARTED_AT,
+    STORE,
+)
 from worker.qr_queue import QrQueue
-from worker.routes import add_routes, auth_middleware
-from worker.session_store import SessionStore
+from worker.routes import DEFAULT_WORKSPACE, add_routes, auth_middleware
 from worker.sessions import SessionManager, close_with_deadline
 from worker.warm_pool import WarmPool
 
@@ -36,6 +57,48 @@ async def http_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as http:
         app[HTTP] = http
         yield
+
+
+async def db_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Postgres, the source of truth: created if missing, migrated, the default workspace present."""
+    settings = app[SETTINGS]
+    await asyncio.wait_for(db.ensure_database(settings.database_url, timeout_s=settings.db_timeout_s), 30)
+    pool = await asyncio.wait_for(
+        store_mod.open_pool(settings.database_url, timeout_s=settings.db_timeout_s), 30
+    )
+    try:
+        async with pool.acquire() as conn:
+            await asyncio.wait_for(db.migrate(conn), 60)
+        app[DB] = pool
+        app[STORE] = store_mod.Store(pool)
+        await app[STORE].ensure_workspace(DEFAULT_WORKSPACE)
+        yield
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Redis for leases, the session cache and event fan-out; short timeouts, never required to answer."""
+    settings = app[SETTINGS]
+    client = aioredis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=5,
+    )
+    app[REDIS] = client
+    app[DURABLE] = Durable(
+        app[STORE],
+        client,
+        Keys(settings.redis_prefix),
+        app[NAME],
+        lease_ttl_ms=settings.lease_ttl_ms,
+        redis_timeout_s=settings.redis_timeout_s,
+    )
+    try:
+        yield
+    finally:
+        await asyncio.wait_for(client.aclose(), 5)
 
 
 async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -69,17 +132,19 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    manager = SessionManager(
-        settings, app[LAUNCHER], app[QUEUE], app[POOL], SessionStore(settings.sessions_dir)
-    )
+    manager = SessionManager(settings, app[LAUNCHER], app[QUEUE], app[POOL], app[DURABLE], app[NAME])
     app[MANAGER] = manager
     if settings.restore_on_start:
-        restored = manager.restore_all()
+        restored = await manager.restore_all()
         if restored:
-            log.info("start: restoring %d linked session(s) from their profiles", restored)
+            log.info("start: restoring %d linked session(s) without a QR", restored)
+    keeper = asyncio.create_task(manager.keeper.run(), name="lease-keeper")
     try:
         yield
     finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
         started = time.monotonic()
         await close_with_deadline(manager, settings.shutdown_deadline_s)
         log.info(
@@ -87,6 +152,29 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
             len(manager.sessions),
             time.monotonic() - started,
         )
+
+
+async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Webhook delivery from the outbox; every worker runs one, claims keep them apart."""
+    settings = app[SETTINGS]
+    dispatcher = WebhookDispatcher(
+        app[DB],
+        app[HTTP],
+        worker_name=app[NAME],
+        attempt_timeout_s=settings.webhook_timeout_s,
+        max_attempts=settings.webhook_max_attempts,
+        backoff_base_s=settings.webhook_backoff_base_s,
+        backoff_max_s=settings.webhook_backoff_max_s,
+        claim_ttl_s=max(30.0, settings.webhook_timeout_s * 3),
+    )
+    app[DISPATCHER] = dispatcher
+    task = asyncio.create_task(dispatcher.run(), name="webhooks")
+    try:
+        yield
+    finally:
+        await asyncio.wait_for(dispatcher.close(), 10)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def on_shutdown(app: web.Application) -> None:
@@ -104,8 +192,11 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[STARTED_AT] = time.monotonic()
+    app[NAME] = settings.worker_name or f"{settings.host}:{settings.worker_port}"
     app[QUEUE] = QrQueue(settings.qr_concurrency)
-    app.cleanup_ctx.extend([http_ctx, playwright_ctx, pool_ctx, sessions_ctx])
+    app.cleanup_ctx.extend(
+        [http_ctx, db_ctx, redis_ctx, dispatcher_ctx, playwright_ctx, pool_ctx, sessions_ctx]
+    )
     app.on_shutdown.append(on_shutdown)
     add_routes(app)
     return app

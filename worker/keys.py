@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
 from aiohttp import web
 from playwright.async_api import Playwright
 
+from shared.outbox import WebhookDispatcher
 from shared.settings import Settings
+from shared.store import Store
 from worker.browser import BrowserLauncher
+from worker.durable import Durable
 from worker.qr_queue import QrQueue
 from worker.sessions import SessionManager
 from worker.warm_pool import WarmPool
 
 SETTINGS = web.AppKey("settings", Settings)
+NAME = web.AppKey("name", str)
 STARTED_AT = web.AppKey("started_at", float)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+DB = web.AppKey("db", asyncpg.Pool)
+STORE = web.AppKey("store", Store)
+REDIS = web.AppKey("redis", aioredis.Redis)
+DURABLE = web.AppKey("durable", Durable)
 PLAYWRIGHT = web.AppKey("playwright", Playwright)
 LAUNCHER = web.AppKey("launcher", BrowserLauncher)
 QUEUE = web.AppKey("queue", QrQueue)
 POOL = web.AppKey("pool", WarmPool)
 MANAGER = web.AppKey("manager", SessionManager)
+DISPATCHER = web.AppKey("dispatcher", WebhookDispatcher)

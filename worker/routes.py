@@ -11,13 +11,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
-from shared import metrics
+from shared import metrics, outbox
 from shared.errors import BadRequest, InvalidState, Unauthorized
 from shared.ids import check_session_id, normalize_phone
 from shared.settings import Settings
 from shared.web import check_keys, json_response, optional_str, read_json_object
 from worker import qr_image, sse
-from worker.keys import MANAGER, POOL, QUEUE, SETTINGS, STARTED_AT
+from worker.keys import DISPATCHER, MANAGER, POOL, QUEUE, SETTINGS, STARTED_AT
 from worker.session import Session
 from worker.sessions import SessionManager
 
@@ -34,14 +34,22 @@ def _workspace(request: web.Request) -> str | None:
     return value
 
 
-def _session(request: web.Request) -> Session:
-    manager = request.app[MANAGER]
-    return manager.get(check_session_id(request.match_info["session_id"]), _workspace(request))
+def _session_id(request: web.Request) -> str:
+    return check_session_id(request.match_info["session_id"])
+
+
+async def _session(request: web.Request) -> Session:
+    """A session this worker drives (taking over a hibernated or orphaned one)."""
+    return await request.app[MANAGER].for_command(_session_id(request), _workspace(request))
+
+
+def _links_for(session_id: str) -> dict[str, str]:
+    base = f"/v1/sessions/{session_id}"
+    return {"qr_url": base + "/qr", "events_url": base + "/events"}
 
 
 def _links(session: Session) -> dict[str, str]:
-    base = f"/v1/sessions/{session.id}"
-    return {"qr_url": base + "/qr", "events_url": base + "/events"}
+    return _links_for(session.id)
 
 
 @web.middleware
@@ -90,10 +98,12 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    session = _session(request)
-    body = session.public(request.app[MANAGER].name)
-    body.update(_links(session))
-    if session.pairing_code and session.status.value == "qr":
+    manager = request.app[MANAGER]
+    sid = _session_id(request)
+    body = await manager.describe(sid, _workspace(request))
+    body.update(_links_for(sid))
+    session = manager.local(sid)
+    if session is not None and session.pairing_code and session.status.value == "qr":
         body["pairing_code"] = session.pairing_code
     return json_response(body)
 
@@ -113,7 +123,7 @@ def _qr_format(request: web.Request) -> str:
 
 
 async def get_qr(request: web.Request) -> web.Response:
-    session = _session(request)
+    session = await _session(request)
     fmt = _qr_format(request)
     if session.qr is None:
         raise InvalidState(f"no QR to show: the session is {session.status.value}")
@@ -128,12 +138,31 @@ async def get_qr(request: web.Request) -> web.Response:
 
 
 async def session_events(request: web.Request) -> web.StreamResponse:
-    session = _session(request)
-    return await sse.stream(request, session, keepalive_s=request.app[SETTINGS].sse_keepalive_s)
+    manager = request.app[MANAGER]
+    sid = _session_id(request)
+    keepalive_s = request.app[SETTINGS].sse_keepalive_s
+    session = manager.local(sid, _workspace(request))
+    if session is not None:
+        session.touch()
+        return await sse.stream_local(request, session, manager.store.pool, keepalive_s=keepalive_s)
+    body = await manager.describe(sid, _workspace(request))
+    session = manager.local(sid)
+    if session is not None:  # woken here
+        return await sse.stream_local(request, session, manager.store.pool, keepalive_s=keepalive_s)
+    durable = manager.durable
+    return await sse.stream_remote(
+        request,
+        sid,
+        str(body["status"]),
+        manager.store.pool,
+        durable.redis,
+        durable.keys.events(sid),
+        keepalive_s=keepalive_s,
+    )
 
 
 async def pairing_code(request: web.Request) -> web.Response:
-    session = _session(request)
+    session = await _session(request)
     data = await read_json_object(request, max_bytes=request.app[SETTINGS].max_body_bytes)
     check_keys(data, {"phone_number"})
     phone = normalize_phone(data.get("phone_number"))
@@ -142,18 +171,87 @@ async def pairing_code(request: web.Request) -> web.Response:
 
 
 async def restart_session(request: web.Request) -> web.Response:
-    session = await request.app[MANAGER].restart(_session(request))
+    session = await request.app[MANAGER].restart(await _session(request))
     return json_response({"id": session.id, "status": session.status.value, **_links(session)}, status=202)
 
 
 async def logout_session(request: web.Request) -> web.Response:
-    session = await request.app[MANAGER].logout(_session(request))
+    session = await request.app[MANAGER].logout(await _session(request))
     return json_response({"id": session.id, "status": session.status.value, "reason": session.reason})
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    await request.app[MANAGER].delete(_session(request))
+    await request.app[MANAGER].delete(await _session(request))
     return web.Response(status=204)
+
+
+def _scope(request: web.Request) -> str:
+    """The workspace of a listing: the caller's (gateway header), else ``?workspace_id=``."""
+    caller = _workspace(request)
+    asked = request.query.get("workspace_id")
+    if caller is not None and asked is not None and asked != caller:
+        raise BadRequest("workspace_id does not match the caller's workspace")
+    scope = caller or asked or DEFAULT_WORKSPACE
+    if not 0 < len(scope) <= 64:
+        raise BadRequest("workspace_id must be 1-64 characters")
+    return scope
+
+
+def _int_query(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}")
+    return value
+
+
+async def list_accounts(request: web.Request) -> web.Response:
+    store = request.app[MANAGER].store
+    rows = await store.list_accounts(_scope(request))
+    accounts = [
+        {
+            "id": r["id"],
+            "status": r["account_status"],
+            "session_status": r["status"],
+            "phone_number": r["phone_number"],
+            "push_name": r["push_name"],
+            "is_primary": r["is_primary"],
+            "label": r["label"],
+            "metadata": r["metadata"],
+            "created_at_ms": r.get("created_at"),
+            "updated_at_ms": r.get("updated_at"),
+        }
+        for r in rows
+    ]
+    return json_response({"accounts": accounts})
+
+
+async def list_events(request: web.Request) -> web.Response:
+    after = _int_query(request, "after", 0, low=0, high=2**62)
+    limit = _int_query(request, "limit", 100, low=1, high=1000)
+    pool = request.app[MANAGER].store.pool
+    events = await outbox.events_after(pool, workspace_id=_scope(request), after_id=after, limit=limit)
+    next_after = events[-1]["id"] if events else after
+    return json_response({"events": events, "next_after": next_after})
+
+
+async def replay_webhooks(request: web.Request) -> web.Response:
+    data = await read_json_object(request, max_bytes=request.app[SETTINGS].max_body_bytes)
+    check_keys(data, {"event_ids"})
+    event_ids = data.get("event_ids")
+    if event_ids is not None and (
+        not isinstance(event_ids, list)
+        or not all(isinstance(e, str) for e in event_ids)
+        or len(event_ids) > 1000
+    ):
+        raise BadRequest("event_ids must be a list of at most 1000 event ids")
+    replayed = await request.app[DISPATCHER].replay(workspace_id=_scope(request), event_ids=event_ids)
+    return json_response({"replayed": replayed})
 
 
 def memory_info(manager: SessionManager) -> dict[str, int]:
@@ -230,3 +328,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sessions/{session_id}/pairing-code", pairing_code)
     app.router.add_post("/v1/sessions/{session_id}/restart", restart_session)
     app.router.add_post("/v1/sessions/{session_id}/logout", logout_session)
+    app.router.add_get("/v1/accounts", list_accounts)
+    app.router.add_get("/v1/events", list_events)
+    app.router.add_post("/v1/webhooks/replay", replay_webhooks)

@@ -1,23 +1,22 @@
-"""A session: its state machine with history, timings, current QR, and the events it emitted."""
+"""A session: its state machine with history, timings, current QR, and its committed events.
+
+Transitions change the in-memory state at once (page events are handled against it), but the
+events they produce wait in ``pending`` until the manager has committed them to Postgres; only
+committed events reach SSE subscribers, Redis and webhooks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import InvalidState
-from shared.models import (
-    ENDED,
-    TRANSITIONS,
-    EventType,
-    SessionEvent,
-    SessionStatus,
-    Transition,
-    now_ms,
-)
+from shared.models import ENDED, TRANSITIONS, EventType, SessionEvent, SessionStatus, Transition, now_ms
+from shared.store import NewEvent
 from worker.browser import BrowserSlot
 
 log = logging.getLogger("walink.session")
@@ -39,6 +38,7 @@ class Session:
     phone_number: str | None = None
     push_name: str | None = None
     phone_method: str | None = None
+    is_primary: bool = False
     history: list[Transition] = field(default_factory=list)
     timings: dict[str, int] = field(default_factory=dict)
     qr: str | None = None
@@ -47,18 +47,25 @@ class Session:
     qr_in_batch: int = 0
     batches_used: int = 0
     pairing_code: str | None = None
-    seq: int = 0
+    fencing_token: int = 0
+    last_seq: int = 0
     # runtime only
     slot: BrowserSlot | None = field(default=None, repr=False)
+    pending: list[NewEvent] = field(default_factory=list, repr=False)
     events: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=EVENT_BACKLOG), repr=False)
     subscribers: set[asyncio.Queue[SessionEvent | None]] = field(default_factory=set, repr=False)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
-    logout_requested: bool = False
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    op_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    committed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    logout_requested: bool = False
+    last_used: float = field(default_factory=time.monotonic, repr=False)
 
     def __post_init__(self) -> None:
         if not self.history:
             self.history.append(Transition(self.status, self.reason))
+            self.publish(EventType.STATUS, {"status": self.status.value, "reason": self.reason})
         self.timings.setdefault("created_at_ms", self.history[0].at_ms)
 
     # ----- state machine
@@ -85,10 +92,16 @@ class Session:
     def ended(self) -> bool:
         return self.status in ENDED
 
-    # ----- events
-    def publish(self, type_: EventType, data: dict[str, Any]) -> SessionEvent:
-        self.seq += 1
-        event = SessionEvent(self.seq, type_, {"session_id": self.id, **data})
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    # ----- events: pending until committed, then delivered
+    def publish(self, type_: EventType, data: dict[str, Any]) -> None:
+        self.pending.append(NewEvent(type_.value, data))
+
+    def deliver(self, event: SessionEvent) -> None:
+        """A committed event: to the backlog and every live subscriber."""
+        self.last_seq = max(self.last_seq, event.seq)
         self.events.append(event)
         for queue in list(self.subscribers):
             try:
@@ -96,7 +109,8 @@ class Session:
             except asyncio.QueueFull:
                 # a stalled reader: drop it; it reconnects with Last-Event-ID and misses nothing
                 self.subscribers.discard(queue)
-        return event
+        fired, self.committed = self.committed, asyncio.Event()
+        fired.set()
 
     def subscribe(self) -> asyncio.Queue[SessionEvent | None]:
         queue: asyncio.Queue[SessionEvent | None] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
@@ -112,7 +126,12 @@ class Session:
                 queue.put_nowait(None)
         self.subscribers.clear()
 
-    def events_after(self, seq: int) -> list[SessionEvent]:
+    def backlog_after(self, seq: int) -> list[SessionEvent] | None:
+        """Committed events after ``seq`` from memory, or None when memory no longer reaches back."""
+        if self.events and self.events[0].seq > seq + 1:
+            return None
+        if not self.events and self.last_seq > seq:
+            return None
         return [e for e in self.events if e.seq > seq]
 
     def mark(self, name: str) -> int:
@@ -121,7 +140,7 @@ class Session:
         return at
 
     # ----- representations
-    def public(self, worker: str) -> dict[str, Any]:
+    def public(self, worker: str | None) -> dict[str, Any]:
         return {
             "id": self.id,
             "workspace_id": self.workspace_id,
@@ -129,6 +148,7 @@ class Session:
             "reason": self.reason,
             "phone_number": self.phone_number,
             "push_name": self.push_name,
+            "is_primary": self.is_primary,
             "label": self.label,
             "metadata": self.metadata,
             "worker": worker,
@@ -138,7 +158,7 @@ class Session:
         }
 
     def record(self) -> dict[str, Any]:
-        """What survives a worker restart (the session sidecar)."""
+        """The row written to Postgres."""
         return {
             "id": self.id,
             "workspace_id": self.workspace_id,
@@ -150,10 +170,8 @@ class Session:
             "reason": self.reason,
             "phone_number": self.phone_number,
             "push_name": self.push_name,
-            "phone_method": self.phone_method,
             "history": [t.to_dict() for t in self.history],
             "timings": self.timings,
-            "seq": self.seq,
         }
 
     @classmethod
@@ -161,7 +179,7 @@ class Session:
         return cls(
             id=str(data["id"]),
             workspace_id=str(data["workspace_id"]),
-            profile_id=str(data["profile_id"]),
+            profile_id=str(data.get("profile_id") or ""),
             label=data.get("label"),
             webhook_url=data.get("webhook_url"),
             metadata=dict(data.get("metadata") or {}),
@@ -169,8 +187,18 @@ class Session:
             reason=str(data.get("reason") or ""),
             phone_number=data.get("phone_number"),
             push_name=data.get("push_name"),
-            phone_method=data.get("phone_method"),
+            is_primary=bool(data.get("is_primary")),
             history=[Transition.from_dict(t) for t in data.get("history") or []],
             timings={str(k): int(v) for k, v in (data.get("timings") or {}).items()},
-            seq=int(data.get("seq") or 0),
+            fencing_token=int(data.get("fencing_token") or 0),
+            last_seq=int(data.get("last_seq") or 0),
         )
+
+
+def public_from_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """The API view of a session that no worker holds in memory (read from Postgres)."""
+    session = Session.from_record(rec)
+    body = session.public(rec.get("owner"))
+    if rec.get("deleted"):
+        body["deleted"] = True
+    return body

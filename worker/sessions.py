@@ -1,7 +1,9 @@
-"""The session manager: creates, drives, restores and ends this worker's sessions.
+"""The session manager: creates, drives, persists, hibernates, restores and ends sessions.
 
 Page events (see :mod:`worker.whatsapp_web`) arrive per session through its browser slot and are
-turned into state transitions here; nothing waits on a timer for the page to do something.
+turned into state transitions here; nothing waits on a timer for the page to do something. Every
+transition is committed to Postgres (fenced by the session's lease token) with its events in the
+outbox, and only then delivered to SSE subscribers, Redis and webhooks.
 """
 
 from __future__ import annotations
@@ -11,35 +13,60 @@ import contextlib
 import logging
 import shutil
 import statistics
+import time
 from collections import deque
 from collections.abc import Coroutine
 from functools import partial
+from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from shared import metrics
 from shared.errors import (
     BrowserError,
+    Conflict,
     InvalidState,
     SessionExists,
     SessionNotFound,
+    SnapshotInvalid,
+    StaleOwner,
     Unavailable,
     WalinkError,
 )
 from shared.ids import check_session_id, new_profile_id, new_session_id
-from shared.models import LINKING, EventType, Reason, SessionStatus, now_ms
+from shared.leases import LeaseKeeper
+from shared.models import ENDED, LINKING, EventType, Reason, SessionEvent, SessionStatus, now_ms
+from shared.outbox import OutboxEvent
 from shared.settings import Settings
-from worker import qr_queue
+from worker import qr_queue, snapshot
 from worker import whatsapp_web as wa
 from worker.browser import BrowserLauncher, BrowserSlot
+from worker.durable import Durable
 from worker.qr_queue import QrQueue
-from worker.session import Session
-from worker.session_store import SessionStore
+from worker.session import Session, public_from_record
 from worker.warm_pool import WarmPool
 
 log = logging.getLogger("walink.sessions")
 
 S = SessionStatus
 MAX_CRASH_RESTARTS = 3
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class NotOwner(Conflict):
+    code = "not_owner"
+
+
+def committed_event(ev: OutboxEvent) -> SessionEvent:
+    data = dict(ev.payload.get("data") or {})
+    return SessionEvent(
+        ev.seq,
+        ev.type,
+        {"session_id": ev.session_id, **data},
+        at_ms=int(ev.payload.get("occurred_at_ms") or ev.created_at_ms),
+        event_id=ev.event_id,
+    )
 
 
 class SessionManager:
@@ -49,32 +76,106 @@ class SessionManager:
         launcher: BrowserLauncher,
         queue: QrQueue,
         pool: WarmPool,
-        store: SessionStore,
+        durable: Durable,
+        name: str,
     ) -> None:
         self.settings = settings
         self.launcher = launcher
         self.queue = queue
         self.pool = pool
-        self.store = store
-        self.name = f"{settings.host}:{settings.worker_port}"
+        self.durable = durable
+        self.store = durable.store
+        self.name = name
+        self.snapshot_key = snapshot.load_key(settings.snapshot_key) if settings.snapshot_key else None
         self.sessions: dict[str, Session] = {}
         self.closing = False
         self.qr_times_ms: deque[int] = deque(maxlen=1000)
         self.phone_times_ms: deque[int] = deque(maxlen=1000)
+        self.keeper = LeaseKeeper(durable.leases, on_lost=self._lease_lost, on_token=self._lease_token)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._idle_timers: dict[str, asyncio.TimerHandle] = {}
         self._crash_restarts: dict[str, int] = {}
         self._restoring: set[str] = set()
+        self._loading: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ lookups
-    def get(self, session_id: str, workspace_id: str | None = None) -> Session:
+    def local(self, session_id: str, workspace_id: str | None = None) -> Session | None:
         check_session_id(session_id)
         session = self.sessions.get(session_id)
         if session is None or session.status == S.DELETED:
-            raise SessionNotFound(f"no session {session_id}")
+            return None
         if workspace_id is not None and session.workspace_id != workspace_id:
             raise SessionNotFound(f"no session {session_id}")  # same answer: no existence leak
         return session
+
+    def get(self, session_id: str, workspace_id: str | None = None) -> Session:
+        """A session driven by this worker (tests and internal callers)."""
+        session = self.local(session_id, workspace_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id}")
+        return session
+
+    async def _record(self, session_id: str, workspace_id: str | None) -> dict[str, Any]:
+        rec = await self.store.load_session(session_id)
+        if (
+            rec is None
+            or rec.get("deleted")
+            or (workspace_id is not None and rec["workspace_id"] != workspace_id)
+        ):
+            raise SessionNotFound(f"no session {session_id}")
+        return rec
+
+    async def describe(self, session_id: str, workspace_id: str | None) -> dict[str, Any]:
+        """The API view: from memory when driven here, else from the Redis cache, else Postgres.
+
+        A request for a hibernated session wakes it (here, from its snapshot)."""
+        session = self.local(session_id, workspace_id)
+        if session is None:
+            cached = await self.durable.cache_get(session_id)
+            if (
+                cached is not None
+                and cached.get("status") != S.HIBERNATED
+                and (workspace_id is None or cached.get("workspace_id") == workspace_id)
+            ):
+                return cached
+            rec = await self._record(session_id, workspace_id)
+            if rec["status"] != S.HIBERNATED or self.closing:
+                return public_from_record(rec)
+            session = await self._take_over(rec)
+        session.touch()
+        if session.status == S.HIBERNATED:
+            await self.wake(session)
+        return session.public(self.name)
+
+    async def for_command(self, session_id: str, workspace_id: str | None) -> Session:
+        """A session this worker can act on: driven here, or taken over (hibernated or orphaned)."""
+        session = self.local(session_id, workspace_id)
+        if session is None:
+            rec = await self._record(session_id, workspace_id)
+            session = await self._take_over(rec)
+        session.touch()
+        return session
+
+    async def _take_over(self, rec: dict[str, Any]) -> Session:
+        """Become the driver of a session known only to Postgres (lease + fencing token)."""
+        sid = rec["id"]
+        lock = self._loading.setdefault(sid, asyncio.Lock())
+        async with lock:
+            session = self.sessions.get(sid)
+            if session is not None:
+                return session
+            if self.closing:
+                raise Unavailable("this worker is shutting down; retry on another worker")
+            token = await self.durable.acquire(sid, floor=int(rec.get("fencing_token") or 0))
+            if token is None:
+                owner = await self.durable.lease_owner(sid)
+                raise NotOwner(f"session {sid} is driven by {owner or 'another worker'}")
+            session = Session.from_record(rec)
+            session.fencing_token = token
+            self.sessions[sid] = session
+            self.keeper.hold(sid, token)
+            return session
 
     def in_workspace(self, workspace_id: str | None = None) -> list[Session]:
         return [
@@ -108,9 +209,16 @@ class SessionManager:
             reason=Reason.CREATED,
         )
         session.mark("requested_at_ms")
+        await self.store.ensure_workspace(workspace_id)
+        token = await self.durable.acquire(sid, floor=0)
+        if token is None:
+            raise NotOwner(f"session {sid} is being created elsewhere")
+        session.fencing_token = token
+        await self.store.insert_session(session.record(), owner=self.name, token=token)
         self.sessions[sid] = session
+        self.keeper.hold(sid, token)
         self._start_link(session)
-        self._save(session)
+        await self._write(session)  # the answer to "add account" already carries a committed state
         return session
 
     def _start_link(self, session: Session) -> None:
@@ -122,13 +230,16 @@ class SessionManager:
             if slot.last_qr and slot.socket_state == wa.STATE_UNPAIRED:
                 self._on_qr(session, {"qr": slot.last_qr, "ttl_ms": slot.last_qr_ttl_ms}, Reason.WARM_POOL)
         else:
-            self._spawn(session, self._cold_start(session, Reason.COLD_START))
+            self._spawn(session, self._cold_start(session))
 
     async def restart(self, session: Session) -> Session:
         if self.closing:
             raise Unavailable("this worker is shutting down; retry on another worker")
-        keep_profile = session.status in {S.READY, S.HIBERNATED} or (
-            session.status == S.STARTING and session.id in self._restoring
+        if session.status == S.HIBERNATED:
+            await self.wake(session)
+            return session
+        keep_profile = session.status == S.READY or (
+            session.status in {S.STARTING, S.AUTHENTICATED} and session.id in self._restoring
         )
         self._cancel_work(session)
         await self._end_browser(session, wipe=not keep_profile)
@@ -142,12 +253,12 @@ class SessionManager:
             session.push_name = None
             session.profile_id = new_profile_id()
             self._start_link(session)
-        self._save(session)
+        self._flush(session)
         return session
 
     def _restore(self, session: Session) -> None:
         self._restoring.add(session.id)
-        self._spawn(session, self._cold_start(session, Reason.RESTORING))
+        self._spawn(session, self._cold_start(session))
 
     def _reset_link_state(self, session: Session) -> None:
         session.batches_used = 0
@@ -155,8 +266,10 @@ class SessionManager:
         session.pairing_code = None
         session.logout_requested = False
 
-    async def _cold_start(self, session: Session, reason: Reason) -> None:
+    async def _cold_start(self, session: Session) -> None:
         try:
+            if session.id in self._restoring:
+                await self._materialize_profile(session)
             async with self.queue.slot(qr_queue.USER):
                 if not self._still_starting(session):
                     return
@@ -173,18 +286,23 @@ class SessionManager:
         except BrowserError as exc:
             log.warning("%s: %s", session.id, exc)
             self._fail(session, Reason.BROWSER_LAUNCH_FAILED)
+        except SnapshotInvalid as exc:
+            log.error("%s: cannot restore: %s", session.id, exc)
+            self._fail(session, Reason.CLIENT_FATAL)
 
     def _still_starting(self, session: Session) -> bool:
-        return session.status == S.STARTING and not self.closing
+        return session.status == S.STARTING and not self.closing and self.sessions.get(session.id) is session
 
     @staticmethod
     async def _left_starting(session: Session, slot: BrowserSlot) -> None:
         while session.status == S.STARTING and not slot.dead.is_set():
             changed = session.changed
-            await asyncio.wait(
-                [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(slot.dead.wait())],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(slot.dead.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
 
     def _adopt(self, session: Session, slot: BrowserSlot) -> None:
         session.slot = slot
@@ -200,11 +318,12 @@ class SessionManager:
                 handler(self, session, data)
         except InvalidState as exc:
             log.debug("%s: ignoring page event %s: %s", session.id, kind, exc)
+        self._flush(session)
 
     def _on_qr(self, session: Session, data: Any, reason: Reason = Reason.QR_SHOWN) -> None:
         if session.status not in {S.STARTING, S.QR} or not isinstance(data, dict) or not data.get("qr"):
             return
-        session.qr = str(data["qr"])
+        qr = str(data["qr"])
         session.qr_count += 1
         session.qr_in_batch += 1
         ttl = data.get("ttl_ms")
@@ -214,13 +333,10 @@ class SessionManager:
             else (wa.QR_FIRST_TTL_MS if session.qr_in_batch == 1 else wa.QR_NEXT_TTL_MS)
         )
         at = now_ms()
-        session.qr_expires_at_ms = at + ttl_ms
         if session.status == S.STARTING:
             if reason == Reason.QR_SHOWN:
                 reason = Reason.COLD_START
             session.transition(S.QR, reason)
-            session.qr = str(data["qr"])
-            session.qr_expires_at_ms = at + ttl_ms
             elapsed = at - session.timings.get("requested_at_ms", at)
             session.timings["qr_at_ms"] = at
             session.timings["qr_ms"] = elapsed
@@ -228,9 +344,10 @@ class SessionManager:
             metrics.QR_SECONDS.labels("warm_pool" if reason == Reason.WARM_POOL else "cold").observe(
                 elapsed / 1000
             )
-            self._save(session)
+        session.qr = qr
+        session.qr_expires_at_ms = at + ttl_ms
         session.publish(
-            EventType.QR, {"qr": session.qr, "expires_at_ms": session.qr_expires_at_ms, "n": session.qr_count}
+            EventType.QR, {"qr": qr, "expires_at_ms": session.qr_expires_at_ms, "n": session.qr_count}
         )
 
     def _on_state(self, session: Session, data: Any) -> None:
@@ -254,13 +371,11 @@ class SessionManager:
         session.mark("authenticated_at_ms")
         session.publish(EventType.SESSION_AUTHENTICATED, {"restored": restoring})
         self._arm(session, self.settings.link_timeout_s, S.AUTHENTICATED, Reason.LINK_TIMEOUT)
-        self._save(session)
 
     def _on_passkey(self, session: Session, _data: Any) -> None:
         if session.status in {S.QR, S.AUTHENTICATED}:
             session.transition(S.PASSKEY_REQUIRED, Reason.PASSKEY)
             self._arm(session, self.settings.passkey_timeout_s, S.PASSKEY_REQUIRED, Reason.PASSKEY_TIMEOUT)
-            self._save(session)
 
     def _on_ready(self, session: Session, data: Any) -> None:
         if session.status == S.READY or session.ended:
@@ -272,7 +387,6 @@ class SessionManager:
             self._authenticated(session)
         restoring = session.id in self._restoring
         self._restoring.discard(session.id)
-        self._crash_restarts.pop(session.id, None)
         session.phone_number = str(data["phone"])
         session.push_name = str(data["push_name"]) if data.get("push_name") else None
         session.phone_method = str(data.get("method") or "")
@@ -293,7 +407,8 @@ class SessionManager:
             EventType.SESSION_READY,
             {"phone_number": session.phone_number, "push_name": session.push_name, "restored": restoring},
         )
-        self._save(session)
+        self._arm_idle(session)
+        self._spawn(session, self._enforce_capacity(), cancel_on_end=False)
 
     def _on_logged_out(self, session: Session, data: Any) -> None:
         if session.ended or not isinstance(data, wa.LogoutNotice):
@@ -340,60 +455,156 @@ class SessionManager:
         else:
             self._end(session, S.EXPIRED, Reason.QR_TIMEOUT)
 
+    # ------------------------------------------------------------------ persistence
+    def _flush(self, session: Session) -> None:
+        if session.pending:
+            self._spawn(session, self._write(session), cancel_on_end=False)
+
+    async def _write(self, session: Session, *, deleted: bool = False) -> None:
+        """Commit the session's state with its pending events, then deliver them (in order)."""
+        async with session.write_lock:
+            events, session.pending = session.pending, []
+            if not events and not deleted:
+                return
+            rec = session.record()
+            replaced: list[str] = []
+            try:
+                if any(e.type == EventType.SESSION_READY for e in events) and session.phone_number:
+                    result = await self.store.mark_ready(
+                        rec, owner=self.name, token=session.fencing_token, events=events
+                    )
+                    written, replaced = result.events, result.replaced
+                    session.is_primary = result.is_primary
+                else:
+                    written = await self.store.save(
+                        rec, owner=self.name, token=session.fencing_token, events=events, deleted=deleted
+                    )
+            except StaleOwner as exc:
+                log.warning("%s", exc)
+                self._let_go(session, Reason.LEASE_LOST)
+                return
+            except DB_ERRORS as exc:
+                session.pending[:0] = events
+                log.warning("%s: cannot commit (%s); retrying", session.id, exc)
+                self._spawn(session, self._write_later(session), cancel_on_end=False)
+                return
+            committed = [committed_event(e) for e in written]
+            for event in committed:
+                session.deliver(event)
+            await self.durable.publish(session.id, [{**e.to_dict(), "type": e.type} for e in committed])
+            await self.durable.cache_put(session.public(self.name))
+        for other in replaced:
+            self._replaced(other, by=session.id)
+
+    async def _write_later(self, session: Session) -> None:
+        await asyncio.sleep(0.5)  # back off while Postgres is unreachable
+        await self._write(session)
+
+    def _replaced(self, session_id: str, *, by: str) -> None:
+        """An older session of the same phone was soft-deleted by a newer link: end it here."""
+        session = self.sessions.get(session_id)
+        if session is None or session.ended:
+            return
+        log.info("%s: replaced by %s (same phone in the workspace)", session_id, by)
+        session.phone_number = None
+        self._end(session, S.FAILED, Reason.REPLACED, unlink=True)
+        self._flush(session)
+
     # ------------------------------------------------------------------ ending
     def _fail(self, session: Session, reason: Reason) -> None:
         if not session.ended:
             self._end(session, S.FAILED, reason)
+            self._flush(session)
 
-    def _end(self, session: Session, status: SessionStatus, reason: Reason) -> None:
+    def _end(self, session: Session, status: SessionStatus, reason: Reason, *, unlink: bool = False) -> None:
         """Move to an ended state, tell subscribers, and let the browser and profile go."""
         if session.ended or not session.can_move_to(status):
             return
         self._disarm(session)
+        self._cancel_idle(session)
         self._restoring.discard(session.id)
         session.transition(status, reason)
         metrics.LINKS.labels(status.value, reason.value).inc()
         event = EventType.SESSION_DISCONNECTED if status == S.LOGGED_OUT else EventType.SESSION_FAILED
         session.publish(event, {"status": status.value, "reason": reason.value})
-        self._save(session)
-        self._spawn(session, self._end_browser(session, wipe=True), cancel_on_end=False)
+        self._spawn(session, self._end_browser(session, wipe=True, unlink=unlink), cancel_on_end=False)
 
-    async def _end_browser(self, session: Session, *, wipe: bool) -> None:
+    async def _end_browser(self, session: Session, *, wipe: bool, unlink: bool = False) -> None:
         slot, session.slot = session.slot, None
         if slot is not None:
+            if unlink and slot.hooked.is_set():
+                with contextlib.suppress(WalinkError):
+                    await slot.logout()
             await slot.close()
         if wipe:
             shutil.rmtree(self.launcher.profile_dir(session.profile_id), ignore_errors=True)
+
+    def _let_go(self, session: Session, reason: Reason) -> None:
+        """Another worker owns the session now: stop driving it, write nothing more."""
+        if self.sessions.get(session.id) is not session:
+            return
+        log.warning("%s: no longer ours (%s); letting go", session.id, reason.value)
+        self._cancel_work(session)
+        self._disarm(session)
+        self._cancel_idle(session)
+        self._restoring.discard(session.id)
+        self.keeper.drop(session.id)
+        self.sessions.pop(session.id, None)
+        session.pending.clear()
+        session.close_subscribers()
+        self._spawn(session, self._end_browser(session, wipe=True), cancel_on_end=False)
+
+    def _lease_lost(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            self._let_go(session, Reason.LEASE_LOST)
+
+    def _lease_token(self, session_id: str, token: int) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.fencing_token = token
 
     # ------------------------------------------------------------------ commands
     async def logout(self, session: Session) -> Session:
         if session.ended:
             raise InvalidState(f"session {session.id} is already {session.status}")
+        if session.status == S.HIBERNATED:
+            await self.wake(session)
+            await self._until(session, {S.READY} | ENDED, self.settings.start_timeout_s)
         slot = session.slot
         if (
             slot is not None
             and slot.hooked.is_set()
-            and session.status in {S.READY, S.AUTHENTICATED, S.PASSKEY_REQUIRED}
+            and session.status
+            in {
+                S.READY,
+                S.AUTHENTICATED,
+                S.PASSKEY_REQUIRED,
+            }
         ):
             session.logout_requested = True
-            changed = session.changed
             try:
                 await slot.logout()
-                await asyncio.wait_for(self._until_ended(session, changed), 15.0)
+                await self._until(session, ENDED, 15.0)
             except (WalinkError, TimeoutError) as exc:
                 log.warning(
-                    "%s: logout through WhatsApp Web did not finish (%s); ending locally", session.id, exc
+                    "%s: logout through WhatsApp Web did not finish (%s); ending here", session.id, exc
                 )
         if not session.ended:
             self._cancel_work(session)
             self._end(session, S.LOGGED_OUT, Reason.API_LOGOUT)
+        await self._write(session)
         return session
 
     @staticmethod
-    async def _until_ended(session: Session, changed: asyncio.Event) -> None:
-        while not session.ended:
-            await changed.wait()
-            changed = session.changed
+    async def _until(
+        session: Session, statuses: set[SessionStatus] | frozenset[SessionStatus], timeout_s: float
+    ) -> None:
+        async def wait() -> None:
+            while session.status not in statuses:
+                await session.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout_s)
 
     async def pairing_code(self, session: Session, phone: str) -> str:
         if session.status != S.QR or session.slot is None:
@@ -402,68 +613,181 @@ class SessionManager:
             )
         code = (await session.slot.request_pairing_code(phone)).upper().replace("-", "")
         session.pairing_code = f"{code[:4]}-{code[4:]}" if len(code) == 8 else code
-        session.publish(
-            EventType.STATUS, {"status": session.status.value, "reason": Reason.PAIRING_CODE.value}
-        )
         return session.pairing_code
 
     async def delete(self, session: Session) -> None:
         self._cancel_work(session)
         self._disarm(session)
+        self._cancel_idle(session)
         self._restoring.discard(session.id)
+        was_linked = session.status == S.READY
         if session.status != S.DELETED:
             session.transition(S.DELETED, Reason.DELETED)
-        await self._end_browser(session, wipe=True)
-        self.store.delete(session.id)
+        await self._end_browser(session, wipe=True, unlink=was_linked)
+        await self._write(session, deleted=True)
+        with contextlib.suppress(*DB_ERRORS):
+            await self.store.delete_snapshot(session.id)
+        await self.durable.release(session.id)
+        await self.durable.cache_drop(session.id)
+        self.keeper.drop(session.id)
         session.close_subscribers()
         self.sessions.pop(session.id, None)
 
-    # ------------------------------------------------------------------ restore on start, shutdown
-    def restore_all(self) -> int:
-        """Load this worker's sessions; bring ``ready`` ones back from their profiles without a QR."""
-        restored = 0
-        for record in self.store.load_all():
-            session = Session.from_record(record)
-            self.sessions[session.id] = session
+    # ------------------------------------------------------------------ hibernation
+    def _arm_idle(self, session: Session) -> None:
+        self._cancel_idle(session)
+        remaining_s = session.last_used + self.settings.idle_timeout_s - time.monotonic()
+        self._idle_timers[session.id] = asyncio.get_running_loop().call_later(
+            max(0.0, remaining_s), self._idle_check, session
+        )
+
+    def _idle_check(self, session: Session) -> None:
+        self._idle_timers.pop(session.id, None)
+        if session.status != S.READY or self.sessions.get(session.id) is not session:
+            return
+        if time.monotonic() - session.last_used < self.settings.idle_timeout_s:
+            self._arm_idle(session)  # used since the timer was set
+            return
+        self._spawn(session, self._quietly(self.hibernate(session, Reason.IDLE)), cancel_on_end=False)
+
+    def _cancel_idle(self, session: Session) -> None:
+        timer = self._idle_timers.pop(session.id, None)
+        if timer is not None:
+            timer.cancel()
+
+    async def _enforce_capacity(self) -> None:
+        """Keep at most ``max_active_sessions`` browsers of ready sessions: hibernate the LRU ones."""
+        active = [s for s in self.sessions.values() if s.status == S.READY and s.slot is not None]
+        excess = len(active) - self.settings.max_active_sessions
+        if excess <= 0:
+            return
+        for session in sorted(active, key=lambda s: s.last_used)[:excess]:
+            await self._quietly(self.hibernate(session, Reason.LRU))
+
+    async def hibernate(self, session: Session, reason: Reason = Reason.IDLE) -> None:
+        """Close the browser, keep the login: an encrypted snapshot goes to Postgres, the lease is freed."""
+        async with session.op_lock:
+            if session.status != S.READY:
+                return
+            self._cancel_idle(session)
+            started = time.monotonic()
+            await self._end_browser(session, wipe=False)
             profile = self.launcher.profile_dir(session.profile_id)
-            if session.status in {S.READY, S.HIBERNATED} or (
-                session.status in {S.STARTING, S.AUTHENTICATED} and session.phone_number
-            ):
-                if not profile.is_dir():
-                    session.transition(S.FAILED, Reason.CLIENT_FATAL)
-                    self._save(session)
-                    continue
+            if self.snapshot_key is not None:
+                blob = await snapshot.pack_profile_async(
+                    profile, key=self.snapshot_key, session_id=session.id
+                )
+                await self.store.put_snapshot(session.id, blob, token=session.fencing_token)
+                session.timings["snapshot_bytes"] = len(blob)
+            session.timings["hibernate_ms"] = int((time.monotonic() - started) * 1000)
+            session.transition(S.HIBERNATED, reason)
+            await self._write(session)
+            if self.snapshot_key is not None:
+                shutil.rmtree(profile, ignore_errors=True)  # the snapshot is the profile now
+            await self.durable.release(session.id)
+            self.keeper.drop(session.id)
+
+    async def wake(self, session: Session) -> None:
+        """Bring a hibernated session back to ready on this worker, from its snapshot if needed."""
+        async with session.op_lock:
+            if session.status != S.HIBERNATED:
+                return
+            if session.id not in self.keeper.held:
+                token = await self.durable.acquire(session.id, floor=session.fencing_token)
+                if token is None:
+                    raise NotOwner(f"session {session.id} is driven by another worker")
+                session.fencing_token = token
+                self.keeper.hold(session.id, token)
+            session.transition(S.STARTING, Reason.WAKE)
+            session.mark("requested_at_ms")
+            try:
+                await self._materialize_profile(session)
+            except SnapshotInvalid as exc:
+                log.error("%s: %s", session.id, exc)
+                self._end(session, S.FAILED, Reason.CLIENT_FATAL)
+                await self._write(session)
+                return
+            self._restore(session)
+            await self._write(session)
+
+    async def _materialize_profile(self, session: Session) -> None:
+        profile: Path = self.launcher.profile_dir(session.profile_id)
+        if _has_files(profile):
+            return
+        if self.snapshot_key is None:
+            raise SnapshotInvalid("no local profile and snapshots are disabled (WALINK_SNAPSHOT_KEY unset)")
+        blob = await self.store.get_snapshot(session.id)
+        if blob is None:
+            raise SnapshotInvalid(f"no snapshot stored for {session.id}")
+        shutil.rmtree(profile, ignore_errors=True)
+        await snapshot.unpack_profile_async(blob, profile, key=self.snapshot_key, session_id=session.id)
+
+    # ------------------------------------------------------------------ restore on start, shutdown
+    async def restore_all(self) -> int:
+        """Take back this worker's sessions: ``ready`` ones come back from their profiles (or
+        snapshots) without a QR; linkings whose QR died with the process get a fresh QR."""
+        restored = 0
+        for rec in await self.store.sessions_owned_by(self.name):
+            status = S(rec["status"])
+            if status in ENDED or status == S.HIBERNATED:
+                continue
+            try:
+                session = await self._take_over(rec)
+            except NotOwner:
+                continue
+            if status == S.READY or (status in {S.STARTING, S.AUTHENTICATED} and session.phone_number):
                 if session.status != S.STARTING:
                     session.transition(S.STARTING, Reason.RESTORING)
                 session.mark("requested_at_ms")
+                try:
+                    await self._materialize_profile(session)
+                except SnapshotInvalid as exc:
+                    log.error("%s: cannot restore: %s", session.id, exc)
+                    self._end(session, S.FAILED, Reason.CLIENT_FATAL)
+                    await self._write(session)
+                    continue
                 self._restore(session)
                 restored += 1
-            elif session.status in LINKING:
-                # the QR died with the previous process: start a fresh link for the same session
-                shutil.rmtree(profile, ignore_errors=True)
+            else:
+                shutil.rmtree(self.launcher.profile_dir(session.profile_id), ignore_errors=True)
                 session.profile_id = new_profile_id()
+                self._reset_link_state(session)
                 session.transition(S.STARTING, Reason.RESTART)
                 session.mark("requested_at_ms")
                 self._start_link(session)
-            self._save(session)
+            await self._write(session)
         return restored
 
     async def close(self) -> None:
-        """Stop: no new work, end every browser (profiles and sidecars stay for the next start)."""
+        """Stop: no new work, end every browser, snapshot ready sessions, free their leases."""
         self.closing = True
-        for timer in self._timers.values():
+        for timer in [*self._timers.values(), *self._idle_timers.values()]:
             timer.cancel()
         self._timers.clear()
+        self._idle_timers.clear()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         sessions = list(self.sessions.values())
         await asyncio.gather(*(self._end_browser(s, wipe=False) for s in sessions), return_exceptions=True)
+        await asyncio.gather(*(self._handover(s) for s in sessions), return_exceptions=True)
         for session in sessions:
             session.close_subscribers()
 
+    async def _handover(self, session: Session) -> None:
+        if session.status != S.READY:
+            return
+        with contextlib.suppress(WalinkError, *DB_ERRORS):
+            if self.snapshot_key is not None:
+                profile = self.launcher.profile_dir(session.profile_id)
+                blob = await snapshot.pack_profile_async(
+                    profile, key=self.snapshot_key, session_id=session.id
+                )
+                await self.store.put_snapshot(session.id, blob, token=session.fencing_token)
+        await self.durable.release(session.id)
+
     async def settle(self) -> None:
-        """Until the background work running now (browser ends, restarts) has finished."""
+        """Until the background work running now (writes, browser ends, restarts) has finished."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -472,14 +796,12 @@ class SessionManager:
         by_status: dict[str, int] = {}
         for s in self.sessions.values():
             by_status[s.status.value] = by_status.get(s.status.value, 0) + 1
+        authenticated = {S.AUTHENTICATED, S.PASSKEY_REQUIRED, S.READY}
         return {
             "active": sum(1 for s in self.sessions.values() if s.slot is not None),
-            "authenticated": sum(
-                1
-                for s in self.sessions.values()
-                if s.status in {S.AUTHENTICATED, S.PASSKEY_REQUIRED, S.READY}
-            ),
+            "authenticated": sum(1 for s in self.sessions.values() if s.status in authenticated),
             "qr_scanning": by_status.get(S.QR.value, 0),
+            "hibernated": by_status.get(S.HIBERNATED.value, 0),
             "by_status": by_status,
         }
 
@@ -497,10 +819,6 @@ class SessionManager:
         return [s.slot for s in self.sessions.values() if s.slot is not None]
 
     # ------------------------------------------------------------------ helpers
-    def _save(self, session: Session) -> None:
-        if session.status != S.DELETED:
-            self.store.save(session.record())
-
     def _spawn(self, session: Session, coro: Coroutine[Any, Any, Any], *, cancel_on_end: bool = True) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -543,6 +861,10 @@ class SessionManager:
         timer = self._timers.pop(session.id, None)
         if timer is not None:
             timer.cancel()
+
+
+def _has_files(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
 
 
 async def close_with_deadline(manager: SessionManager, deadline_s: float) -> None:

@@ -1,30 +1,40 @@
-"""Server-sent events for one session: backlog since ``Last-Event-ID``, then live events."""
+"""Server-sent events for one session: the backlog since ``Last-Event-ID``, then live events.
+
+On the worker that drives the session, live events come from memory right after commit. On any
+other process they come from Redis pub/sub (a hint) and, at every keep-alive, from the outbox
+(the record), so a missed publish costs at most one keep-alive period and never an event.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from shared.models import EventType, SessionEvent
+from shared import outbox
+from shared.models import EventType, SessionEvent, sse_name
 from worker.session import Session
 
 
-def _frame(event: SessionEvent) -> bytes:
+def frame(event: SessionEvent) -> bytes:
     return (
         b"id: "
         + str(event.seq).encode()
         + b"\nevent: "
-        + event.type.value.encode()
+        + sse_name(event.type).encode()
         + b"\ndata: "
         + orjson.dumps(event.to_dict())
         + b"\n\n"
     )
 
 
-def _last_event_id(request: web.Request) -> int | None:
+def last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("after")
     if raw is None:
         return None
@@ -34,7 +44,14 @@ def _last_event_id(request: web.Request) -> int | None:
         return None
 
 
-async def stream(request: web.Request, session: Session, *, keepalive_s: float) -> web.StreamResponse:
+def present(events: list[SessionEvent], status: str | None) -> list[SessionEvent]:
+    """What a new listener needs: the latest status and, while linking, the latest QR."""
+    latest_status = [e for e in events if e.type == EventType.STATUS][-1:]
+    latest_qr = [e for e in events if e.type == EventType.QR][-1:] if status == "qr" else []
+    return sorted(latest_status + latest_qr, key=lambda e: e.seq)
+
+
+async def _open(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -42,40 +59,151 @@ async def stream(request: web.Request, session: Session, *, keepalive_s: float) 
             "X-Accel-Buffering": "no",
         }
     )
+    await response.prepare(request)
+    await response.write(b"retry: 1000\n\n")
+    return response
+
+
+async def stream_local(
+    request: web.Request, session: Session, pool: Any, *, keepalive_s: float
+) -> web.StreamResponse:
     queue = session.subscribe()
+    response: web.StreamResponse | None = None
     try:
-        await response.prepare(request)
-        after = _last_event_id(request)
-        if after is not None:
-            backlog = session.events_after(after)
+        response = await _open(request)
+        after = last_event_id(request)
+        if after is None:
+            backlog = present(list(session.events), session.status.value)
         else:
-            # a new listener gets the present: the status and, while linking, the current QR
-            backlog = [e for e in session.events if e.type == EventType.STATUS][-1:]
-            if session.qr is not None:
-                backlog += [e for e in session.events if e.type == EventType.QR][-1:]
-        sent = 0
-        await response.write(b"retry: 1000\n\n")
-        for old in backlog:
-            await response.write(_frame(old))
-            sent = old.seq
+            memory = session.backlog_after(after)
+            if memory is None:
+                memory = [
+                    _committed(e)
+                    for e in await outbox.session_events_after(pool, session_id=session.id, after_seq=after)
+                ]
+            backlog = memory
+        sent = after or 0
+        for event in backlog:
+            await response.write(frame(event))
+            sent = max(sent, event.seq)
         while True:
             try:
-                event: SessionEvent | None = await asyncio.wait_for(queue.get(), keepalive_s)
+                item = await asyncio.wait_for(queue.get(), keepalive_s)
             except TimeoutError:
                 if queue not in session.subscribers:
                     break
                 await response.write(b": keepalive\n\n")
                 continue
-            if event is None:
+            if item is None:
                 break
-            if event.seq <= sent:
+            if item.seq <= sent:
                 continue
-            await response.write(_frame(event))
-            sent = event.seq
+            await response.write(frame(item))
+            sent = item.seq
     except ConnectionResetError:
-        return response
+        pass
     finally:
         session.unsubscribe(queue)
+    if response is not None:
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            await response.write_eof()
+        return response
+    return web.Response(status=204)
+
+
+def _committed(ev: outbox.OutboxEvent) -> SessionEvent:
+    data = dict(ev.payload.get("data") or {})
+    return SessionEvent(
+        ev.seq,
+        ev.type,
+        {"session_id": ev.session_id, **data},
+        at_ms=int(ev.payload.get("occurred_at_ms") or ev.created_at_ms),
+        event_id=ev.event_id,
+    )
+
+
+async def _pubsub(redis: aioredis.Redis, channel: str) -> AsyncGenerator[SessionEvent | None, None]:
+    """Live events from Redis; yields None when Redis is unreachable (the caller uses the outbox)."""
+    try:
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(channel)
+    except (RedisError, OSError):
+        while True:
+            yield None
+    try:
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except (RedisError, OSError):
+                yield None
+                continue
+            if message is None:
+                yield None
+                continue
+            data = orjson.loads(message["data"])
+            kind = str(data.pop("type"))
+            seq = int(data.pop("seq"))
+            at_ms = int(data.pop("at_ms", 0))
+            event_id = str(data.pop("event_id", ""))
+            yield SessionEvent(seq, kind, data, at_ms=at_ms, event_id=event_id)
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def stream_remote(
+    request: web.Request,
+    session_id: str,
+    status: str,
+    pool: Any,
+    redis: aioredis.Redis,
+    channel: str,
+    *,
+    keepalive_s: float,
+) -> web.StreamResponse:
+    """The stream of a session driven by another process."""
+    response = await _open(request)
+    live = _pubsub(redis, channel)
+    after = last_event_id(request)
+    try:
+        if after is None:
+            history = await outbox.session_events_after(pool, session_id=session_id, after_seq=0, limit=5000)
+            backlog = present([_committed(e) for e in history], status)
+            sent = history[-1].seq if history else 0
+        else:
+            backlog = [
+                _committed(e)
+                for e in await outbox.session_events_after(pool, session_id=session_id, after_seq=after)
+            ]
+            sent = after
+        for event in backlog:
+            await response.write(frame(event))
+        sent = max([sent, *(e.seq for e in backlog)])
+        quiet_s = 0.0
+        async for item in live:
+            if item is None:
+                quiet_s += 1.0
+                if quiet_s < keepalive_s:
+                    continue
+                quiet_s = 0.0
+                # the record: anything pub/sub did not bring
+                for ev in await outbox.session_events_after(pool, session_id=session_id, after_seq=sent):
+                    await response.write(frame(_committed(ev)))
+                    sent = ev.seq
+                await response.write(b": keepalive\n\n")
+                continue
+            if item.seq <= sent:
+                continue
+            if item.seq > sent + 1:  # a gap: fill it from the outbox first
+                for ev in await outbox.session_events_after(pool, session_id=session_id, after_seq=sent):
+                    if ev.seq < item.seq:
+                        await response.write(frame(_committed(ev)))
+            await response.write(frame(item))
+            sent = item.seq
+    except ConnectionResetError:
+        pass
+    finally:
+        await live.aclose()
     with contextlib.suppress(ConnectionResetError, RuntimeError):
         await response.write_eof()
     return response

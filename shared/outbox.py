@@ -1,0 +1,678 @@
+"""The event outbox: events written with the state change, then delivered to webhooks at least once.
+
+Writing: :func:`enqueue` runs on the caller's connection, inside the transaction that changes the
+session, so an event exists if and only if its state change committed. It takes the session's next
+``seq`` from ``whatsapp_accounts.last_seq`` (the row lock serialises a session's writers, so commit
+order is ``seq`` order). :func:`notify` wakes the dispatchers (``NOTIFY`` is delivered at commit, so
+it may be sent inside the transaction or after it).
+
+Delivering: :class:`WebhookDispatcher` claims due events with ``FOR UPDATE SKIP LOCKED`` in a
+one-statement transaction (``claimed_by``/``claimed_until``), POSTs them outside any transaction and
+records each attempt. Only the lowest pending ``seq`` of a session can be claimed, so a session's
+events go out strictly in order and never two at once, while different sessions go in parallel.
+A failed attempt is retried after full-jitter exponential backoff; after ``max_attempts`` the event
+is dead-lettered (``state='dead'``), which unblocks the session's later events, and
+:meth:`WebhookDispatcher.replay` puts it back. A dispatcher that dies leaves claims that expire after
+``claim_ttl_s``; another one takes them over. A result is only written while the claim is still
+ours, so a dispatcher that lost its claim cannot overwrite the new owner's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import aiohttp
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from shared.errors import BadRequest, WalinkError
+from shared.models import now_ms
+from shared.webhooks import build_payload, delivery_headers
+
+log = logging.getLogger("walink.webhooks")
+
+CHANNEL = "walink_outbox"
+MIN_RETRY_DELAY_S = 0.05  # the floor of a retry's backoff
+MIN_IDLE_WAIT_S = 0.05  # the floor of an idle wait, so a race can never turn the loop into a spin
+ERROR_BACKOFF_MAX_S = 5.0  # run(): the longest pause after Postgres or the network failed
+_EXPECTED_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_SNIPPET_BYTES = 300  # how much of a refusing receiver's body is kept in last_error
+
+Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
+
+_EVENT_COLUMNS = """
+    id, event_id::text AS event_id, workspace_id, session_id, seq, type, payload::text AS payload,
+    webhook_url, state, attempts, (extract(epoch FROM created_at) * 1000)::bigint AS created_at_ms
+"""
+_SELECT_EVENTS = "SELECT" + _EVENT_COLUMNS + "FROM outbox"
+
+_INSERT_SQL = """
+INSERT INTO outbox (event_id, workspace_id, session_id, seq, type, payload, webhook_url, state)
+VALUES ($1::uuid, $2, $3, $4, $5, $6::text::jsonb, $7, $8)
+RETURNING id, event_id::text AS event_id, workspace_id, session_id, seq, type, payload::text AS payload,
+    webhook_url, state, attempts, (extract(epoch FROM created_at) * 1000)::bigint AS created_at_ms
+"""
+
+# the lowest pending seq of its session (nothing earlier of the same session is still pending) is
+# the only claimable event of that session: strict per-session order, never two at once
+_CLAIM_SQL = """
+WITH due AS (
+    SELECT o.id FROM outbox o
+    WHERE o.state = 'pending'
+      AND o.next_attempt_at <= now()
+      AND (o.claimed_until IS NULL OR o.claimed_until < now())
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox e
+          WHERE e.session_id = o.session_id AND e.state = 'pending' AND e.seq < o.seq
+      )
+    ORDER BY o.next_attempt_at, o.id
+    LIMIT $3
+    FOR UPDATE OF o SKIP LOCKED
+)
+UPDATE outbox o
+SET claimed_by = $1, claimed_until = now() + $2 * interval '1 second'
+FROM due
+WHERE o.id = due.id
+RETURNING o.id, o.event_id::text AS event_id, o.workspace_id, o.session_id, o.seq, o.type,
+    o.payload::text AS payload, o.webhook_url, o.state, o.attempts,
+    (extract(epoch FROM o.created_at) * 1000)::bigint AS created_at_ms,
+    (SELECT w.webhook_secret FROM workspaces w WHERE w.id = o.workspace_id) AS secret
+"""
+
+# seconds until the next event becomes claimable (negative: already due); NULL: nothing pending
+_NEXT_DUE_SQL = """
+SELECT extract(epoch FROM min(greatest(o.next_attempt_at, coalesce(o.claimed_until, o.next_attempt_at)))
+               - clock_timestamp())::float8
+FROM outbox o
+WHERE o.state = 'pending' AND NOT EXISTS (
+    SELECT 1 FROM outbox e
+    WHERE e.session_id = o.session_id AND e.state = 'pending' AND e.seq < o.seq
+)
+"""
+
+_DELIVERED_SQL = """
+UPDATE outbox
+SET state = 'delivered', delivered_at = now(), attempts = attempts + 1, last_error = NULL,
+    claimed_by = NULL, claimed_until = NULL
+WHERE id = $1 AND claimed_by = $2 AND state = 'pending'
+RETURNING state
+"""
+
+_FAILED_SQL = """
+UPDATE outbox
+SET attempts = attempts + 1,
+    state = CASE WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END,
+    next_attempt_at = CASE WHEN attempts + 1 >= $3 THEN next_attempt_at
+                           ELSE now() + $4 * interval '1 second' END,
+    last_error = $5, claimed_by = NULL, claimed_until = NULL
+WHERE id = $1 AND claimed_by = $2 AND state = 'pending'
+RETURNING state
+"""
+
+# attempt: 1, 2, 3... over the event's whole life (a replay goes on counting, unlike outbox.attempts)
+_ATTEMPT_SQL = """
+INSERT INTO delivery_attempts (event_id, attempt, worker, status_code, error, duration_ms)
+VALUES ($1::uuid, (SELECT count(*) + 1 FROM delivery_attempts WHERE event_id = $1::uuid), $2, $3, $4, $5)
+"""
+
+_RELEASE_SQL = """
+UPDATE outbox SET claimed_by = NULL, claimed_until = NULL
+WHERE id = ANY($1::bigint[]) AND claimed_by = $2 AND state = 'pending'
+"""
+
+
+class InvalidDispatcherConfig(WalinkError, ValueError):
+    code = "invalid_dispatcher_config"
+
+
+class DispatcherRunning(WalinkError, RuntimeError):
+    """``run()`` was called on a dispatcher whose loop already runs (or that was closed)."""
+
+    code = "dispatcher_running"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    id: int
+    event_id: str
+    workspace_id: str
+    session_id: str
+    seq: int
+    type: str
+    payload: dict[str, Any]
+    webhook_url: str | None
+    state: str
+    attempts: int
+    created_at_ms: int
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> OutboxEvent:
+        raw = record["payload"]
+        payload: dict[str, Any] = orjson.loads(raw) if isinstance(raw, str | bytes) else dict(raw)
+        return cls(
+            id=int(record["id"]),
+            event_id=str(record["event_id"]),
+            workspace_id=str(record["workspace_id"]),
+            session_id=str(record["session_id"]),
+            seq=int(record["seq"]),
+            type=str(record["type"]),
+            payload=payload,
+            webhook_url=record["webhook_url"],
+            state=str(record["state"]),
+            attempts=int(record["attempts"]),
+            created_at_ms=int(record["created_at_ms"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shape of ``GET /v1/events`` items."""
+        return {
+            "id": self.id,
+            "event_id": self.event_id,
+            "session_id": self.session_id,
+            "seq": self.seq,
+            "type": self.type,
+            "state": self.state,
+            "attempts": self.attempts,
+            "payload": self.payload,
+            "created_at_ms": self.created_at_ms,
+        }
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+async def _next_seq(conn: Conn, session_id: str) -> int:
+    # greatest(...): a session whose events were written before its account row existed keeps counting
+    seq = await conn.fetchval(
+        "UPDATE whatsapp_accounts"
+        " SET last_seq = greatest(last_seq, (SELECT coalesce(max(seq), 0) FROM outbox WHERE session_id = $1))"
+        " + 1"
+        " WHERE id = $1 RETURNING last_seq",
+        session_id,
+    )
+    if seq is None:
+        # no account row (tests, tools): serialise this session's writers with a transaction lock
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "walink.outbox:" + session_id
+        )
+        seq = await conn.fetchval(
+            "SELECT coalesce(max(seq), 0) + 1 FROM outbox WHERE session_id = $1", session_id
+        )
+    return int(seq)
+
+
+async def _insert(
+    conn: Conn,
+    *,
+    workspace_id: str,
+    session_id: str,
+    type: str,
+    data: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    webhook_url: str | None,
+    occurred_at_ms: int | None,
+) -> OutboxEvent:
+    seq = await _next_seq(conn, session_id)
+    event_id = str(uuid.uuid4())
+    payload = build_payload(
+        event_id=event_id,
+        type=type,
+        seq=seq,
+        session_id=session_id,
+        workspace_id=workspace_id,
+        occurred_at_ms=now_ms() if occurred_at_ms is None else occurred_at_ms,
+        metadata=metadata,
+        data=data,
+    )
+    record = await conn.fetchrow(
+        _INSERT_SQL,
+        event_id,
+        workspace_id,
+        session_id,
+        seq,
+        type,
+        orjson.dumps(payload).decode(),
+        webhook_url,
+        "pending" if webhook_url else "skipped",
+    )
+    assert record is not None
+    return OutboxEvent.from_record(record)
+
+
+async def enqueue(
+    conn: Conn,
+    *,
+    workspace_id: str,
+    session_id: str,
+    type: str,
+    data: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    webhook_url: str | None,
+    occurred_at_ms: int | None = None,
+) -> OutboxEvent:
+    """Write one event (call it inside the transaction of the state change it reports).
+
+    ``webhook_url`` None (or empty) writes the event as ``skipped``: it is kept for ``GET /v1/events``
+    and SSE resume but never POSTed. Outside a transaction the seq bump and the insert get their own.
+    """
+    fields: dict[str, Any] = {
+        "workspace_id": workspace_id,
+        "session_id": session_id,
+        "type": type,
+        "data": data,
+        "metadata": metadata,
+        "webhook_url": webhook_url,
+        "occurred_at_ms": occurred_at_ms,
+    }
+    if conn.is_in_transaction():
+        return await _insert(conn, **fields)
+    async with conn.transaction():
+        return await _insert(conn, **fields)
+
+
+async def notify(conn: Conn) -> None:
+    """Wake the dispatchers (delivered at commit when sent inside a transaction)."""
+    await conn.execute(f"NOTIFY {CHANNEL}")
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _clamp_limit(limit: int, maximum: int) -> int:
+    return max(1, min(int(limit), maximum))
+
+
+async def events_after(
+    pool: asyncpg.Pool, *, workspace_id: str, after_id: int, limit: int = 100
+) -> list[dict[str, Any]]:
+    """A workspace's events with ``id > after_id`` in id order (``GET /v1/events?after=``)."""
+    rows = await pool.fetch(
+        _SELECT_EVENTS + " WHERE workspace_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        workspace_id,
+        int(after_id),
+        _clamp_limit(limit, 1000),
+    )
+    return [OutboxEvent.from_record(r).to_dict() for r in rows]
+
+
+async def session_events_after(
+    pool: asyncpg.Pool, *, session_id: str, after_seq: int, limit: int = 500
+) -> list[OutboxEvent]:
+    """A session's events with ``seq > after_seq`` in seq order (SSE ``Last-Event-ID`` resume)."""
+    rows = await pool.fetch(
+        _SELECT_EVENTS + " WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        session_id,
+        int(after_seq),
+        _clamp_limit(limit, 5000),
+    )
+    return [OutboxEvent.from_record(r) for r in rows]
+
+
+def _check_event_ids(event_ids: Iterable[str]) -> list[str]:
+    checked: list[str] = []
+    for value in event_ids:
+        try:
+            checked.append(str(uuid.UUID(str(value))))
+        except ValueError:
+            raise BadRequest(f"not an event id: {str(value)[:64]!r}") from None
+    return checked
+
+
+async def delivery_log(pool: asyncpg.Pool, event_id: str) -> list[dict[str, Any]]:
+    """Every delivery attempt of an event, oldest first."""
+    (checked,) = _check_event_ids([event_id])
+    rows = await pool.fetch(
+        "SELECT attempt, (extract(epoch FROM at) * 1000)::bigint AS at_ms, worker, status_code, error,"
+        " duration_ms FROM delivery_attempts WHERE event_id = $1::uuid ORDER BY id",
+        checked,
+    )
+    return [dict(r) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------- delivering
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    event: OutboxEvent
+    secret: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+    detail: str  # for last_error and logs
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class WebhookDispatcher:
+    """Delivers the outbox. Any number may run at once, in one process or many."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        http: aiohttp.ClientSession,
+        *,
+        worker_name: str,
+        attempt_timeout_s: float = 5.0,
+        max_attempts: int = 8,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 300.0,
+        claim_ttl_s: float = 30.0,
+        batch_size: int = 32,
+        idle_wait_s: float = 5.0,
+    ) -> None:
+        if attempt_timeout_s <= 0 or claim_ttl_s <= attempt_timeout_s:
+            # a claim must outlive the attempt, or another dispatcher could start a second POST
+            raise InvalidDispatcherConfig("need 0 < attempt_timeout_s < claim_ttl_s")
+        if max_attempts < 1 or batch_size < 1 or idle_wait_s <= 0 or backoff_base_s < 0 or backoff_max_s < 0:
+            raise InvalidDispatcherConfig(
+                "max_attempts and batch_size must be >= 1, idle_wait_s > 0, backoffs >= 0"
+            )
+        self.pool = pool
+        self.http = http
+        self.worker_name = worker_name
+        # claimed_by: the worker's name plus an instance tag, so two dispatchers never share a claim
+        self.claim_id = f"{worker_name}:{uuid.uuid4().hex[:8]}"
+        self.attempt_timeout_s = attempt_timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.claim_ttl_s = claim_ttl_s
+        self.batch_size = batch_size
+        self.idle_wait_s = idle_wait_s
+        self.idle = asyncio.Event()  # set while run() waits for work (tests and health checks read it)
+        self._wake = asyncio.Event()
+        self._listen_conn: PoolConnectionProxy | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def is_listening(self) -> bool:
+        """True while run() holds its LISTEN connection (taken from the pool)."""
+        return self._listen_conn is not None
+
+    def retry_delay_s(self, attempts: int) -> float:
+        """Full-jitter exponential backoff after the ``attempts``-th failed attempt."""
+        exponent = min(max(0, attempts - 1), 60)  # bounded: 2**1100 would not fit in a float
+        cap_s = min(self.backoff_max_s, self.backoff_base_s * 2**exponent)
+        return max(MIN_RETRY_DELAY_S, random.uniform(0, cap_s))
+
+    # ----------------------------------------------------------------------------------------- one pass
+
+    async def _claim(self) -> list[_Claimed]:
+        rows = await self.pool.fetch(_CLAIM_SQL, self.claim_id, self.claim_ttl_s, self.batch_size)
+        return [_Claimed(OutboxEvent.from_record(r), r["secret"]) for r in rows]
+
+    async def deliver_due(self) -> int:
+        """Claim due events, POST them (sessions in parallel), record the outcomes; returns attempts made."""
+        claimed = await self._claim()
+        if not claimed:
+            return 0
+        unfinished = {c.event.id for c in claimed}  # claimed, outcome not written yet
+        try:
+            results = await asyncio.gather(
+                *(self._deliver(c, unfinished) for c in claimed), return_exceptions=True
+            )
+        except asyncio.CancelledError:
+            # shutting down: hand the unfinished events to the next dispatcher now, not after the TTL
+            await self._release(unfinished)
+            raise
+        errors: list[BaseException] = []
+        attempts = 0
+        for claim, result in zip(claimed, results, strict=True):
+            if isinstance(result, BaseException):
+                errors.append(result)
+                log.error(
+                    "webhook %s (session %s seq %d): delivery broke off: %s: %s",
+                    claim.event.event_id,
+                    claim.event.session_id,
+                    claim.event.seq,
+                    type(result).__name__,
+                    result,
+                )
+            else:
+                attempts += result
+        if errors:
+            await self._release(unfinished)
+            if not attempts:
+                raise errors[0]  # nothing could be done (Postgres down?): let run() back off
+        return attempts
+
+    async def _release(self, ids: set[int]) -> None:
+        """Best effort: give back claims whose outcome was not written (they expire anyway)."""
+        if not ids:
+            return
+        try:
+            await asyncio.wait_for(self.pool.execute(_RELEASE_SQL, list(ids), self.claim_id), 2.0)
+        except Exception as exc:
+            log.warning("releasing %d webhook claims: %s: %s", len(ids), type(exc).__name__, exc)
+
+    async def _post(self, claim: _Claimed) -> _Outcome:
+        event = claim.event
+        started = time.perf_counter()
+
+        def elapsed_ms() -> int:
+            return int((time.perf_counter() - started) * 1000)
+
+        if not claim.secret:
+            return _Outcome(None, "workspace has no webhook secret", 0, "workspace has no webhook secret")
+        assert event.webhook_url is not None  # a pending event always has a URL
+        body = orjson.dumps(event.payload)
+        headers = delivery_headers(
+            secret=claim.secret, body=body, event_type=event.type, event_id=event.event_id
+        )
+        try:
+            async with self.http.post(
+                event.webhook_url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.attempt_timeout_s),
+                allow_redirects=False,  # a redirect is a failure: the signed body goes to one place only
+            ) as resp:
+                status = resp.status
+                snippet = b"" if 200 <= status < 300 else await resp.content.read(_SNIPPET_BYTES)
+        except TimeoutError:
+            error = f"timeout after {self.attempt_timeout_s:g} s"
+            return _Outcome(None, error, elapsed_ms(), error)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # the receiver's side: a failed attempt
+            # (a local fault such as a closed ClientSession propagates instead: it must not burn the
+            # event's retry budget, and deliver_due() hands the claim back)
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            return _Outcome(None, error, elapsed_ms(), error)
+        detail = f"HTTP {status}"
+        if snippet:
+            detail += ": " + snippet.decode("utf-8", "replace")
+        return _Outcome(status, None, elapsed_ms(), detail)
+
+    async def _deliver(self, claim: _Claimed, unfinished: set[int]) -> int:
+        event = claim.event
+        outcome = await self._post(claim)
+        attempt = event.attempts + 1
+        async with self.pool.acquire() as conn, conn.transaction():
+            if outcome.ok:
+                state = await conn.fetchval(_DELIVERED_SQL, event.id, self.claim_id)
+            else:
+                state = await conn.fetchval(
+                    _FAILED_SQL,
+                    event.id,
+                    self.claim_id,
+                    self.max_attempts,
+                    self.retry_delay_s(attempt),
+                    outcome.detail,
+                )
+            await conn.execute(
+                _ATTEMPT_SQL,
+                event.event_id,
+                self.worker_name,
+                outcome.status_code,
+                outcome.error,
+                outcome.duration_ms,
+            )
+        unfinished.discard(event.id)
+        if state is None:
+            log.warning(
+                "webhook %s (session %s seq %d): claim lost before the result was written (%s)",
+                event.event_id,
+                event.session_id,
+                event.seq,
+                outcome.detail,
+            )
+        elif state == "delivered":
+            log.debug(
+                "webhook %s %s session %s seq %d delivered in %d ms",
+                event.event_id,
+                event.type,
+                event.session_id,
+                event.seq,
+                outcome.duration_ms,
+            )
+        elif state == "dead":
+            log.error(
+                "webhook %s %s session %s seq %d dead-lettered after %d attempts: %s",
+                event.event_id,
+                event.type,
+                event.session_id,
+                event.seq,
+                attempt,
+                outcome.detail,
+            )
+        else:
+            log.warning(
+                "webhook %s session %s seq %d attempt %d failed: %s",
+                event.event_id,
+                event.session_id,
+                event.seq,
+                attempt,
+                outcome.detail,
+            )
+        return 1
+
+    # ----------------------------------------------------------------------------------------- the loop
+
+    def _on_notify(self, con_ref: object, pid: int, channel: str, payload: object, /) -> None:
+        self._wake.set()
+
+    def _on_terminate(self, con_ref: object, /) -> None:
+        self._wake.set()  # the loop notices the closed connection and listens again
+
+    async def _listen(self) -> None:
+        if self._listen_conn is not None and not self._listen_conn.is_closed():
+            return
+        await self._unlisten()
+        conn = await self.pool.acquire()
+        try:
+            await conn.add_listener(CHANNEL, self._on_notify)
+            conn.add_termination_listener(self._on_terminate)
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        self._listen_conn = conn
+
+    async def _unlisten(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is None:
+            return
+        try:
+            conn.remove_termination_listener(self._on_terminate)
+            if not conn.is_closed():
+                await asyncio.wait_for(conn.remove_listener(CHANNEL, self._on_notify), 2.0)
+            await asyncio.wait_for(self.pool.release(conn), 2.0)
+        except Exception as exc:
+            log.warning("closing the outbox listener connection: %s: %s", type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                conn.terminate()
+                await self.pool.release(conn)
+
+    async def next_due_in_s(self) -> float | None:
+        """Seconds until an event becomes claimable (<= 0: now); None when nothing is pending."""
+        value = await self.pool.fetchval(_NEXT_DUE_SQL)
+        return None if value is None else float(value)
+
+    async def wait_for_work(self) -> None:
+        """Sleep until a NOTIFY, the next due event, or ``idle_wait_s``, whichever comes first."""
+        due_in_s = await self.next_due_in_s()
+        wait_s = self.idle_wait_s if due_in_s is None else min(self.idle_wait_s, due_in_s)
+        wait_s = max(MIN_IDLE_WAIT_S, wait_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), wait_s)
+
+    async def run(self) -> None:
+        """Deliver until cancelled (or :meth:`close`). Errors are logged and retried, never fatal."""
+        if self._closed or (self._run_task is not None and not self._run_task.done()):
+            raise DispatcherRunning("this dispatcher is closed or its loop already runs")
+        self._run_task = asyncio.current_task()
+        failures = 0
+        log.info("webhook dispatcher %s started", self.claim_id)
+        try:
+            while True:
+                try:
+                    await self._listen()  # before the pass, so no NOTIFY of a later commit is missed
+                    self._wake.clear()
+                    self.idle.clear()
+                    if await self.deliver_due():
+                        failures = 0
+                        continue
+                    failures = 0
+                    self.idle.set()
+                    await self.wait_for_work()
+                except Exception as exc:  # Postgres or the network failed: log, back off, go on
+                    failures += 1
+                    pause_s = random.uniform(0.5, 1.0) * min(ERROR_BACKOFF_MAX_S, 0.1 * 2**failures)
+                    log.warning(
+                        "webhook dispatcher %s: %s: %s; retrying in %.2f s",
+                        self.claim_id,
+                        type(exc).__name__,
+                        exc,
+                        pause_s,
+                        exc_info=not isinstance(exc, _EXPECTED_ERRORS),
+                    )
+                    await self._unlisten()
+                    await asyncio.sleep(pause_s)
+        finally:
+            self.idle.clear()
+            await self._unlisten()
+            log.info("webhook dispatcher %s stopped", self.claim_id)
+
+    async def close(self) -> None:
+        """Stop the loop (if running) and give the listener connection back to the pool."""
+        self._closed = True
+        task = self._run_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        await self._unlisten()
+
+    # ----------------------------------------------------------------------------------------- operations
+
+    async def replay(self, *, workspace_id: str | None = None, event_ids: list[str] | None = None) -> int:
+        """Dead-lettered events (optionally only these) back to pending, due now; returns how many."""
+        ids = None if event_ids is None else _check_event_ids(event_ids)
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(),"
+                " claimed_by = NULL, claimed_until = NULL, last_error = NULL"
+                " WHERE state = 'dead' AND webhook_url IS NOT NULL"
+                " AND ($1::text IS NULL OR workspace_id = $1)"
+                " AND ($2::uuid[] IS NULL OR event_id = ANY($2::uuid[]))"
+                " RETURNING id",
+                workspace_id,
+                ids,
+            )
+            if rows:
+                await notify(conn)
+        log.info("replayed %d dead webhook events (workspace %s)", len(rows), workspace_id or "*")
+        return len(rows)

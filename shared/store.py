@@ -1,0 +1,359 @@
+"""Postgres, the source of truth: workspaces and API keys, accounts (sessions), snapshots.
+
+Every write by a worker carries its lease's fencing token; ``UPDATE … WHERE fencing_token <= $t``
+refuses a write from an owner that has been replaced (:class:`StaleOwner`). Events are written to
+the outbox in the same transaction as the state they describe, and published only after commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from shared import outbox
+from shared.errors import SessionExists, SessionNotFound, StaleOwner
+
+log = logging.getLogger("walink.store")
+
+# the seed's account status for each session state
+ACCOUNT_STATUS = {
+    "starting": "pending",
+    "qr": "pending",
+    "authenticated": "pending",
+    "passkey_required": "pending",
+    "ready": "connected",
+    "hibernated": "connected",
+    "logged_out": "disconnected",
+    "expired": "failed",
+    "failed": "failed",
+    "deleted": "disconnected",
+}
+
+# events that go to webhooks; the others (status) are for SSE only
+WEBHOOK_EVENTS = frozenset(
+    {"qr_code_generated", "session_authenticated", "session_ready", "session_disconnected", "session_failed"}
+)
+
+_SESSION_COLUMNS = (
+    "id, workspace_id, status, session_status, reason, phone_number, push_name, is_primary, label, "
+    "metadata, webhook_url, history, timings, profile_id, owner, fencing_token, last_seq, "
+    "deleted_at IS NOT NULL AS deleted"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    id: str
+    name: str
+    webhook_url: str | None
+    webhook_secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyResult:
+    is_primary: bool
+    replaced: list[str]
+    events: list[outbox.OutboxEvent]
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # ------------------------------------------------------------------ workspaces and keys
+    async def ensure_workspace(
+        self, workspace_id: str, *, name: str | None = None, webhook_url: str | None = None
+    ) -> Workspace:
+        row = await self.pool.fetchrow(
+            "INSERT INTO workspaces (id, name, webhook_url, webhook_secret) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id RETURNING id, name, webhook_url, webhook_secret",
+            workspace_id,
+            name or workspace_id,
+            webhook_url,
+            "whsec_" + secrets.token_urlsafe(24),
+        )
+        assert row is not None
+        return Workspace(row["id"], row["name"], row["webhook_url"], row["webhook_secret"])
+
+    async def create_workspace(self, name: str, *, webhook_url: str | None = None) -> Workspace:
+        return await self.ensure_workspace("w_" + secrets.token_hex(8), name=name, webhook_url=webhook_url)
+
+    async def set_webhook_url(self, workspace_id: str, webhook_url: str | None) -> None:
+        await self.pool.execute(
+            "UPDATE workspaces SET webhook_url = $2 WHERE id = $1", workspace_id, webhook_url
+        )
+
+    async def get_workspace(self, workspace_id: str) -> Workspace | None:
+        row = await self.pool.fetchrow(
+            "SELECT id, name, webhook_url, webhook_secret FROM workspaces WHERE id = $1", workspace_id
+        )
+        return Workspace(row["id"], row["name"], row["webhook_url"], row["webhook_secret"]) if row else None
+
+    async def create_api_key(self, workspace_id: str | None, *, admin: bool = False) -> str:
+        """A new API key, returned once in clear; only its SHA-256 is stored."""
+        key = ("wla_" if admin else "wlk_") + secrets.token_urlsafe(32)
+        await self.pool.execute(
+            "INSERT INTO api_keys (key_hash, prefix, workspace_id, is_admin) VALUES ($1, $2, $3, $4)",
+            hash_key(key),
+            key[:10],
+            workspace_id,
+            admin,
+        )
+        return key
+
+    async def key_scope(self, key: str) -> tuple[str | None, bool] | None:
+        """``(workspace_id, is_admin)`` of a live key, or None."""
+        row = await self.pool.fetchrow(
+            "SELECT workspace_id, is_admin FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+            hash_key(key),
+        )
+        return (row["workspace_id"], row["is_admin"]) if row else None
+
+    # ------------------------------------------------------------------ sessions
+    async def insert_session(self, rec: dict[str, Any], *, owner: str, token: int) -> None:
+        try:
+            await self.pool.execute(
+                "INSERT INTO whatsapp_accounts (id, workspace_id, session_status, reason, label, metadata,"
+                " webhook_url, history, timings, profile_id, owner, fencing_token, status)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+                rec["id"],
+                rec["workspace_id"],
+                rec["status"],
+                rec["reason"],
+                rec.get("label"),
+                _json(rec.get("metadata") or {}),
+                rec.get("webhook_url"),
+                _json(rec["history"]),
+                _json(rec["timings"]),
+                rec["profile_id"],
+                owner,
+                token,
+                ACCOUNT_STATUS[rec["status"]],
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise SessionExists(f"session {rec['id']} already exists") from exc
+
+    async def load_session(self, session_id: str) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_SESSION_COLUMNS} FROM whatsapp_accounts WHERE id = $1",  # noqa: S608 - constant
+            session_id,
+        )
+        return _record(row) if row else None
+
+    async def sessions_owned_by(self, owner: str) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM whatsapp_accounts WHERE owner = $1 AND deleted_at IS NULL",  # noqa: S608
+            owner,
+        )
+        return [_record(r) for r in rows]
+
+    async def list_accounts(
+        self, workspace_id: str, *, include_deleted: bool = False
+    ) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            f"SELECT {_SESSION_COLUMNS}, created_at, updated_at FROM whatsapp_accounts"  # noqa: S608
+            " WHERE workspace_id = $1"
+            + ("" if include_deleted else " AND deleted_at IS NULL")
+            + " ORDER BY created_at",
+            workspace_id,
+        )
+        return [_record(r) for r in rows]
+
+    async def save(
+        self,
+        rec: dict[str, Any],
+        *,
+        owner: str | None,
+        token: int,
+        events: list[NewEvent],
+        deleted: bool = False,
+    ) -> list[outbox.OutboxEvent]:
+        """Write the session's state and its events in one transaction (fenced)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._fenced_update(conn, rec, owner=owner, token=token, deleted=deleted)
+            written = await self._enqueue(conn, rec, events)
+        return written
+
+    async def mark_ready(
+        self, rec: dict[str, Any], *, owner: str, token: int, events: list[NewEvent]
+    ) -> ReadyResult:
+        """DESIGN step 4 in ONE transaction: connected + phone, older live duplicates soft-deleted
+        (the seed's cleanup query), primary when the workspace has none, events in the outbox."""
+        for attempt in range(3):
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    # one linking transaction at a time per workspace: the cleanup sees every commit
+                    await conn.execute(
+                        "SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE", rec["workspace_id"]
+                    )
+                    replaced = [
+                        r["id"]
+                        for r in await conn.fetch(
+                            "UPDATE whatsapp_accounts"
+                            " SET status = 'failed', phone_number = NULL, deleted_at = now(),"
+                            "     is_primary = false,"
+                            "     session_status = CASE WHEN session_status IN ('ready', 'hibernated')"
+                            "                      THEN 'failed' ELSE session_status END,"
+                            "     reason = 'replaced', updated_at = now()"
+                            " WHERE workspace_id = $1 AND phone_number = $2 AND id != $3"
+                            " AND deleted_at IS NULL"
+                            " RETURNING id",
+                            rec["workspace_id"],
+                            rec["phone_number"],
+                            rec["id"],
+                        )
+                    ]
+                    await self._fenced_update(conn, rec, owner=owner, token=token)
+                    is_primary = bool(
+                        await conn.fetchval(
+                            "UPDATE whatsapp_accounts SET is_primary = true WHERE id = $1 AND NOT EXISTS ("
+                            " SELECT 1 FROM whatsapp_accounts WHERE workspace_id = $2 AND is_primary"
+                            " AND deleted_at IS NULL) RETURNING true",
+                            rec["id"],
+                            rec["workspace_id"],
+                        )
+                    ) or bool(
+                        await conn.fetchval(
+                            "SELECT is_primary FROM whatsapp_accounts WHERE id = $1", rec["id"]
+                        )
+                    )
+                    ready_events = [
+                        NewEvent(e.type, {**e.data, "is_primary": is_primary, "replaced": replaced})
+                        if e.type == "session_ready"
+                        else e
+                        for e in events
+                    ]
+                    written = await self._enqueue(conn, rec, ready_events)
+                return ReadyResult(is_primary, replaced, written)
+            except asyncpg.UniqueViolationError:
+                if attempt == 2:
+                    raise
+                log.info("%s: concurrent link of the same phone; retrying the ready transaction", rec["id"])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fenced_update(
+        self,
+        conn: outbox.Conn,
+        rec: dict[str, Any],
+        *,
+        owner: str | None,
+        token: int,
+        deleted: bool = False,
+    ) -> None:
+        status = rec["status"]
+        done = await conn.fetchval(
+            "UPDATE whatsapp_accounts SET session_status = $2, status = $3, reason = $4, phone_number = $5,"
+            " push_name = $6, history = $7, timings = $8, profile_id = $9, owner = $10, fencing_token = $11,"
+            " label = $12, metadata = $13, webhook_url = $14, updated_at = now(),"
+            " deleted_at = CASE WHEN $15 THEN coalesce(deleted_at, now()) ELSE deleted_at END"
+            " WHERE id = $1 AND fencing_token <= $11 RETURNING true",
+            rec["id"],
+            status,
+            ACCOUNT_STATUS[status],
+            rec["reason"],
+            rec.get("phone_number"),
+            rec.get("push_name"),
+            _json(rec["history"]),
+            _json(rec["timings"]),
+            rec["profile_id"],
+            owner,
+            token,
+            rec.get("label"),
+            _json(rec.get("metadata") or {}),
+            rec.get("webhook_url"),
+            deleted,
+        )
+        if done:
+            return
+        current = await conn.fetchval("SELECT fencing_token FROM whatsapp_accounts WHERE id = $1", rec["id"])
+        if current is None:
+            raise SessionNotFound(f"no session {rec['id']}")
+        raise StaleOwner(f"session {rec['id']} has a newer owner (token {current} > {token}); write refused")
+
+    async def _enqueue(
+        self, conn: outbox.Conn, rec: dict[str, Any], events: list[NewEvent]
+    ) -> list[outbox.OutboxEvent]:
+        if not events:
+            return []
+        webhook_url = rec.get("webhook_url") or await conn.fetchval(
+            "SELECT webhook_url FROM workspaces WHERE id = $1", rec["workspace_id"]
+        )
+        written = []
+        for event in events:
+            written.append(
+                await outbox.enqueue(
+                    conn,
+                    workspace_id=rec["workspace_id"],
+                    session_id=rec["id"],
+                    type=event.type,
+                    data=event.data,
+                    metadata=rec.get("metadata") or {},
+                    webhook_url=webhook_url if event.type in WEBHOOK_EVENTS else None,
+                )
+            )
+        if any(e.webhook_url for e in written):
+            await outbox.notify(conn)
+        return written
+
+    # ------------------------------------------------------------------ snapshots
+    async def put_snapshot(self, session_id: str, blob: bytes, *, token: int) -> None:
+        await self.pool.execute(
+            "INSERT INTO profile_snapshots (session_id, blob, size_bytes, fencing_token) VALUES ($1,$2,$3,$4)"
+            " ON CONFLICT (session_id) DO UPDATE SET blob = EXCLUDED.blob, size_bytes = EXCLUDED.size_bytes,"
+            " fencing_token = EXCLUDED.fencing_token, created_at = now()"
+            " WHERE profile_snapshots.fencing_token <= EXCLUDED.fencing_token",
+            session_id,
+            blob,
+            len(blob),
+            token,
+        )
+
+    async def get_snapshot(self, session_id: str) -> bytes | None:
+        blob = await self.pool.fetchval(
+            "SELECT blob FROM profile_snapshots WHERE session_id = $1", session_id
+        )
+        return bytes(blob) if blob is not None else None
+
+    async def delete_snapshot(self, session_id: str) -> None:
+        await self.pool.execute("DELETE FROM profile_snapshots WHERE session_id = $1", session_id)
+
+
+def _record(row: asyncpg.Record) -> dict[str, Any]:
+    rec = dict(row)
+    for key in ("metadata", "history", "timings"):
+        if isinstance(rec.get(key), str):
+            rec[key] = orjson.loads(rec[key])
+    rec["status"] = rec.pop("session_status")
+    rec["account_status"] = row["status"]
+    for key in ("created_at", "updated_at"):
+        if key in rec and rec[key] is not None:
+            rec[key] = int(rec[key].timestamp() * 1000)
+    return rec
+
+
+async def open_pool(dsn: str, *, timeout_s: float, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=max_size, timeout=timeout_s, command_timeout=timeout_s
+    )
+    assert pool is not None
+    return pool
