@@ -29,3 +29,34 @@ QUEUE_WAITING = Gauge("walink_qr_queue_waiting", "Cold browser starts waiting fo
 POOL_READY = Gauge("walink_warm_pool_ready", "Warm browsers showing a QR, ready to hand out")
 BROWSERS = Gauge("walink_browsers", "Chromium browsers running on this worker")
 BROWSER_MEMORY = Gauge("walink_browser_memory_bytes", "Proportional set size of all browsers of this worker")
+
+# --- gateway (labels: route templates, outcome classes and worker names, all bounded)
+_GATEWAY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+GATEWAY_REQUESTS = Counter(
+    "walink_gateway_requests_total",
+    "Requests the gateway proxied, by route and outcome (2xx, 4xx, 5xx, error)",
+    ["route", "outcome"],
+)
+GATEWAY_LATENCY = Histogram(
+    "walink_gateway_request_seconds",
+    "Gateway latency by route: whole answer, or until the stream started for SSE",
+    ["route"],
+    buckets=_GATEWAY_BUCKETS_S,
+)
+GATEWAY_RETRIES = Counter(
+    "walink_gateway_retries_total",
+    "Proxied attempts retried, by reason (connect, timeout, server_error, not_owner, unavailable)",
+    ["reason"],
+)
+GATEWAY_FAILOVERS = Counter(
+    "walink_gateway_failovers_total",
+    "Requests served by a worker other than the session's owner because the owner was down",
+)
+GATEWAY_BREAKER_STATE = Gauge(
+    "walink_gateway_breaker_state", "Breaker state per worker: 0 closed, 1 half-open, 2 open", ["worker"]
+)
+GATEWAY_WORKERS_UP = Gauge("walink_gateway_workers_up", "Workers reachable with their breaker not open")
+GATEWAY_SSE_RESUMES = Counter(
+    "walink_gateway_sse_resumes_total", "Event streams resumed on another worker after the upstream ended"
+)

@@ -28,6 +28,8 @@ class Settings:
     worker_port: int = 3001
     # this worker's name on the ring and in leases (default host:port); stable across restarts
     worker_name: str = ""
+    # the URL the gateway uses to reach this worker (default http://host:port)
+    advertise_url: str = ""
     # --- files
     data_dir: Path = Path("var")
     chromium_path: Path = Path("/usr/bin/chromium")
@@ -46,6 +48,20 @@ class Settings:
     passkey_timeout_s: float = 300.0
     takeover_on_conflict: bool = True
     restore_on_start: bool = True
+    # --- gateway and membership
+    gateway_port: int = 8080
+    # workers known from configuration (host:port, comma separated); more join by Redis heartbeat
+    workers: str = "127.0.0.1:3001,127.0.0.1:3002,127.0.0.1:3003,127.0.0.1:3004"
+    heartbeat_ttl_ms: int = 3000
+    breaker_failures: int = 3
+    breaker_window_s: float = 10.0
+    breaker_failure_rate: float = 0.5
+    breaker_open_s: float = 2.0
+    health_interval_s: float = 1.0
+    proxy_timeout_s: float = 30.0
+    load_bound: float = 1.25
+    # an API key the gateway accepts for the default workspace (development and `make run` only)
+    dev_api_key: str = field(default="", repr=False)
     # --- durable state
     database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/walink", repr=False)
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)

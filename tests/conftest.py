@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -271,3 +273,82 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if left:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nChromium processes left after the suite: {left}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class WorkerProcess:
+    """A real ``python -m worker`` process on this test's database, Redis prefix and simulator."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        sim: Sim,
+        port: int,
+        pg_dsn: str,
+        redis_prefix: str,
+        data_dir: Path | None = None,
+        **env: str,
+    ) -> None:
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("WALINK_")},
+            "WALINK_WORKER_PORT": str(port),
+            "WALINK_DATA_DIR": str(data_dir or tmp_path / "var"),
+            "WALINK_SIMULATOR_URL": sim.url,
+            "WALINK_DATABASE_URL": pg_dsn,
+            "WALINK_REDIS_URL": REDIS_URL,
+            "WALINK_REDIS_PREFIX": redis_prefix,
+            "WALINK_SNAPSHOT_KEY": SNAPSHOT_KEY,
+            "WALINK_WARM_POOL_SIZE": "0",
+            "WALINK_SHUTDOWN_DEADLINE_S": "10",
+            "WALINK_WEBHOOK_BACKOFF_BASE_S": "0.05",
+            "WALINK_WEBHOOK_BACKOFF_MAX_S": "0.5",
+            "CHROMIUM_PATH": str(CHROMIUM),
+            **env,
+        }
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.wait_for(self._until_log("ready on"), WAIT_S)
+        self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _until_log(self, needle: str) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while True:
+            line = await self.proc.stderr.readline()
+            if not line:
+                raise AssertionError("worker exited:\n" + "".join(self.log))
+            self.log.append(line.decode())
+            if needle in self.log[-1]:
+                return
+
+    async def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.log.append(line.decode())
+
+    async def stop(self, sig: int) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), WAIT_S)
+        if self._drainer is not None:
+            await self._drainer
+        return code

@@ -3,77 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import CHROMIUM, WAIT_S, Sim
+from tests.conftest import WAIT_S, Sim, WorkerProcess, free_port
 from worker import chromium
 
 pytestmark = pytest.mark.chromium
 
 PHONE = "5511987654321"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class WorkerProcess:
-    def __init__(self, tmp_path: Path, sim: Sim, port: int) -> None:
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("WALINK_")},
-            "WALINK_WORKER_PORT": str(port),
-            "WALINK_DATA_DIR": str(tmp_path / "var"),
-            "WALINK_SIMULATOR_URL": sim.url,
-            "WALINK_WARM_POOL_SIZE": "0",
-            "WALINK_SHUTDOWN_DEADLINE_S": "10",
-            "CHROMIUM_PATH": str(CHROMIUM),
-        }
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.log: list[str] = []
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            env=self.env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        await asyncio.wait_for(self._until_log("ready on"), WAIT_S)
-        asyncio.get_running_loop().create_task(self._drain())
-
-    async def _until_log(self, needle: str) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while True:
-            line = await self.proc.stderr.readline()
-            if not line:
-                raise AssertionError("worker exited:\n" + "".join(self.log))
-            self.log.append(line.decode())
-            if needle in self.log[-1]:
-                return
-
-    async def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.log.append(line.decode())
-
-    async def stop(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return await asyncio.wait_for(self.proc.wait(), WAIT_S)
 
 
 async def sse_until(http: aiohttp.ClientSession, url: str, kind: str) -> dict[str, Any]:
@@ -91,9 +33,11 @@ async def sse_until(http: aiohttp.ClientSession, url: str, kind: str) -> dict[st
     raise AssertionError(f"stream ended before {kind}")
 
 
-async def test_sigkill_then_restart_restores_without_qr_and_reaps(tmp_path: Path, sim: Sim) -> None:
+async def test_sigkill_then_restart_restores_without_qr_and_reaps(
+    tmp_path: Path, sim: Sim, pg_pool: Any, pg_dsn: str, redis_prefix: str
+) -> None:
     port = free_port()
-    first = WorkerProcess(tmp_path, sim, port)
+    first = WorkerProcess(tmp_path, sim, port, pg_dsn, redis_prefix)
     await first.start()
     async with aiohttp.ClientSession() as http:
         async with http.post(first.url + "/v1/sessions", json={"label": "k"}) as resp:
@@ -107,7 +51,7 @@ async def test_sigkill_then_restart_restores_without_qr_and_reaps(tmp_path: Path
 
         assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
 
-        second = WorkerProcess(tmp_path, sim, port)
+        second = WorkerProcess(tmp_path, sim, port, pg_dsn, redis_prefix)
         await second.start()
         async with http.get(f"{second.url}/v1/sessions/{sid}") as resp:
             status = (await resp.json())["status"]

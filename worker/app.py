@@ -32,6 +32,7 @@ from worker.keys import (
     DB,
     DISPATCHER,
     DURABLE,
+    HEARTBEAT,
     HTTP,
     LAUNCHER,
     MANAGER,
@@ -44,6 +45,7 @@ from worker.keys import (
     STARTED_AT,
     STORE,
 )
+from worker.membership import Heartbeat
 from worker.qr_queue import QrQueue
 from worker.routes import DEFAULT_WORKSPACE, add_routes, auth_middleware
 from worker.sessions import SessionManager, close_with_deadline
@@ -154,6 +156,28 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         )
 
 
+async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Membership: a Redis heartbeat with this worker's URL; deleted when the worker is gone."""
+    settings = app[SETTINGS]
+    heartbeat = Heartbeat(
+        app[REDIS],
+        Keys(settings.redis_prefix),
+        name=app[NAME],
+        url=settings.advertise_url or f"http://{settings.host}:{settings.worker_port}",
+        ttl_ms=settings.heartbeat_ttl_ms,
+        timeout_s=settings.redis_timeout_s,
+    )
+    app[HEARTBEAT] = heartbeat
+    task = asyncio.create_task(heartbeat.run(), name="heartbeat")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await heartbeat.leave()
+
+
 async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     """Webhook delivery from the outbox; every worker runs one, claims keep them apart."""
     settings = app[SETTINGS]
@@ -165,7 +189,7 @@ async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
         max_attempts=settings.webhook_max_attempts,
         backoff_base_s=settings.webhook_backoff_base_s,
         backoff_max_s=settings.webhook_backoff_max_s,
-        claim_ttl_s=max(30.0, settings.webhook_timeout_s * 3),
+        claim_ttl_s=max(2.0, settings.webhook_timeout_s * 3),
     )
     app[DISPATCHER] = dispatcher
     task = asyncio.create_task(dispatcher.run(), name="webhooks")
@@ -179,6 +203,9 @@ async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def on_shutdown(app: web.Application) -> None:
     """Stop intake and end open event streams before the runner waits for handlers."""
+    heartbeat = app.get(HEARTBEAT)
+    if heartbeat is not None:
+        await heartbeat.drain()
     manager = app.get(MANAGER)
     if manager is not None:
         manager.closing = True
@@ -195,7 +222,7 @@ def create_app(settings: Settings) -> web.Application:
     app[NAME] = settings.worker_name or f"{settings.host}:{settings.worker_port}"
     app[QUEUE] = QrQueue(settings.qr_concurrency)
     app.cleanup_ctx.extend(
-        [http_ctx, db_ctx, redis_ctx, dispatcher_ctx, playwright_ctx, pool_ctx, sessions_ctx]
+        [http_ctx, db_ctx, redis_ctx, dispatcher_ctx, playwright_ctx, pool_ctx, sessions_ctx, heartbeat_ctx]
     )
     app.on_shutdown.append(on_shutdown)
     add_routes(app)

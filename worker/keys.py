@@ -13,6 +13,7 @@ from shared.settings import Settings
 from shared.store import Store
 from worker.browser import BrowserLauncher
 from worker.durable import Durable
+from worker.membership import Heartbeat
 from worker.qr_queue import QrQueue
 from worker.sessions import SessionManager
 from worker.warm_pool import WarmPool
@@ -31,3 +32,4 @@ QUEUE = web.AppKey("queue", QrQueue)
 POOL = web.AppKey("pool", WarmPool)
 MANAGER = web.AppKey("manager", SessionManager)
 DISPATCHER = web.AppKey("dispatcher", WebhookDispatcher)
+HEARTBEAT = web.AppKey("heartbeat", Heartbeat)

@@ -144,6 +144,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     session = manager.local(sid, _workspace(request))
     if session is not None:
         session.touch()
+        manager.wake_soon(session)  # a request for a hibernated session wakes it
         return await sse.stream_local(request, session, manager.store.pool, keepalive_s=keepalive_s)
     body = await manager.describe(sid, _workspace(request))
     session = manager.local(sid)
@@ -284,6 +285,8 @@ async def health(request: web.Request) -> web.Response:
             "chromium": manager.launcher.version,
             "browsers_launched": manager.launcher.launched_total,
         },
+        "redis": "ok" if manager.durable.redis_ok else "unreachable",
+        "webhooks": {"dispatcher_listening": app[DISPATCHER].is_listening()},
     }
     return json_response(body, status=503 if manager.closing else 200)
 

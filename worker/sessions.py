@@ -710,6 +710,10 @@ class SessionManager:
             self._restore(session)
             await self._write(session)
 
+    def wake_soon(self, session: Session) -> None:
+        if session.status == S.HIBERNATED and not self.closing:
+            self._spawn(session, self._quietly(self.wake(session)), cancel_on_end=False)
+
     async def _materialize_profile(self, session: Session) -> None:
         profile: Path = self.launcher.profile_dir(session.profile_id)
         if _has_files(profile):

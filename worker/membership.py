@@ -1,0 +1,68 @@
+"""The worker's heartbeat in Redis: how gateways learn that it is alive, where, and if it drains.
+
+``{prefix}worker:{name}`` holds ``{"name", "url", "pid", "started_at_ms", "draining"}`` with a TTL
+of ``heartbeat_ttl_ms``, refreshed three times per TTL. A worker told to stop marks itself
+draining at once (gateways stop sending new sessions) and deletes the key when it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.models import now_ms
+from shared.redis_keys import Keys
+
+log = logging.getLogger("walink.membership")
+
+
+class Heartbeat:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, *, name: str, url: str, ttl_ms: int, timeout_s: float
+    ) -> None:
+        self.redis = redis
+        self.key = keys.worker(name)
+        self.name = name
+        self.url = url
+        self.ttl_ms = ttl_ms
+        self.timeout_s = timeout_s
+        self.started_at_ms = now_ms()
+        self.draining = False
+
+    def payload(self) -> bytes:
+        return orjson.dumps(
+            {
+                "name": self.name,
+                "url": self.url,
+                "pid": os.getpid(),
+                "started_at_ms": self.started_at_ms,
+                "draining": self.draining,
+            }
+        )
+
+    async def beat(self) -> bool:
+        try:
+            await asyncio.wait_for(self.redis.set(self.key, self.payload(), px=self.ttl_ms), self.timeout_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.debug("heartbeat not written: %s", exc)
+            return False
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(self.ttl_ms / 3000)  # the heartbeat period
+
+    async def drain(self) -> None:
+        self.draining = True
+        await self.beat()
+
+    async def leave(self) -> None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self.redis.delete(self.key), self.timeout_s)
