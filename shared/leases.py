@@ -58,6 +58,16 @@ return 0
 """
 
 
+_TAKE_FROM = (
+    """
+if redis.call('GET', KEYS[1]) == ARGV[4] then
+  redis.call('DEL', KEYS[1])
+end
+"""
+    + _ACQUIRE
+)
+
+
 class Leases:
     def __init__(self, redis: aioredis.Redis, keys: Keys, owner: str, *, ttl_ms: int) -> None:
         self.redis = redis
@@ -67,6 +77,7 @@ class Leases:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._take_from = redis.register_script(_TAKE_FROM)
 
     async def acquire(self, session_id: str, *, floor: int = 0) -> int | None:
         """A fencing token above ``floor`` if the lease is (now) ours, None if another owner has it."""
@@ -74,6 +85,17 @@ class Leases:
             await self._acquire(
                 keys=[self.keys.lease(session_id), self.keys.fence(session_id)],
                 args=[self.owner, self.ttl_ms, floor],
+            )
+        )
+        return token or None
+
+    async def take_from(self, session_id: str, dead_owner: str, *, floor: int = 0) -> int | None:
+        """Acquire a lease still held by ``dead_owner`` (whose heartbeat is gone): atomically drop
+        its lease only if it is still that owner's, then acquire as usual."""
+        token = int(
+            await self._take_from(
+                keys=[self.keys.lease(session_id), self.keys.fence(session_id)],
+                args=[self.owner, self.ttl_ms, floor, dead_owner],
             )
         )
         return token or None

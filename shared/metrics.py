@@ -60,3 +60,8 @@ GATEWAY_WORKERS_UP = Gauge("walink_gateway_workers_up", "Workers reachable with 
 GATEWAY_SSE_RESUMES = Counter(
     "walink_gateway_sse_resumes_total", "Event streams resumed on another worker after the upstream ended"
 )
+ADOPTED = Counter(
+    "walink_sessions_adopted_total",
+    "Sessions this worker took over from a worker that died, drained or paused",
+    ["status"],
+)

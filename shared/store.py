@@ -167,6 +167,18 @@ class Store:
         )
         return [_record(r) for r in rows]
 
+    async def orphans(self, live_owners: set[str], *, limit: int = 500) -> list[dict[str, Any]]:
+        """Sessions that should be driven (not ended, not hibernated) whose owner is not alive."""
+        rows = await self.pool.fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM whatsapp_accounts"  # noqa: S608 - constant
+            " WHERE deleted_at IS NULL AND session_status NOT IN"
+            " ('logged_out', 'expired', 'failed', 'deleted', 'hibernated')"
+            " AND (owner IS NULL OR NOT (owner = ANY($1::text[]))) ORDER BY updated_at LIMIT $2",
+            sorted(live_owners),
+            limit,
+        )
+        return [_record(r) for r in rows]
+
     async def list_accounts(
         self, workspace_id: str, *, include_deleted: bool = False
     ) -> list[dict[str, Any]]:

@@ -140,13 +140,16 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         restored = await manager.restore_all()
         if restored:
             log.info("start: restoring %d linked session(s) without a QR", restored)
-    keeper = asyncio.create_task(manager.keeper.run(), name="lease-keeper")
+    loops = [
+        asyncio.create_task(manager.keeper.run(), name="lease-keeper"),
+        asyncio.create_task(manager.watch_orphans(settings.heartbeat_ttl_ms / 1000), name="orphans"),
+    ]
     try:
         yield
     finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
         started = time.monotonic()
         await close_with_deadline(manager, settings.shutdown_deadline_s)
         log.info(
@@ -222,7 +225,8 @@ def create_app(settings: Settings) -> web.Application:
     app[NAME] = settings.worker_name or f"{settings.host}:{settings.worker_port}"
     app[QUEUE] = QrQueue(settings.qr_concurrency)
     app.cleanup_ctx.extend(
-        [http_ctx, db_ctx, redis_ctx, dispatcher_ctx, playwright_ctx, pool_ctx, sessions_ctx, heartbeat_ctx]
+        # the heartbeat outlives the sessions at shutdown: peers see "draining" until every lease is free
+        [http_ctx, db_ctx, redis_ctx, dispatcher_ctx, playwright_ctx, pool_ctx, heartbeat_ctx, sessions_ctx]
     )
     app.on_shutdown.append(on_shutdown)
     add_routes(app)

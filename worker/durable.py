@@ -71,6 +71,36 @@ class Durable:
             self.redis_ok = False
             return floor + 1
 
+    async def live_workers(self) -> dict[str, dict[str, Any]] | None:
+        """Heartbeats of the workers alive now (name → heartbeat), None when Redis cannot say."""
+
+        async def scan() -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {}
+            keys = [k async for k in self.redis.scan_iter(match=self.keys.workers_pattern(), count=200)]
+            if keys:
+                for raw in await self.redis.mget(keys):
+                    if raw:
+                        beat = orjson.loads(raw)
+                        found[str(beat["name"])] = beat
+            return found
+
+        return await self._redis("membership", scan())
+
+    async def acquire_or_take(self, session_id: str, *, floor: int) -> int | None:
+        """Like :meth:`acquire`, but a lease whose holder has no heartbeat any more is taken at once
+        (a dead or paused worker) instead of after its TTL."""
+        token = await self.acquire(session_id, floor=floor)
+        if token is not None:
+            return token
+        holder = await self.lease_owner(session_id)
+        if holder is None or holder == self.owner:
+            return await self.acquire(session_id, floor=floor)
+        alive = await self._redis("membership", self.redis.exists(self.keys.worker(holder)))
+        if alive is None or alive:
+            return None
+        log.warning("%s: owner %s has no heartbeat; taking the session over", session_id, holder)
+        return await self._redis("take lease", self.leases.take_from(session_id, holder, floor=floor))
+
     async def release(self, session_id: str) -> None:
         await self._redis("release lease", self.leases.release(session_id))
 

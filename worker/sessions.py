@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from uhashring import HashRing
 
 from shared import metrics
 from shared.errors import (
@@ -140,9 +141,14 @@ class SessionManager:
             ):
                 return cached
             rec = await self._record(session_id, workspace_id)
-            if rec["status"] != S.HIBERNATED or self.closing:
+            if rec["status"] in ENDED or self.closing:
                 return public_from_record(rec)
-            session = await self._take_over(rec)
+            try:
+                session = await self._take_over(rec)
+            except NotOwner:
+                return public_from_record(rec)  # driven by a live worker: the gateway routes there
+            if rec["status"] != S.HIBERNATED:
+                await self._resume(session)
         session.touch()
         if session.status == S.HIBERNATED:
             await self.wake(session)
@@ -154,6 +160,8 @@ class SessionManager:
         if session is None:
             rec = await self._record(session_id, workspace_id)
             session = await self._take_over(rec)
+            if rec["status"] not in ENDED and rec["status"] != S.HIBERNATED:
+                await self._resume(session)
         session.touch()
         return session
 
@@ -167,7 +175,7 @@ class SessionManager:
                 return session
             if self.closing:
                 raise Unavailable("this worker is shutting down; retry on another worker")
-            token = await self.durable.acquire(sid, floor=int(rec.get("fencing_token") or 0))
+            token = await self.durable.acquire_or_take(sid, floor=int(rec.get("fencing_token") or 0))
             if token is None:
                 owner = await self.durable.lease_owner(sid)
                 raise NotOwner(f"session {sid} is driven by {owner or 'another worker'}")
@@ -409,6 +417,8 @@ class SessionManager:
         )
         self._arm_idle(session)
         self._spawn(session, self._enforce_capacity(), cancel_on_end=False)
+        if self.snapshot_key is not None:
+            self._spawn(session, self._live_snapshot(session))
 
     def _on_logged_out(self, session: Session, data: Any) -> None:
         if session.ended or not isinstance(data, wa.LogoutNotice):
@@ -714,6 +724,23 @@ class SessionManager:
         if session.status == S.HIBERNATED and not self.closing:
             self._spawn(session, self._quietly(self.wake(session)), cancel_on_end=False)
 
+    async def _live_snapshot(self, session: Session) -> None:
+        """Shortly after ready, snapshot the live profile so any worker can restore the session if
+        this one dies without a goodbye (DOM storage commits lag writes by up to a few seconds)."""
+        await asyncio.sleep(self.settings.live_snapshot_delay_s)
+        if session.status != S.READY or session.slot is None or self.snapshot_key is None:
+            return
+        profile = self.launcher.profile_dir(session.profile_id)
+        try:
+            blob = await snapshot.pack_live_profile_async(
+                profile, key=self.snapshot_key, session_id=session.id
+            )
+            await self.store.put_snapshot(session.id, blob, token=session.fencing_token)
+        except (WalinkError, OSError, *DB_ERRORS) as exc:
+            log.warning("%s: live snapshot failed: %s", session.id, exc)
+            return
+        session.timings["live_snapshot_bytes"] = len(blob)
+
     async def _materialize_profile(self, session: Session) -> None:
         profile: Path = self.launcher.profile_dir(session.profile_id)
         if _has_files(profile):
@@ -732,35 +759,79 @@ class SessionManager:
         snapshots) without a QR; linkings whose QR died with the process get a fresh QR."""
         restored = 0
         for rec in await self.store.sessions_owned_by(self.name):
-            status = S(rec["status"])
-            if status in ENDED or status == S.HIBERNATED:
+            if S(rec["status"]) in ENDED or rec["status"] == S.HIBERNATED:
                 continue
             try:
                 session = await self._take_over(rec)
             except NotOwner:
                 continue
-            if status == S.READY or (status in {S.STARTING, S.AUTHENTICATED} and session.phone_number):
-                if session.status != S.STARTING:
-                    session.transition(S.STARTING, Reason.RESTORING)
-                session.mark("requested_at_ms")
-                try:
-                    await self._materialize_profile(session)
-                except SnapshotInvalid as exc:
-                    log.error("%s: cannot restore: %s", session.id, exc)
-                    self._end(session, S.FAILED, Reason.CLIENT_FATAL)
-                    await self._write(session)
-                    continue
-                self._restore(session)
-                restored += 1
-            else:
-                shutil.rmtree(self.launcher.profile_dir(session.profile_id), ignore_errors=True)
-                session.profile_id = new_profile_id()
-                self._reset_link_state(session)
-                session.transition(S.STARTING, Reason.RESTART)
-                session.mark("requested_at_ms")
-                self._start_link(session)
-            await self._write(session)
+            restored += await self._resume(session)
         return restored
+
+    async def _resume(self, session: Session) -> int:
+        """Drive a session just taken over: restore a linked one without a QR (1), give a linking
+        one a fresh QR (0)."""
+        if session.slot is not None or session.ended or session.status == S.HIBERNATED:
+            return 0
+        if session.status == S.READY or (
+            session.status in {S.STARTING, S.AUTHENTICATED} and session.phone_number
+        ):
+            if session.status != S.STARTING:
+                session.transition(S.STARTING, Reason.RESTORING)
+            session.mark("requested_at_ms")
+            try:
+                await self._materialize_profile(session)
+            except SnapshotInvalid as exc:
+                log.error("%s: cannot restore: %s", session.id, exc)
+                self._end(session, S.FAILED, Reason.CLIENT_FATAL)
+                await self._write(session)
+                return 0
+            self._restore(session)
+            await self._write(session)
+            return 1
+        shutil.rmtree(self.launcher.profile_dir(session.profile_id), ignore_errors=True)
+        session.profile_id = new_profile_id()
+        self._reset_link_state(session)
+        if session.status != S.STARTING:
+            session.transition(S.STARTING, Reason.RESTART)
+        session.mark("requested_at_ms")
+        self._start_link(session)
+        await self._write(session)
+        return 0
+
+    async def adopt_orphans(self) -> int:
+        """Take over sessions whose owner is gone (no heartbeat) or drained (lease released), when
+        this worker is their place on the ring of live workers. Returns how many were adopted."""
+        if self.closing:
+            return 0
+        live = await self.durable.live_workers()
+        if live is None:
+            return 0
+        serving = sorted(name for name, beat in live.items() if not beat.get("draining"))
+        if self.name not in serving:
+            return 0
+        ring = HashRing(nodes=serving)
+        adopted = 0
+        for rec in await self.store.orphans(set(serving)):
+            if rec["id"] in self.sessions or ring.get_node(rec["id"]) != self.name:
+                continue
+            try:
+                session = await self._take_over(rec)
+            except (NotOwner, Unavailable):
+                continue
+            metrics.ADOPTED.labels(rec["status"]).inc()
+            log.info("%s: adopted from %s (%s)", rec["id"], rec.get("owner"), rec["status"])
+            await self._resume(session)
+            adopted += 1
+        return adopted
+
+    async def watch_orphans(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)  # the membership period
+            try:
+                await self.adopt_orphans()
+            except DB_ERRORS as exc:
+                log.warning("orphan check failed: %s", exc)
 
     async def close(self) -> None:
         """Stop: no new work, end every browser, snapshot ready sessions, free their leases."""

@@ -506,3 +506,29 @@ async def unpack_profile_async(
     return await asyncio.to_thread(
         unpack_profile, blob, profile_dir, key=key, session_id=session_id, max_bytes=max_bytes
     )
+
+
+def pack_live_profile(profile_dir: Path, *, key: bytes, session_id: str) -> bytes:
+    """A snapshot of a profile whose Chromium is still running (for crash failover).
+
+    The needed LevelDB files are copied first (LevelDB only appends to its log and replaces whole
+    table files, so a copy is a valid database missing at most the last unflushed write), then
+    packed from the copy like a closed profile.
+    """
+    with tempfile.TemporaryDirectory(prefix="walink-live-", dir=profile_dir.parent) as tmp:
+        copy = Path(tmp) / "profile"
+        for rel in SNAPSHOT_PATHS:
+            src = profile_dir / rel
+            if src.is_dir():
+                shutil.copytree(
+                    src,
+                    copy / rel,
+                    ignore=shutil.ignore_patterns("LOCK", "LOG", "LOG.old"),
+                    symlinks=True,
+                    ignore_dangling_symlinks=True,
+                )
+        return pack_profile(copy, key=key, session_id=session_id)
+
+
+async def pack_live_profile_async(profile_dir: Path, *, key: bytes, session_id: str) -> bytes:
+    return await asyncio.to_thread(pack_live_profile, profile_dir, key=key, session_id=session_id)
