@@ -43,9 +43,7 @@ test: install lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
 
 run: install
-	@mkdir -p var/log
-	@echo "walink: worker http://127.0.0.1:3001/ (try-it page) · simulator http://127.0.0.1:3100/ · Ctrl-C stops"
-	$(BIN)/supervisord -c supervisord.conf -n
+	$(BIN)/walink run
 
 bench: install
 	$(BIN)/python -m load_tests.bench

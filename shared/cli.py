@@ -3,13 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+
+
+async def _migrate() -> None:
+    import asyncpg
+
+    from shared import db
+    from shared.settings import Settings
+
+    settings = Settings.from_env()
+    await db.ensure_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url, timeout=settings.db_timeout_s)
+    try:
+        applied = await db.migrate(conn)
+    finally:
+        await conn.close()
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"), file=sys.stderr)
+
+
+async def _api_key(workspace: str, admin: bool) -> str:
+    from shared import db
+    from shared.settings import Settings
+    from shared.store import Store, open_pool
+
+    settings = Settings.from_env()
+    await db.ensure_database(settings.database_url)
+    pool = await open_pool(settings.database_url, timeout_s=settings.db_timeout_s, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await db.migrate(conn)
+        store = Store(pool)
+        await store.ensure_workspace(workspace)
+        return await store.create_api_key(None if admin else workspace, admin=admin)
+    finally:
+        await pool.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="walink", description="walink: link WhatsApp accounts by QR code")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="run a worker (settings from WALINK_* variables)")
+    sub.add_parser("gateway", help="run the gateway")
+    sub.add_parser("run", help="start the whole cluster under supervisord (what `make run` does)")
+    sub.add_parser("migrate", help="create the database if needed and apply the migrations")
+    keys = sub.add_parser("api-key", help="create an API key (printed once; only its hash is stored)")
+    keys.add_argument("--workspace", default="default", help="workspace id (created if missing)")
+    keys.add_argument("--admin", action="store_true", help="an admin key (all workspaces, cluster routes)")
     sim = sub.add_parser("simulator", help="run the WhatsApp Web simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=3100)
@@ -19,6 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         from worker.app import main as worker_main
 
         worker_main()
+    elif args.command == "gateway":
+        from gateway.app import main as gateway_main
+
+        gateway_main()
+    elif args.command == "run":
+        from shared.devrun import run
+
+        run()
+    elif args.command == "migrate":
+        asyncio.run(_migrate())
+    elif args.command == "api-key":
+        print(asyncio.run(_api_key(args.workspace, args.admin)))
     elif args.command == "simulator":
         from simulator.__main__ import main as sim_main
 

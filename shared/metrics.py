@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 60.0)
+_LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 15.0, 20.0, 30.0, 60.0)
 
 QR_SECONDS = Histogram(
     "walink_qr_generation_seconds",
@@ -64,4 +64,14 @@ ADOPTED = Counter(
     "walink_sessions_adopted_total",
     "Sessions this worker took over from a worker that died, drained or paused",
     ["status"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "walink_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome (delivered, retry, dead = dead-lettered, lost = claim lost)",
+    ["outcome"],
+)
+WEBHOOK_LAG = Histogram(
+    "walink_webhook_lag_seconds",
+    "From an event's commit to its successful delivery",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )

@@ -34,6 +34,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from shared import metrics
 from shared.errors import BadRequest, WalinkError
 from shared.models import now_ms
 from shared.webhooks import build_payload, delivery_headers
@@ -523,6 +524,12 @@ class WebhookDispatcher:
                 outcome.duration_ms,
             )
         unfinished.discard(event.id)
+        outcome_label = {"delivered": "delivered", "dead": "dead", None: "lost"}.get(state, "retry")
+        metrics.WEBHOOK_DELIVERIES.labels(outcome_label).inc()
+        if state == "delivered":
+            metrics.WEBHOOK_LAG.observe(
+                max(0.0, now_ms() - int(event.payload.get("occurred_at_ms") or 0)) / 1000
+            )
         if state is None:
             log.warning(
                 "webhook %s (session %s seq %d): claim lost before the result was written (%s)",

@@ -14,6 +14,7 @@ from prometheus_async.aio.web import server_stats
 from shared import metrics, outbox
 from shared.errors import BadRequest, InvalidState, Unauthorized
 from shared.ids import check_session_id, normalize_phone
+from shared.models import SessionStatus
 from shared.settings import Settings
 from shared.web import check_keys, json_response, optional_str, read_json_object
 from worker import qr_image, sse
@@ -294,8 +295,10 @@ async def health(request: web.Request) -> web.Response:
 async def metrics_endpoint(request: web.Request) -> web.Response:
     app = request.app
     manager = app[MANAGER]
-    for status, count in manager.stats()["by_status"].items():
-        metrics.SESSIONS.labels(status).set(count)
+    by_status = manager.stats()["by_status"]
+    for status in SessionStatus:  # every status, so one that emptied reads 0, not its last value
+        metrics.SESSIONS.labels(status.value).set(by_status.get(status.value, 0))
+    metrics.BROWSER_MEMORY.set(sum(slot.memory_bytes() for slot in manager.browsers()))
     queue = app[QUEUE]
     metrics.QUEUE_ACTIVE.set(queue.active)
     metrics.QUEUE_WAITING.set(queue.waiting)

@@ -533,8 +533,10 @@ class SessionManager:
         self._disarm(session)
         self._cancel_idle(session)
         self._restoring.discard(session.id)
+        was_linking = session.status in LINKING and session.id not in self._restoring
         session.transition(status, reason)
-        metrics.LINKS.labels(status.value, reason.value).inc()
+        if was_linking:  # the success rate is about linkings, not about sessions ending later
+            metrics.LINKS.labels(status.value, reason.value).inc()
         event = EventType.SESSION_DISCONNECTED if status == S.LOGGED_OUT else EventType.SESSION_FAILED
         session.publish(event, {"status": status.value, "reason": reason.value})
         self._spawn(session, self._end_browser(session, wipe=True, unlink=unlink), cancel_on_end=False)

@@ -1,0 +1,152 @@
+"""``walink run``: what `make run` does on a bare machine before supervisord takes over.
+
+- Redis and Postgres: used as configured (``WALINK_REDIS_URL`` / ``WALINK_DATABASE_URL``) or on
+  the default ports; when nothing answers there, a local Redis and Postgres are started from data
+  directories under ``var/`` (Debian's binaries), so a fresh machine just works.
+- Development secrets (the snapshot key, an API key for the default workspace) are made once and
+  kept in ``var/dev.env``; they are never printed except the API key, which the dashboard needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+VAR = Path("var")
+PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+
+def _answers(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _wait_port(host: str, port: int, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _answers(host, port):
+            return
+        time.sleep(0.2)  # a process we just started: nothing to await but its port
+    raise SystemExit(f"{what} did not start on {host}:{port}; see {VAR / 'log'}")
+
+
+def ensure_redis(url: str) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    if _answers(host, port):
+        return
+    if "WALINK_REDIS_URL" in os.environ or host not in {"127.0.0.1", "localhost"}:
+        raise SystemExit(f"Redis does not answer at {host}:{port} (WALINK_REDIS_URL)")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("no Redis on 127.0.0.1:6379 and no redis-server: apt-get install -y redis-server")
+    data = VAR / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    print(f"walink: starting a local Redis on {port} (data in {data})", file=sys.stderr)
+    subprocess.Popen(  # noqa: S603 - fixed argv
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data.resolve()),
+            "--daemonize",
+            "yes",
+            "--logfile",
+            str((VAR / "log" / "redis.log").resolve()),
+        ],
+    ).wait()
+    _wait_port(host, port, "Redis")
+
+
+def ensure_postgres(url: str) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    if _answers(host, port):
+        return
+    if "WALINK_DATABASE_URL" in os.environ or host not in {"127.0.0.1", "localhost"}:
+        raise SystemExit(f"Postgres does not answer at {host}:{port} (WALINK_DATABASE_URL)")
+    if not PG_BIN_DIRS:
+        raise SystemExit("no Postgres on 127.0.0.1:5432 and none installed: apt-get install -y postgresql")
+    bin_dir = PG_BIN_DIRS[0]
+    data = (VAR / "postgres").resolve()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        if as_postgres:
+            shutil.chown(data, "postgres", "postgres")
+        print(f"walink: creating a local Postgres cluster in {data}", file=sys.stderr)
+        subprocess.run(  # noqa: S603
+            [*as_postgres, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    print(f"walink: starting the local Postgres on {port}", file=sys.stderr)
+    log_file = (VAR / "log" / "postgres.log").resolve()
+    if as_postgres:
+        log_file.touch()
+        shutil.chown(log_file, "postgres", "postgres")
+    subprocess.run(  # noqa: S603
+        [
+            *as_postgres,
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log_file),
+            "-o",
+            f"-p {port} -k /tmp -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    _wait_port(host, port, "Postgres")
+
+
+def dev_env() -> dict[str, str]:
+    """Secrets for a development cluster, made once and kept in var/dev.env."""
+    path = VAR / "dev.env"
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key and value:
+                values[key] = value
+    values.setdefault("WALINK_SNAPSHOT_KEY", base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+    values.setdefault("WALINK_DEV_API_KEY", "wlk_dev_" + secrets.token_urlsafe(24))
+    values.setdefault("WALINK_INTERNAL_TOKEN", secrets.token_urlsafe(24))
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    path.chmod(0o600)
+    return values
+
+
+def run() -> None:
+    (VAR / "log").mkdir(parents=True, exist_ok=True)
+    from shared.settings import Settings
+
+    settings = Settings.from_env()
+    ensure_redis(settings.redis_url)
+    ensure_postgres(settings.database_url)
+    env = dict(os.environ)
+    for key, value in dev_env().items():
+        env.setdefault(key, value)
+    env.setdefault("SIMULATOR_AUTOSTART", "true" if settings.target == "simulator" else "false")
+    print(
+        "walink: dashboard http://127.0.0.1:8080/  ·  API key "
+        f"{env['WALINK_DEV_API_KEY']}  ·  simulator http://127.0.0.1:3100/  ·  Ctrl-C stops",
+        file=sys.stderr,
+    )
+    supervisord = str(Path(sys.executable).with_name("supervisord"))
+    os.execve(supervisord, [supervisord, "-c", "supervisord.conf", "-n"], env)  # noqa: S606
