@@ -52,7 +52,8 @@ class Settings:
     gateway_port: int = 8080
     # workers known from configuration (host:port, comma separated); more join by Redis heartbeat
     workers: str = "127.0.0.1:3001,127.0.0.1:3002,127.0.0.1:3003,127.0.0.1:3004"
-    heartbeat_ttl_ms: int = 3000
+    # a worker is gone when it misses this long of heartbeats (it beats every second)
+    heartbeat_ttl_ms: int = 6000
     breaker_failures: int = 3
     breaker_window_s: float = 10.0
     breaker_failure_rate: float = 0.5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -282,6 +283,14 @@ def free_port() -> int:
         return port
 
 
+def _stop_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, so no worker outlives a killed run."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class WorkerProcess:
     """A real ``python -m worker`` process on this test's database, Redis prefix and simulator."""
 
@@ -315,6 +324,7 @@ class WorkerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.proc: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
+        self._logged = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -343,6 +353,19 @@ class WorkerProcess:
         assert self.proc is not None and self.proc.stderr is not None
         while line := await self.proc.stderr.readline():
             self.log.append(line.decode())
+            self._logged.set()
+
+    async def wait_log(self, needle: str, *, after: int = 0) -> str:
+        """The first log line (from index ``after``) containing ``needle``, as it is written."""
+        async with asyncio.timeout(WAIT_S):
+            seen = after
+            while True:
+                for line in self.log[seen:]:
+                    if needle in line:
+                        return line
+                seen = len(self.log)
+                self._logged.clear()
+                await self._logged.wait()
 
     async def stop(self, sig: int) -> int:
         assert self.proc is not None

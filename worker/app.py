@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -41,6 +42,7 @@ from worker.keys import (
     POOL,
     QUEUE,
     REDIS,
+    REMOTE_STREAMS,
     SETTINGS,
     STARTED_AT,
     STORE,
@@ -142,7 +144,7 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
             log.info("start: restoring %d linked session(s) without a QR", restored)
     loops = [
         asyncio.create_task(manager.keeper.run(), name="lease-keeper"),
-        asyncio.create_task(manager.watch_orphans(settings.heartbeat_ttl_ms / 1000), name="orphans"),
+        asyncio.create_task(manager.watch_orphans(1.0), name="orphans"),
     ]
     try:
         yield
@@ -214,6 +216,9 @@ async def on_shutdown(app: web.Application) -> None:
         manager.closing = True
         for session in manager.sessions.values():
             session.close_subscribers()
+    streams: set[asyncio.Task[Any]] = app[REMOTE_STREAMS]
+    for task in list(streams):
+        task.cancel()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -224,6 +229,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STARTED_AT] = time.monotonic()
     app[NAME] = settings.worker_name or f"{settings.host}:{settings.worker_port}"
     app[QUEUE] = QrQueue(settings.qr_concurrency)
+    app[REMOTE_STREAMS] = set()
     app.cleanup_ctx.extend(
         # the heartbeat outlives the sessions at shutdown: peers see "draining" until every lease is free
         [http_ctx, db_ctx, redis_ctx, dispatcher_ctx, playwright_ctx, pool_ctx, heartbeat_ctx, sessions_ctx]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
@@ -33,3 +36,4 @@ POOL = web.AppKey("pool", WarmPool)
 MANAGER = web.AppKey("manager", SessionManager)
 DISPATCHER = web.AppKey("dispatcher", WebhookDispatcher)
 HEARTBEAT = web.AppKey("heartbeat", Heartbeat)
+REMOTE_STREAMS = web.AppKey("remote_streams", set[asyncio.Task[Any]])

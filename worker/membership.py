@@ -1,8 +1,9 @@
 """The worker's heartbeat in Redis: how gateways learn that it is alive, where, and if it drains.
 
-``{prefix}worker:{name}`` holds ``{"name", "url", "pid", "started_at_ms", "draining"}`` with a TTL
-of ``heartbeat_ttl_ms``, refreshed three times per TTL. A worker told to stop marks itself
-draining at once (gateways stop sending new sessions) and deletes the key when it is done.
+``{prefix}worker:{name}`` holds ``{"name", "url", "pid", "started_at_ms", "draining"}`` with a
+TTL of ``heartbeat_ttl_ms`` (6 s), refreshed every second, so a busy worker must miss several
+beats before peers adopt its sessions. A worker told to stop marks itself draining at once
+(gateways stop sending new sessions) and deletes the key when it is done.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Heartbeat:
     async def run(self) -> None:
         while True:
             await self.beat()
-            await asyncio.sleep(self.ttl_ms / 3000)  # the heartbeat period
+            await asyncio.sleep(min(1.0, self.ttl_ms / 3000))  # the heartbeat period: several per TTL
 
     async def drain(self) -> None:
         self.draining = True

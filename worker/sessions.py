@@ -852,10 +852,9 @@ class SessionManager:
             session.close_subscribers()
 
     async def _handover(self, session: Session) -> None:
-        if session.status != S.READY:
-            return
+        """Leave the session ready for another worker: a fresh snapshot, then the lease freed."""
         with contextlib.suppress(WalinkError, *DB_ERRORS):
-            if self.snapshot_key is not None:
+            if session.status == S.READY and self.snapshot_key is not None:
                 profile = self.launcher.profile_dir(session.profile_id)
                 blob = await snapshot.pack_profile_async(
                     profile, key=self.snapshot_key, session_id=session.id

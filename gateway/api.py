@@ -1,0 +1,231 @@
+"""The public session API: each route checked, scoped to the caller's workspace, and proxied.
+
+The gateway names new sessions itself (``shared.ids.new_session_id()``, or the client's checked
+``id``) so that it can place them on the ring and retry their creation safely: the id makes the
+create idempotent, and a ``409`` after a retry means an earlier attempt landed — the answer is
+then the session as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.keys import CALLER, MEMBERSHIP, PROXY, ROUTER, SETTINGS, STREAMS
+from gateway.proxy import WORKER_HEADER, Answer, Call, forward_headers, to_response
+from gateway.routing import Kind, Plan
+from gateway.sse import STARTED_AT, relay
+from shared import metrics
+from shared.errors import BadRequest, WalinkError
+from shared.ids import check_session_id, new_session_id
+from shared.web import Handler, json_response, read_json_object
+
+LIST_TIMEOUT_S = 5.0
+
+
+def _query(request: web.Request) -> str:
+    return f"?{request.query_string}" if request.query_string else ""
+
+
+def _requested_workspace(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("workspace_id must be a string")
+    return value
+
+
+def _session_plan(request: web.Request, session_id: str) -> Plan:
+    return Plan(request.app[ROUTER], Kind.SESSION, session_id)
+
+
+async def _forward(request: web.Request, call: Call, plan: Plan) -> Answer:
+    return await request.app[PROXY].forward(call, plan)
+
+
+# ---------------------------------------------------------------------------------- sessions
+async def create_session(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    caller = request[CALLER]
+    data = await read_json_object(request, max_bytes=settings.max_body_bytes)
+    workspace_id = caller.scope(_requested_workspace(data.get("workspace_id")))
+    given = data.get("id")
+    session_id = check_session_id(given) if given is not None else new_session_id()
+    data["id"] = session_id
+    if workspace_id is not None:
+        data["workspace_id"] = workspace_id
+    headers = forward_headers(request, workspace_id)
+    headers["Content-Type"] = "application/json"
+    call = Call("POST", "/v1/sessions", headers, orjson.dumps(data), idempotent=True)
+    answer = await _forward(request, call, Plan(request.app[ROUTER], Kind.NEW, session_id))
+    if answer.status == 409 and answer.code in {"session_exists", "not_owner"} and answer.maybe_landed:
+        # an earlier attempt created it: answer with the session as it is now
+        get = Call(
+            "GET", f"/v1/sessions/{session_id}", forward_headers(request, workspace_id), idempotent=True
+        )
+        existing = await _forward(request, get, _session_plan(request, session_id))
+        if existing.status == 200:
+            response = to_response(existing)
+            response.set_status(201)
+            response.headers["Location"] = f"/v1/sessions/{session_id}"
+            return response
+    return to_response(answer)
+
+
+async def _session_call(request: web.Request, suffix: str, *, idempotent: bool) -> web.Response:
+    return to_response(await _session_answer(request, suffix, idempotent=idempotent))
+
+
+async def _session_answer(request: web.Request, suffix: str, *, idempotent: bool) -> Answer:
+    session_id = check_session_id(request.match_info["session_id"])
+    workspace_id = request[CALLER].scope(request.query.get("workspace_id"), own_by_default=False)
+    body: bytes | None = None
+    headers = forward_headers(request, workspace_id)
+    if request.method == "POST":
+        body = await request.read()  # at most client_max_size (max_body_bytes), else 413
+    call = Call(
+        request.method, f"/v1/sessions/{session_id}{suffix}{_query(request)}", headers, body, idempotent
+    )
+    return await _forward(request, call, _session_plan(request, session_id))
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return await _session_call(request, "", idempotent=True)
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    answer = await _session_answer(request, "", idempotent=True)
+    if answer.status == 404 and answer.maybe_landed:
+        # an earlier attempt may have deleted it: for the client the delete happened
+        return web.Response(status=204, headers={WORKER_HEADER: answer.worker.name})
+    return to_response(answer)
+
+
+async def get_qr(request: web.Request) -> web.Response:
+    return await _session_call(request, "/qr", idempotent=True)
+
+
+async def pairing_code(request: web.Request) -> web.Response:
+    return await _session_call(request, "/pairing-code", idempotent=False)
+
+
+async def restart_session(request: web.Request) -> web.Response:
+    return await _session_call(request, "/restart", idempotent=False)
+
+
+async def logout_session(request: web.Request) -> web.Response:
+    return await _session_call(request, "/logout", idempotent=False)
+
+
+async def session_events(request: web.Request) -> web.StreamResponse:
+    session_id = check_session_id(request.match_info["session_id"])
+    workspace_id = request[CALLER].scope(request.query.get("workspace_id"), own_by_default=False)
+    path = f"/v1/sessions/{session_id}/events{_query(request)}"
+    return await relay(
+        request,
+        request.app[PROXY],
+        _session_plan(request, session_id),
+        path,
+        forward_headers(request, workspace_id),
+        request.app[STREAMS],
+    )
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """The sessions every reachable worker drives now, merged (each worker knows its own)."""
+    workspace_id = request[CALLER].scope(request.query.get("workspace_id"))
+    headers = forward_headers(request, workspace_id)
+    proxy = request.app[PROXY]
+    if proxy.internal_token:
+        headers["Authorization"] = f"Bearer {proxy.internal_token}"
+    workers = [w for w in request.app[MEMBERSHIP].all() if w.routable()]
+    timeout = aiohttp.ClientTimeout(total=min(LIST_TIMEOUT_S, request.app[SETTINGS].proxy_timeout_s))
+
+    async def one(url: str) -> list[dict[str, Any]]:
+        async with proxy.http.get(url + "/v1/sessions", headers=headers, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise WalinkError(f"worker answered {resp.status}")
+            data = await resp.json(loads=orjson.loads)
+        sessions: list[dict[str, Any]] = data.get("sessions") or []
+        return sessions
+
+    results = await asyncio.gather(*(one(w.url) for w in workers), return_exceptions=True)
+    merged: dict[str, dict[str, Any]] = {}
+    failed = []
+    for worker, result in zip(workers, results, strict=True):
+        if isinstance(result, BaseException):
+            failed.append(worker.name)
+            continue
+        for session in result:
+            merged.setdefault(str(session.get("id")), session)
+    return json_response(
+        {"sessions": list(merged.values()), "partial": bool(failed) or not workers, "unreachable": failed}
+    )
+
+
+# ---------------------------------------------------------------------------------- workspace-wide
+async def _workspace_call(request: web.Request, path: str, *, idempotent: bool) -> web.Response:
+    workspace_id = request[CALLER].scope(request.query.get("workspace_id"))
+    body = await request.read() if request.method == "POST" else None
+    headers = forward_headers(request, workspace_id)
+    call = Call(request.method, path + _query(request), headers, body, idempotent)
+    plan = Plan(request.app[ROUTER], Kind.ANY, workspace_id or "default")
+    return to_response(await _forward(request, call, plan))
+
+
+async def list_accounts(request: web.Request) -> web.Response:
+    return await _workspace_call(request, "/v1/accounts", idempotent=True)
+
+
+async def list_events(request: web.Request) -> web.Response:
+    return await _workspace_call(request, "/v1/events", idempotent=True)
+
+
+async def replay_webhooks(request: web.Request) -> web.Response:
+    return await _workspace_call(request, "/v1/webhooks/replay", idempotent=False)
+
+
+# ---------------------------------------------------------------------------------- metrics
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count proxied requests by route and outcome; time them (SSE: until the stream started)."""
+    route = request.match_info.route.name
+    if route is None or not route.startswith("v1."):
+        return await handler(request)
+    started = time.monotonic()
+    outcome = "5xx"
+    try:
+        response = await handler(request)
+        outcome = f"{response.status // 100}xx"
+        return response
+    except WalinkError as exc:
+        outcome = f"{exc.status // 100}xx"
+        raise
+    except web.HTTPException as exc:
+        outcome = f"{exc.status // 100}xx"
+        raise
+    finally:
+        ended = request.get(STARTED_AT, time.monotonic())
+        metrics.GATEWAY_REQUESTS.labels(route, outcome).inc()
+        metrics.GATEWAY_LATENCY.labels(route).observe(ended - started)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/sessions", create_session, name="v1.sessions.create")
+    r.add_get("/v1/sessions", list_sessions, name="v1.sessions.list")
+    r.add_get("/v1/sessions/{session_id}", get_session, name="v1.sessions.get")
+    r.add_delete("/v1/sessions/{session_id}", delete_session, name="v1.sessions.delete")
+    r.add_get("/v1/sessions/{session_id}/qr", get_qr, name="v1.sessions.qr")
+    r.add_get("/v1/sessions/{session_id}/events", session_events, name="v1.sessions.events")
+    r.add_post("/v1/sessions/{session_id}/pairing-code", pairing_code, name="v1.sessions.pairing_code")
+    r.add_post("/v1/sessions/{session_id}/restart", restart_session, name="v1.sessions.restart")
+    r.add_post("/v1/sessions/{session_id}/logout", logout_session, name="v1.sessions.logout")
+    r.add_get("/v1/accounts", list_accounts, name="v1.accounts")
+    r.add_get("/v1/events", list_events, name="v1.events")
+    r.add_post("/v1/webhooks/replay", replay_webhooks, name="v1.webhooks.replay")

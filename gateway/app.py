@@ -1,0 +1,218 @@
+"""The gateway's aiohttp application: one cleanup context per resource, in dependency order.
+
+Start: HTTP client (to the workers) → Postgres (API keys) → Redis (heartbeats, leases) → cluster
+(membership, breakers, ring, health checks: one round before the first request, then every
+``health_interval_s``). SIGTERM/SIGINT: stop listening, end the open event streams (clients
+resume on another gateway), let running requests finish within ``shutdown_deadline_s``, then
+release the resources backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from gateway import api, pages
+from gateway.auth import Authenticator, KeyCache, auth_middleware
+from gateway.breaker import STATE_VALUE, BreakerPolicy, BreakerState
+from gateway.health import HealthChecker, probe_timeout_s, stop
+from gateway.keys import (
+    AUTH,
+    DB,
+    HEALTH,
+    HTTP,
+    MEMBERSHIP,
+    PROXY,
+    REDIS,
+    RING,
+    ROUTER,
+    SETTINGS,
+    STARTED_AT,
+    STREAMS,
+)
+from gateway.membership import Membership, read_heartbeats
+from gateway.proxy import Proxy
+from gateway.ring import Ring
+from gateway.routing import Router, lease_reader
+from gateway.sse import Streams
+from shared import db, metrics
+from shared import store as store_mod
+from shared.redis_keys import Keys
+from shared.settings import Settings
+from shared.web import error_middleware
+
+log = logging.getLogger("walink.gateway")
+
+# connections to one worker; an open event stream holds one for its lifetime
+CONNECTIONS_PER_WORKER = 512
+# below the workers' server keep-alive (aiohttp: 75 s), so a socket is never reused as it closes
+KEEPALIVE_S = 30.0
+
+
+async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=CONNECTIONS_PER_WORKER, keepalive_timeout=KEEPALIVE_S
+    )
+    # no cookie jar: a proxy must never carry one client's cookies to another (and it is faster)
+    async with aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as http:
+        app[HTTP] = http
+        yield
+
+
+async def db_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Postgres for API keys (created and migrated if missing, like the workers do)."""
+    settings = app[SETTINGS]
+    await asyncio.wait_for(db.ensure_database(settings.database_url, timeout_s=settings.db_timeout_s), 30)
+    pool = await asyncio.wait_for(
+        store_mod.open_pool(settings.database_url, timeout_s=settings.db_timeout_s, max_size=5), 30
+    )
+    try:
+        async with pool.acquire() as conn:
+            await asyncio.wait_for(db.migrate(conn), 60)
+        app[DB] = pool
+        app[AUTH] = Authenticator(
+            store_mod.Store(pool).key_scope,
+            dev_api_key=settings.dev_api_key,
+            timeout_s=settings.db_timeout_s,
+            cache=KeyCache(),
+        )
+        yield
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = aioredis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=5,
+    )
+    app[REDIS] = client
+    try:
+        yield
+    finally:
+        await asyncio.wait_for(client.aclose(), 5)
+
+
+def _breaker_gauge(worker: str, state: BreakerState) -> None:
+    metrics.GATEWAY_BREAKER_STATE.labels(worker).set(STATE_VALUE[state])
+
+
+async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Membership, breakers, the ring and the health checks; the proxy that uses them."""
+    settings = app[SETTINGS]
+    keys = Keys(settings.redis_prefix)
+    policy = BreakerPolicy(
+        failures=settings.breaker_failures,
+        failure_rate=settings.breaker_failure_rate,
+        window_s=settings.breaker_window_s,
+        open_s=settings.breaker_open_s,
+    )
+    membership = Membership(settings.workers.split(","), policy, on_breaker_change=_breaker_gauge)
+    ring = Ring()
+    redis = app[REDIS]
+    app[MEMBERSHIP] = membership
+    app[RING] = ring
+    app[ROUTER] = Router(
+        membership,
+        ring,
+        lease_reader(redis, keys, timeout_s=settings.redis_timeout_s),
+        load_bound=settings.load_bound,
+    )
+    app[PROXY] = Proxy(
+        app[HTTP],
+        internal_token=settings.internal_token,
+        timeout_s=settings.proxy_timeout_s,
+        stream_idle_s=2 * settings.sse_keepalive_s + 5,
+        takeover_budget_s=settings.lease_ttl_ms / 1000 + 1,
+    )
+    checker = HealthChecker(
+        app[HTTP],
+        membership,
+        ring,
+        functools.partial(read_heartbeats, redis, keys, timeout_s=settings.redis_timeout_s),
+        interval_s=settings.health_interval_s,
+    )
+    app[HEALTH] = checker
+    try:  # know the workers before the first request; a slow round must not stop the gateway
+        await asyncio.wait_for(
+            checker.round(), probe_timeout_s(settings.health_interval_s) + settings.redis_timeout_s + 1
+        )
+    except TimeoutError:
+        log.warning("the first health round did not finish in time; serving with what is known")
+    log.info(
+        "workers: %s; ring: %s",
+        ", ".join(f"{w.name}{'' if w.reachable else ' (down)'}" for w in membership.all()) or "none",
+        ", ".join(sorted(ring.nodes)) or "empty",
+    )
+    task = asyncio.create_task(checker.run(), name="health-checks")
+    try:
+        yield
+    finally:
+        await stop(task)
+
+
+async def on_shutdown(app: web.Application) -> None:
+    """End the open event streams so the runner need not wait for them (clients resume)."""
+    app[STREAMS].close_all()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware, api.metrics_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[STARTED_AT] = time.monotonic()
+    app[STREAMS] = Streams()
+    app.cleanup_ctx.extend([http_ctx, db_ctx, redis_ctx, cluster_ctx])
+    app.on_shutdown.append(on_shutdown)
+    pages.add_routes(app)
+    api.add_routes(app)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down in order within the deadline."""
+    runner = web.AppRunner(
+        create_app(settings),
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_deadline_s,
+        handler_cancellation=True,  # a client that leaves cancels its upstream call (and stream)
+    )
+    await runner.setup()
+    stop_event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_event.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.gateway_port, reuse_address=True)
+        await site.start()
+        log.info("ready on http://%s:%d", settings.host, settings.gateway_port)
+        await stop_event.wait()
+        log.info("stopping (deadline %.0fs)", settings.shutdown_deadline_s)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def main(settings: Settings | None = None) -> None:
+    from shared.logs import setup_logging
+
+    settings = settings or Settings.from_env()
+    setup_logging(settings.log_level)
+    log.info("gateway %s:%d, workers %s", settings.host, settings.gateway_port, settings.workers)
+    asyncio.run(serve(settings))

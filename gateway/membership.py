@@ -1,0 +1,209 @@
+"""Which workers exist: the configured list plus the workers that heartbeat in Redis.
+
+A worker's heartbeat (``{prefix}worker:{name}``, written by :mod:`worker.membership`) brings its
+URL and whether it is draining. A configured worker without a heartbeat stays known and is
+probed; a worker known only by heartbeat is forgotten when its heartbeat goes. What the gateway
+learns by probing and proxying (reachable, last ``/health``, breaker) lives on :class:`Worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.breaker import Breaker, BreakerPolicy, BreakerState
+from shared.redis_keys import Keys
+
+log = logging.getLogger("walink.gateway.membership")
+
+Clock = Callable[[], float]
+
+# a placement stays counted this long at most, even when no health report comes to replace it
+PLACEMENT_MEMORY_S = 30.0
+# placements younger than this at a probe's start may not be in that probe's report yet
+REPORT_LAG_S = 1.0
+
+
+def parse_worker(entry: str) -> tuple[str, str]:
+    """``host:port`` (or ``http://host:port``) → (name, base URL)."""
+    entry = entry.strip().rstrip("/")
+    if entry.startswith(("http://", "https://")):
+        return entry.split("://", 1)[1], entry
+    return entry, f"http://{entry}"
+
+
+@dataclass(eq=False)
+class Worker:
+    name: str
+    url: str
+    configured: bool
+    breaker: Breaker
+    heartbeat: dict[str, Any] | None = None
+    draining: bool = False
+    reachable: bool | None = None  # None: not probed yet
+    health: dict[str, Any] | None = None
+    health_status: int | None = None
+    checked_at: float | None = None
+    probe_ms: float | None = None
+    error: str | None = None
+    reported_in_flight: int = 0
+    placements: deque[float] = field(default_factory=deque)
+
+    @property
+    def tripped(self) -> bool:
+        return self.breaker.state is BreakerState.OPEN
+
+    @property
+    def up(self) -> bool:
+        """Reachable as far as we know and not cut off by its breaker."""
+        return self.reachable is not False and not self.tripped
+
+    @property
+    def takes_new_sessions(self) -> bool:
+        return self.up and not self.draining
+
+    def routable(self) -> bool:
+        """May a request go there now (its breaker would let one through)?"""
+        return self.reachable is not False and self.breaker.available()
+
+    def in_flight(self, now: float) -> int:
+        """Linkings in flight: the last report plus placements that report cannot include yet."""
+        while self.placements and self.placements[0] < now - PLACEMENT_MEMORY_S:
+            self.placements.popleft()
+        return self.reported_in_flight + len(self.placements)
+
+    def placed(self, now: float) -> None:
+        self.placements.append(now)
+
+    def unplaced(self) -> None:
+        if self.placements:
+            self.placements.pop()
+
+    def report(self, health: dict[str, Any], *, probe_started: float) -> None:
+        """A ``/health`` answer: in-flight = sessions in QR + cold starts running or queued."""
+        self.health = health
+        sessions = health.get("sessions") or {}
+        queue = health.get("queue") or {}
+        self.reported_in_flight = (
+            _int(sessions.get("qr_scanning")) + _int(queue.get("waiting")) + _int(queue.get("active"))
+        )
+        horizon = probe_started - REPORT_LAG_S
+        while self.placements and self.placements[0] < horizon:
+            self.placements.popleft()
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+class Membership:
+    def __init__(
+        self,
+        configured: Iterable[str],
+        policy: BreakerPolicy,
+        *,
+        clock: Clock = time.monotonic,
+        on_breaker_change: Callable[[str, BreakerState], None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.clock = clock
+        self._on_breaker_change = on_breaker_change
+        self.workers: dict[str, Worker] = {}
+        self._aliases: dict[str, Worker] = {}  # configured entries known by another name now
+        for entry in configured:
+            if entry.strip():
+                name, url = parse_worker(entry)
+                self.workers[name] = self._new(name, url, configured=True)
+
+    def _new(self, name: str, url: str, *, configured: bool) -> Worker:
+        hook = self._on_breaker_change
+
+        def changed(state: BreakerState) -> None:
+            log.info("worker %s: breaker %s", name, state.value)
+            if hook is not None:
+                hook(name, state)
+
+        return Worker(name, url, configured, Breaker(self.policy, clock=self.clock, on_change=changed))
+
+    def get(self, name: str) -> Worker | None:
+        return self.workers.get(name)
+
+    def all(self) -> list[Worker]:
+        return sorted(self.workers.values(), key=lambda w: w.name)
+
+    def for_new_sessions(self) -> list[Worker]:
+        return [w for w in self.all() if w.takes_new_sessions]
+
+    def apply_heartbeats(self, beats: dict[str, dict[str, Any]]) -> None:
+        """Bring the worker list in line with the heartbeats read from Redis.
+
+        A configured ``host:port`` whose process heartbeats under another name (``worker_name``)
+        is the same worker: it is set aside while that heartbeat lives, so it is not counted twice."""
+        urls: dict[str, str] = {}
+        for name, beat in beats.items():
+            url = str(beat.get("url") or parse_worker(name)[1]).rstrip("/")
+            urls[url] = name
+            worker = self.workers.get(name) or self._aliases.pop(name, None)
+            if worker is None:
+                log.info("worker %s joined (%s)", name, url)
+                worker = self._new(name, url, configured=False)
+            self.workers[name] = worker
+            draining = bool(beat.get("draining"))
+            if draining and not worker.draining:
+                log.info("worker %s is draining: no new sessions", name)
+            worker.url = url
+            worker.heartbeat = beat
+            worker.draining = draining
+        for name, worker in list(self.workers.items()):
+            if name in beats:
+                continue
+            if not worker.configured:
+                log.info("worker %s left (no heartbeat)", name)
+                del self.workers[name]
+            elif worker.url in urls:
+                log.info("worker %s heartbeats as %s", name, urls[worker.url])
+                self._aliases[name] = self.workers.pop(name)
+            else:
+                worker.heartbeat = None
+                worker.draining = False
+        for name, worker in list(self._aliases.items()):
+            if worker.url not in urls:
+                self.workers[name] = self._aliases.pop(name)
+
+
+async def read_heartbeats(
+    redis: aioredis.Redis, keys: Keys, *, timeout_s: float
+) -> dict[str, dict[str, Any]] | None:
+    """Every live heartbeat by worker name; None when Redis cannot tell (keep what we know)."""
+
+    async def read() -> dict[str, dict[str, Any]]:
+        found = [k async for k in redis.scan_iter(match=keys.workers_pattern(), count=200)]
+        if not found:
+            return {}
+        values = await redis.mget(found)
+        beats: dict[str, dict[str, Any]] = {}
+        for raw in values:
+            if raw is None:
+                continue
+            try:
+                beat = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(beat, dict) and isinstance(beat.get("name"), str):
+                beats[beat["name"]] = beat
+        return beats
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.debug("heartbeats not read: %s", exc)
+        return None

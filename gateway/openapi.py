@@ -1,0 +1,590 @@
+"""The public API as an OpenAPI 3.1 document (hand-written), and a plain HTML page of it.
+
+The page is rendered on the server from the same document: a table of paths, methods and
+descriptions, then the schemas — no script, no CDN (the network may be closed).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+import orjson
+
+JSON = "application/json"
+
+SESSION_ID = {
+    "name": "session_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{2,63}$"},
+}
+WORKSPACE_QUERY = {
+    "name": "workspace_id",
+    "in": "query",
+    "required": False,
+    "description": "Admin keys only: the workspace to act on. A workspace key may only name its own.",
+    "schema": {"type": "string", "maxLength": 64},
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"$ref": f"#/components/responses/E{s}"} for s in statuses}
+
+
+def _op(
+    summary: str,
+    description: str,
+    responses: dict[str, Any],
+    *,
+    tag: str = "sessions",
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    errors: tuple[int, ...] = (400, 401, 404, 503),
+    security: bool = True,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "tags": [tag],
+        "summary": summary,
+        "description": description,
+        "responses": responses | _errors(*errors),
+    }
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {"required": False, "content": {JSON: {"schema": body}}}
+    if not security:
+        op["security"] = []
+    return op
+
+
+SSE_DESCRIPTION = (
+    "Server-sent events of one session. Each frame is `id: <seq>`, `event: <name>`, "
+    "`data: <json>`; the events are `status`, `qr`, `session_authenticated`, `session_ready`, "
+    "`session_disconnected` and `session_failed`. A new listener first gets the latest `status` "
+    "and, while linking, the latest `qr`. Send `Last-Event-ID` (or `?after=<seq>`) to resume "
+    "after an event: every committed event after it is replayed, then live events follow. "
+    "Comment lines (`: keepalive`) arrive every 15 s. Through the gateway the stream survives "
+    "a worker restart or crash: it is resumed on the session's next worker without a gap."
+)
+
+WEBHOOK_DESCRIPTION = (
+    "Webhooks (`qr_code_generated`, `session_authenticated`, `session_ready`, "
+    "`session_disconnected`, `session_failed`) are POSTed as JSON with the headers "
+    "`X-Walink-Event`, `X-Walink-Event-Id` and `X-Walink-Signature: t=<unix>,v1=<hex>` where "
+    "`hex = HMAC-SHA256(workspace secret, t + '.' + raw body)`. Check the signature over the exact "
+    "bytes received, in constant time, and refuse a `t` older than 5 minutes. Delivery is at least "
+    "once (deduplicate on `event_id`), with exponential backoff and jitter; after the retry budget "
+    "an event is dead-lettered and can be replayed with `POST /v1/webhooks/replay`."
+)
+
+
+def document() -> dict[str, Any]:
+    sessions_tag = {"name": "sessions", "description": "Link a WhatsApp account by QR code or pairing code."}
+    paths: dict[str, Any] = {
+        "/v1/sessions": {
+            "post": _op(
+                "Add an account (start a linking session)",
+                "Creates a session and starts its browser; the QR follows on the event stream and at "
+                "`qr_url`. The gateway chooses the id unless one is given; the create is idempotent "
+                "for that id.",
+                {"201": _json(_ref("Created"), "The session, starting")},
+                body=_ref("CreateSession"),
+                errors=(400, 401, 404, 409, 413, 503),
+            ),
+            "get": _op(
+                "Sessions driven now",
+                "The sessions the workers drive right now (not hibernated or ended ones: see "
+                "`/v1/accounts`). `partial` is true when a worker could not be asked.",
+                {"200": _json(_ref("SessionList"), "Sessions")},
+                params=[WORKSPACE_QUERY],
+            ),
+        },
+        "/v1/sessions/{session_id}": {
+            "get": _op(
+                "A session",
+                "Status, phone number as soon as it is known, history of transitions, timings.",
+                {"200": _json(_ref("Session"), "The session")},
+                params=[SESSION_ID],
+            ),
+            "delete": _op(
+                "Delete a session",
+                "Ends the browser, unlinks the device if linked, removes the profile.",
+                {"204": {"description": "Deleted"}},
+                params=[SESSION_ID],
+            ),
+        },
+        "/v1/sessions/{session_id}/qr": {
+            "get": _op(
+                "The current QR",
+                "By `Accept` (`image/png`, `image/svg+xml`, `application/json`) or `?format=png|svg|raw`. "
+                "409 `invalid_state` when the session shows no QR.",
+                {
+                    "200": {
+                        "description": "The QR",
+                        "content": {
+                            "image/png": {"schema": {"type": "string", "format": "binary"}},
+                            "image/svg+xml": {"schema": {"type": "string"}},
+                            JSON: {"schema": _ref("Qr")},
+                        },
+                    }
+                },
+                params=[
+                    SESSION_ID,
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["png", "svg", "raw"]},
+                    },
+                ],
+                errors=(400, 401, 404, 409, 503),
+            ),
+        },
+        "/v1/sessions/{session_id}/events": {
+            "get": _op(
+                "Event stream (SSE)",
+                SSE_DESCRIPTION,
+                {
+                    "200": {
+                        "description": "text/event-stream",
+                        "content": {"text/event-stream": {"schema": _ref("Event")}},
+                    }
+                },
+                params=[
+                    SESSION_ID,
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                ],
+            ),
+        },
+        "/v1/sessions/{session_id}/pairing-code": {
+            "post": _op(
+                "Link without a camera",
+                "An 8-character code to type on the phone (WhatsApp → Linked devices → Link with phone "
+                "number).",
+                {"200": _json(_ref("PairingCode"), "The code")},
+                params=[SESSION_ID],
+                body={
+                    "type": "object",
+                    "required": ["phone_number"],
+                    "properties": {"phone_number": {"type": "string", "examples": ["12025550108"]}},
+                },
+                errors=(400, 401, 404, 409, 502, 503),
+            ),
+        },
+        "/v1/sessions/{session_id}/restart": {
+            "post": _op(
+                "Restart",
+                "A linked session reconnects from its profile (no scan); a linking one gets a fresh QR.",
+                {"202": _json(_ref("Created"), "Restarting")},
+                params=[SESSION_ID],
+            ),
+        },
+        "/v1/sessions/{session_id}/logout": {
+            "post": _op(
+                "Log out",
+                "Unlinks the device from the phone; the session ends `logged_out`.",
+                {"200": _json(_ref("Session"), "Logged out")},
+                params=[SESSION_ID],
+            ),
+        },
+        "/v1/accounts": {
+            "get": _op(
+                "Linked accounts",
+                "The workspace's accounts with the seed's status (`pending`, `connected`, `disconnected`, "
+                "`failed`), phone, primary flag.",
+                {"200": _json(_ref("AccountList"), "Accounts")},
+                tag="accounts",
+                params=[WORKSPACE_QUERY],
+                errors=(400, 401, 404, 503),
+            ),
+        },
+        "/v1/events": {
+            "get": _op(
+                "Committed events (the outbox)",
+                "Every event of the workspace with `id > after`, in order; page with `next_after`.",
+                {"200": _json(_ref("EventPage"), "Events")},
+                tag="events",
+                params=[
+                    WORKSPACE_QUERY,
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                ],
+                errors=(400, 401, 404, 503),
+            ),
+        },
+        "/v1/webhooks/replay": {
+            "post": _op(
+                "Replay webhooks",
+                "Delivers dead-lettered (or the given) events again. " + WEBHOOK_DESCRIPTION,
+                {"200": _json({"type": "object", "properties": {"replayed": {"type": "integer"}}}, "Queued")},
+                tag="events",
+                params=[WORKSPACE_QUERY],
+                body={
+                    "type": "object",
+                    "properties": {"event_ids": {"type": "array", "items": {"type": "string"}}},
+                },
+                errors=(400, 401, 404, 502, 503),
+            ),
+        },
+        "/health": {
+            "get": _op(
+                "Gateway health",
+                "This gateway process: always answers while it runs.",
+                {"200": _json({"type": "object"}, "Health")},
+                tag="operations",
+                errors=(),
+                security=False,
+            ),
+        },
+        "/health/cluster": {
+            "get": _op(
+                "Cluster health",
+                "Every worker's `/health` (the seed's shape: status, uptime, memory, sessions, performance; "
+                "plus queue, pool, worker) with its breaker state, ring share, owned sessions and queue "
+                "depth. `status` is `healthy`, `degraded` (a worker is down, tripped or draining) or "
+                "`down` (none can serve). Answers 200 even when workers are down. Admin key (open in "
+                "development, when a dev key is configured).",
+                {"200": _json(_ref("ClusterHealth"), "Cluster")},
+                tag="operations",
+                errors=(401, 403),
+            ),
+        },
+        "/metrics": {
+            "get": _op(
+                "Prometheus metrics",
+                "Requests by route and outcome, latency, retries, failovers, breaker states, workers up.",
+                {
+                    "200": {
+                        "description": "text/plain",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                tag="operations",
+                errors=(),
+                security=False,
+            ),
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "walink",
+            "version": "1",
+            "description": (
+                "Link WhatsApp accounts by QR code and keep the linked sessions alive. Authenticate with "
+                "`Authorization: Bearer <API key>` or `X-API-Key`. Errors are JSON "
+                '`{"error": {"code", "message"}}`. ' + WEBHOOK_DESCRIPTION
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "tags": [
+            sessions_tag,
+            {"name": "accounts", "description": "Linked accounts of the workspace."},
+            {"name": "events", "description": "The event record and webhooks."},
+            {"name": "operations", "description": "Health and metrics."},
+        ],
+        "paths": paths,
+        "webhooks": {
+            "sessionEvent": {
+                "post": {
+                    "summary": "A session event, delivered to the workspace's (or the session's) webhook URL",
+                    "description": WEBHOOK_DESCRIPTION,
+                    "parameters": [
+                        {
+                            "name": "X-Walink-Signature",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "X-Walink-Event",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "X-Walink-Event-Id",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "requestBody": {"content": {JSON: {"schema": _ref("Webhook")}}},
+                    "responses": {"2XX": {"description": "Received; any other answer is retried"}},
+                }
+            }
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+            "responses": {
+                f"E{status}": _json(_ref("Error"), text)
+                for status, text in {
+                    400: "Invalid input",
+                    401: "Missing or invalid API key",
+                    403: "Not allowed for this key",
+                    404: "Not found (in the caller's workspace)",
+                    409: "Conflict: invalid_state, session_exists",
+                    413: "Body too large",
+                    502: "Upstream error",
+                    503: "Unavailable: no_worker_available, unavailable",
+                    504: "Upstream timeout",
+                }.items()
+            },
+            "schemas": SCHEMAS,
+        },
+    }
+
+
+STATUSES = [
+    "starting",
+    "qr",
+    "authenticated",
+    "passkey_required",
+    "ready",
+    "hibernated",
+    "logged_out",
+    "expired",
+    "failed",
+    "deleted",
+]
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "examples": ["session_not_found", "invalid_state"]},
+                    "message": {"type": "string"},
+                },
+            }
+        },
+    },
+    "CreateSession": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{2,63}$"},
+            "workspace_id": {"type": "string", "description": "Admin keys only (else your own)"},
+            "label": {"type": "string", "maxLength": 200},
+            "webhook_url": {"type": "string", "format": "uri"},
+            "metadata": {"type": "object", "description": "Echoed in every webhook of the session"},
+        },
+    },
+    "Created": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": STATUSES},
+            "qr_url": {"type": "string"},
+            "events_url": {"type": "string"},
+        },
+    },
+    "Session": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "workspace_id": {"type": "string"},
+            "status": {"type": "string", "enum": STATUSES},
+            "reason": {"type": "string"},
+            "phone_number": {"type": ["string", "null"]},
+            "push_name": {"type": ["string", "null"]},
+            "is_primary": {"type": "boolean"},
+            "label": {"type": ["string", "null"]},
+            "metadata": {"type": "object"},
+            "worker": {"type": ["string", "null"], "description": "The worker driving it"},
+            "history": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "status": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "at_ms": {"type": "integer"},
+                    },
+                },
+            },
+            "timings": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "qr_url": {"type": "string"},
+            "events_url": {"type": "string"},
+        },
+    },
+    "SessionList": {
+        "type": "object",
+        "properties": {
+            "sessions": {"type": "array", "items": _ref("Session")},
+            "partial": {"type": "boolean"},
+        },
+    },
+    "Qr": {
+        "type": "object",
+        "properties": {
+            "qr": {"type": "string", "description": "The raw string the phone scans"},
+            "expires_at_ms": {"type": "integer"},
+            "n": {"type": "integer"},
+        },
+    },
+    "PairingCode": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "examples": ["ABCD-EFGH"]},
+            "phone_number": {"type": "string"},
+        },
+    },
+    "Event": {
+        "type": "object",
+        "description": "The `data:` of an SSE frame; `event:` is its type (`qr` for QR codes).",
+        "properties": {
+            "seq": {"type": "integer"},
+            "type": {
+                "type": "string",
+                "enum": [
+                    "status",
+                    "qr_code_generated",
+                    "session_authenticated",
+                    "session_ready",
+                    "session_disconnected",
+                    "session_failed",
+                ],
+            },
+            "event_id": {"type": "string"},
+            "at_ms": {"type": "integer"},
+            "session_id": {"type": "string"},
+            "status": {"type": "string", "description": "status events"},
+            "reason": {"type": "string"},
+            "qr": {"type": "string", "description": "qr events"},
+            "phone_number": {"type": "string", "description": "session_ready"},
+            "push_name": {"type": "string"},
+        },
+    },
+    "Account": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": ["pending", "connected", "disconnected", "failed"]},
+            "session_status": {"type": "string", "enum": STATUSES},
+            "phone_number": {"type": ["string", "null"]},
+            "push_name": {"type": ["string", "null"]},
+            "is_primary": {"type": "boolean"},
+            "label": {"type": ["string", "null"]},
+            "metadata": {"type": "object"},
+            "created_at_ms": {"type": "integer"},
+            "updated_at_ms": {"type": "integer"},
+        },
+    },
+    "AccountList": {
+        "type": "object",
+        "properties": {"accounts": {"type": "array", "items": _ref("Account")}},
+    },
+    "EventPage": {
+        "type": "object",
+        "properties": {
+            "events": {"type": "array", "items": {"type": "object"}},
+            "next_after": {"type": "integer"},
+        },
+    },
+    "Webhook": {
+        "type": "object",
+        "properties": {
+            "event_id": {"type": "string", "format": "uuid"},
+            "event": {"type": "string"},
+            "seq": {"type": "integer"},
+            "session_id": {"type": "string"},
+            "workspace_id": {"type": "string"},
+            "occurred_at_ms": {"type": "integer"},
+            "metadata": {"type": "object"},
+            "data": {"type": "object"},
+        },
+    },
+    "ClusterHealth": {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["healthy", "degraded", "down"]},
+            "workers_total": {"type": "integer"},
+            "workers_up": {"type": "integer"},
+            "workers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "status": {"type": "string"},
+                        "reachable": {"type": "boolean"},
+                        "draining": {"type": "boolean"},
+                        "breaker": {"type": "object"},
+                        "ring_share": {"type": "number"},
+                        "sessions_owned": {"type": ["integer", "null"]},
+                        "queue_depth": {"type": ["integer", "null"]},
+                        "health": {"type": ["object", "null"]},
+                    },
+                },
+            },
+        },
+    },
+}
+
+METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with its `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def render_html(doc: dict[str, Any]) -> str:
+    """A readable page of the document: a table of every operation, then the JSON itself."""
+    esc = html.escape
+    rows = []
+    for path, item in doc["paths"].items():
+        for method in METHODS:
+            op = item.get(method)
+            if op is None:
+                continue
+            codes = ", ".join(sorted(op.get("responses", {})))
+            rows.append(
+                f"<tr><td class=m>{method.upper()}</td><td><code>{esc(path)}</code></td>"
+                f"<td><b>{esc(op.get('summary', ''))}</b><br>{_inline(op.get('description', ''))}</td>"
+                f"<td class=c>{esc(codes)}</td></tr>"
+            )
+    info = doc["info"]
+    schema_json = esc(orjson.dumps(doc["components"]["schemas"], option=orjson.OPT_INDENT_2).decode())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(info["title"])} API</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #1b1f23; }}
+table {{ border-collapse: collapse; width: 100%; }} td, th {{ border-top: 1px solid #d0d7de;
+padding: .45rem; vertical-align: top; text-align: left; }} .m {{ font-weight: 700; width: 4rem; }}
+.c {{ color: #57606a; width: 9rem; }}
+code, pre {{ background: #f6f8fa; border-radius: 4px; padding: 0 .25rem; }}
+pre {{ padding: .8rem; overflow: auto; max-height: 40rem; }}
+</style></head><body>
+<h1>{esc(info["title"])} API <small>v{esc(info["version"])}</small></h1>
+<p>{_inline(info["description"])}</p>
+<p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI {esc(doc["openapi"])}).</p>
+<table><tr><th>Method</th><th>Path</th><th>What it does</th><th>Answers</th></tr>
+{"".join(rows)}
+</table>
+<h2>Schemas</h2><pre>{schema_json}</pre>
+</body></html>
+"""
