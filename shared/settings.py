@@ -73,7 +73,8 @@ class Settings:
     # AES-256-GCM key of profile snapshots: base64 of 32 bytes (empty: snapshots disabled)
     snapshot_key: str = field(default="", repr=False)
     # a snapshot of a ready session's live profile this long after ready, for crash failover
-    live_snapshot_delay_s: float = 2.0
+    # (Chromium commits localStorage to disk in batches up to ~5 s late, so not sooner)
+    live_snapshot_delay_s: float = 8.0
     # --- hibernation (the seed's LRU of 20 and 5-minute idle timeout)
     idle_timeout_s: float = 300.0
     max_active_sessions: int = 20

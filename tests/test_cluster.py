@@ -49,15 +49,7 @@ class Cluster:
         return f"127.0.0.1:{port}"
 
     async def start_worker(self, port: int) -> WorkerProcess:
-        proc = WorkerProcess(
-            self.tmp_path,
-            self.sim,
-            port,
-            self.pg_dsn,
-            self.redis_prefix,
-            WALINK_HEARTBEAT_TTL_MS="1500",
-            WALINK_LEASE_TTL_MS="4000",
-        )
+        proc = WorkerProcess(self.tmp_path, self.sim, port, self.pg_dsn, self.redis_prefix)
         await proc.start()
         self.workers[port] = proc
         return proc
@@ -139,13 +131,14 @@ async def cluster(
         dev_api_key=API_KEY,
         health_interval_s=0.3,
         breaker_open_s=1.0,
-        heartbeat_ttl_ms=1500,
     )
     c.gateway = await aiohttp_client(create_gateway(settings))
     await c.eventually(c.cluster_health, lambda h: sum(1 for w in h["workers"] if w.get("reachable")) == 4)
     try:
         yield c
     finally:
+        for port, proc in c.workers.items():  # shown by pytest when the test failed
+            print(f"--- worker {port} log (tail)\n" + "".join(proc.log[-60:]))
         for proc in c.workers.values():
             if proc.proc is not None and proc.proc.returncode is None:
                 proc.proc.send_signal(signal.SIGCONT)

@@ -168,3 +168,20 @@ def rss_of_group(pgid: int) -> int:
         except (OSError, ValueError):
             continue
     return total
+
+
+def pss_by_group(pgids: set[int]) -> dict[int, int]:
+    """Proportional set size (bytes) of each process group, in one pass over /proc."""
+    totals = dict.fromkeys(pgids, 0)
+    for proc in _processes():
+        if proc.pgid not in totals:
+            continue
+        try:
+            with open(f"/proc/{proc.pid}/smaps_rollup", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Pss:"):
+                        totals[proc.pgid] += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError):
+            continue
+    return totals

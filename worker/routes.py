@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import time
@@ -17,8 +18,8 @@ from shared.ids import check_session_id, normalize_phone
 from shared.models import SessionStatus
 from shared.settings import Settings
 from shared.web import check_keys, json_response, optional_str, read_json_object
-from worker import qr_image, sse
-from worker.keys import DISPATCHER, MANAGER, POOL, QUEUE, SETTINGS, STARTED_AT
+from worker import chromium, qr_image, sse
+from worker.keys import DISPATCHER, MANAGER, POOL, QUEUE, REMOTE_STREAMS, SETTINGS, STARTED_AT
 from worker.session import Session
 from worker.sessions import SessionManager
 
@@ -152,15 +153,23 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     if session is not None:  # woken here
         return await sse.stream_local(request, session, manager.store.pool, keepalive_s=keepalive_s)
     durable = manager.durable
-    return await sse.stream_remote(
-        request,
-        sid,
-        str(body["status"]),
-        manager.store.pool,
-        durable.redis,
-        durable.keys.events(sid),
-        keepalive_s=keepalive_s,
-    )
+    task = asyncio.current_task()
+    streams = request.app[REMOTE_STREAMS]
+    if task is not None:
+        streams.add(task)  # ended at shutdown (local streams end with their sessions' subscribers)
+    try:
+        return await sse.stream_remote(
+            request,
+            sid,
+            str(body["status"]),
+            manager.store.pool,
+            durable.redis,
+            durable.keys.events(sid),
+            keepalive_s=keepalive_s,
+        )
+    finally:
+        if task is not None:
+            streams.discard(task)
 
 
 async def pairing_code(request: web.Request) -> web.Response:
@@ -256,11 +265,29 @@ async def replay_webhooks(request: web.Request) -> web.Response:
     return json_response({"replayed": replayed})
 
 
-def memory_info(manager: SessionManager) -> dict[str, int]:
-    with open("/proc/self/statm") as fh:
-        rss_pages = int(fh.read().split()[1])
-    browsers = sum(slot.memory_bytes() for slot in manager.browsers())
-    return {"rss": rss_pages * os.sysconf("SC_PAGE_SIZE"), "browsers_pss": browsers}
+_MEMORY_CACHE_S = 2.0
+_memory_cache: dict[str, Any] = {"at": 0.0, "browsers_pss": 0}
+
+
+def _own_rss_pages() -> int:
+    with open("/proc/self/statm") as fh:  # procfs: answers from memory, never blocks
+        return int(fh.read().split()[1])
+
+
+def _browsers_pss(pgids: set[int]) -> int:
+    return sum(chromium.pss_by_group(pgids).values())
+
+
+async def memory_info(manager: SessionManager) -> dict[str, int]:
+    """This process's RSS and its browsers' PSS; the /proc walk runs in a thread, at most every 2 s
+    (health checks come every second and a /proc walk over many browsers is not free)."""
+    rss_pages = _own_rss_pages()
+    now = time.monotonic()
+    if now - float(_memory_cache["at"]) > _MEMORY_CACHE_S:
+        pgids = {slot.pid for slot in manager.browsers() if slot.pid}
+        _memory_cache["browsers_pss"] = await asyncio.to_thread(_browsers_pss, pgids)
+        _memory_cache["at"] = now
+    return {"rss": rss_pages * os.sysconf("SC_PAGE_SIZE"), "browsers_pss": int(_memory_cache["browsers_pss"])}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -269,7 +296,7 @@ async def health(request: web.Request) -> web.Response:
     sessions = manager.stats()
     queue = app[QUEUE].stats()
     pool = app[POOL].stats()
-    memory = memory_info(manager)
+    memory = await memory_info(manager)
     metrics.BROWSER_MEMORY.set(memory["browsers_pss"])
     status = "shutting_down" if manager.closing else "healthy"
     body = {
@@ -298,7 +325,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     by_status = manager.stats()["by_status"]
     for status in SessionStatus:  # every status, so one that emptied reads 0, not its last value
         metrics.SESSIONS.labels(status.value).set(by_status.get(status.value, 0))
-    metrics.BROWSER_MEMORY.set(sum(slot.memory_bytes() for slot in manager.browsers()))
+    metrics.BROWSER_MEMORY.set((await memory_info(manager))["browsers_pss"])
     queue = app[QUEUE]
     metrics.QUEUE_ACTIVE.set(queue.active)
     metrics.QUEUE_WAITING.set(queue.waiting)

@@ -128,16 +128,15 @@ class SessionManager:
         return rec
 
     async def describe(self, session_id: str, workspace_id: str | None) -> dict[str, Any]:
-        """The API view: from memory when driven here, else from the Redis cache, else Postgres.
-
-        A request for a hibernated session wakes it (here, from its snapshot)."""
+        """The API view: from memory when driven here, else the Redis cache while its owner is alive,
+        else Postgres. A request for a hibernated or orphaned session takes it over and wakes it."""
         session = self.local(session_id, workspace_id)
         if session is None:
             cached = await self.durable.cache_get(session_id)
             if (
                 cached is not None
-                and cached.get("status") != S.HIBERNATED
                 and (workspace_id is None or cached.get("workspace_id") == workspace_id)
+                and await self._cache_still_true(cached)
             ):
                 return cached
             rec = await self._record(session_id, workspace_id)
@@ -153,6 +152,16 @@ class SessionManager:
         if session.status == S.HIBERNATED:
             await self.wake(session)
         return session.public(self.name)
+
+    async def _cache_still_true(self, cached: dict[str, Any]) -> bool:
+        """A cached view holds while it is final, or while its worker still holds the lease."""
+        status = cached.get("status")
+        if status in ENDED:
+            return True
+        if status == S.HIBERNATED:
+            return False  # a request wakes it
+        owner = cached.get("worker")
+        return bool(owner) and await self.durable.lease_owner(str(cached["id"])) == owner
 
     async def for_command(self, session_id: str, workspace_id: str | None) -> Session:
         """A session this worker can act on: driven here, or taken over (hibernated or orphaned)."""
@@ -410,6 +419,7 @@ class SessionManager:
             metrics.PHONE_SECONDS.observe(elapsed / 1000)
             metrics.LINKS.labels("linked", Reason.SYNCED.value).inc()
         session.transition(S.READY, Reason.RESTORED if restoring else Reason.SYNCED)
+        session.touch()  # becoming ready is a use: the idle clock starts here
         self._disarm(session)
         session.publish(
             EventType.SESSION_READY,
@@ -728,7 +738,8 @@ class SessionManager:
 
     async def _live_snapshot(self, session: Session) -> None:
         """Shortly after ready, snapshot the live profile so any worker can restore the session if
-        this one dies without a goodbye (DOM storage commits lag writes by up to a few seconds)."""
+        this one dies without a goodbye. Not at once: Chromium commits localStorage (where WhatsApp
+        keeps WANoiseInfo) to disk in batches up to ~5 s late; a copy taken sooner shows a QR."""
         await asyncio.sleep(self.settings.live_snapshot_delay_s)
         if session.status != S.READY or session.slot is None or self.snapshot_key is None:
             return

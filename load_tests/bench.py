@@ -1,0 +1,1280 @@
+"""``python -m load_tests.bench`` (``make bench``): walink against the seed architecture, same run.
+
+Every figure of DESIGN.md's "Targets" is a named step. Each step starts what it needs through
+:mod:`load_tests.harness` (simulator, real ``python -m worker`` processes, the gateway when it
+exists, a throwaway Postgres database and Redis prefix), measures walink as a client would see it
+(HTTP + server-sent events, no polling) and, where the figure has one, the baseline of
+:mod:`load_tests.baseline` (the seed: a new Chromium per session, a fixed 2.5 s wait then 500 ms
+polling for the phone, a client polling every 3 s) in the same run, interleaved sample by sample.
+
+Output: one progress line per step and sample on stderr; a table of medians/p95 and ratios on
+stdout, then the same results as one JSON document (also written to ``--json FILE``).
+Percentiles are nearest-rank. Exit status 1 when a step failed (2 for bad arguments).
+
+    python -m load_tests.bench                       # everything (about 10-15 minutes)
+    python -m load_tests.bench --quick               # a few samples of everything
+    python -m load_tests.bench --only qr_warm,phone --samples 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from load_tests.baseline import FIXED_WAIT_S, SEED_ARGS, SeedBaseline, SeedSession
+from load_tests.client import Api, ClientError, is_qr, is_ready, link, wait_pool_full
+from load_tests.client import WebhookReceiver as Receiver
+from load_tests.harness import Gateway, Harness, HarnessConfig, Worker, chromium_version, gateway_available
+
+STEPS = ("qr_warm", "phone", "burst50", "memory", "wake", "webhooks", "gateway", "failover")
+
+WAIT_S = 60.0  # how long a client waits for one event before calling it lost (not a speed check)
+POOL_WAIT_S = 120.0  # a realistic-profile refill on a loaded 2-core machine
+STEP_TIMEOUT_S = 1800.0
+MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------- numbers
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary(values: list[float], digits: int = 4) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "p50": round(statistics.median(values), digits),
+        "p95": round(pct(values, 95), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "mean": round(statistics.fmean(values), digits),
+        "samples": [round(v, digits) for v in values],
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return round(numerator / denominator, 2)
+
+
+def fmt_s(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 1000:.0f} ms" if abs(value) < 1 else f"{value:.2f} s"
+
+
+def fmt_ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f} ms"
+
+
+def fmt_mb(value: float | None) -> str:
+    return "—" if value is None else f"{value / MB:.1f} MB"
+
+
+def fmt_kb(value: float | None) -> str:
+    return "—" if value is None else f"{value / 1024:.1f} KB"
+
+
+def fmt_x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}x"
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class Row:
+    figure: str
+    metric: str
+    walink: str
+    baseline: str = ""
+    ratio: str = ""
+    target: str = ""
+    ok: bool | None = None
+
+
+class SkipStep(Exception):
+    """The step cannot run here (e.g. no gateway yet); recorded, not an error."""
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    only: tuple[str, ...] = STEPS
+    samples: int | None = None
+    json_path: Path | None = None
+    burst_size: int | None = None
+    burst_via: str = "auto"
+    hibernated: int | None = None
+    webhook_sessions: int | None = None
+    gateway_requests: int | None = None
+    gateway_concurrency: int = 16
+    failover_sessions: int | None = None
+    seed: int = field(default_factory=lambda: random.SystemRandom().randrange(2**31))
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    chromium: Path = field(default_factory=lambda: Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")))
+    pg: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    redis: str = "redis://127.0.0.1:6379/0"
+    set_env: dict[str, str] = field(default_factory=dict)
+
+
+class Bench:
+    """The run's shared state: the harness, the baseline, the shared worker, the results."""
+
+    def __init__(self, opts: Options, harness: Harness, started: float) -> None:
+        self.opts = opts
+        self.h = harness
+        self.rng = random.Random(opts.seed)
+        self.started = started
+        self.rows: list[Row] = []
+        self.figures: dict[str, dict[str, Any]] = {}
+        self.errors: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.durations: dict[str, float] = {}
+        self._baseline: SeedBaseline | None = None
+        self._standard: Worker | None = None
+        self._phones = 0
+
+    # ----- helpers
+    def progress(self, msg: str) -> None:
+        print(f"[bench {time.monotonic() - self.started:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def count(self, full: int, quick: int) -> int:
+        """How many samples of a timed figure (``--samples`` overrides)."""
+        if self.opts.samples is not None:
+            return max(1, self.opts.samples)
+        return quick if self.opts.quick else full
+
+    def size(self, full: int, quick: int, override: int | None) -> int:
+        """A workload size (sessions, requests): its own option, not ``--samples``."""
+        if override is not None:
+            return max(1, override)
+        return quick if self.opts.quick else full
+
+    def phone(self) -> str:
+        """A phone number never used before in this run (12 digits)."""
+        self._phones += 1
+        return f"1{os.getpid() % 100_000:05d}{self._phones:06d}"
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        assert self.h.http is not None
+        return self.h.http
+
+    def api(self, target: Worker | Gateway) -> Api:
+        if isinstance(target, Gateway):
+            return Api(self.http, target.url, target.headers)
+        return Api(self.http, target.url)
+
+    async def scan(self, qr: str, phone: str) -> None:
+        await self.h.scan(qr, phone)
+
+    async def baseline(self) -> SeedBaseline:
+        if self._baseline is None:
+            base = SeedBaseline(
+                self.h.sim_url, self.opts.chromium, self.h.workdir / "seed-profiles", self.rng
+            )
+            await base.start()
+            self._baseline = base
+        return self._baseline
+
+    async def standard_worker(self) -> Worker:
+        """One worker with the default settings (warm pool of 2), shared by the steps that need no
+        special configuration; each of them deletes its own sessions."""
+        if self._standard is None or not self._standard.alive:
+            self.progress("starting the standard worker (warm pool 2)")
+            self._standard = await self.h.start_worker(WALINK_WARM_POOL_SIZE="2")
+        return self._standard
+
+    async def close(self) -> None:
+        if self._baseline is not None:
+            await self._baseline.close()
+            self._baseline = None
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    async def run_step(self, name: str) -> None:
+        self.progress(f"== {name}")
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(STEP_FUNCS[name](self), STEP_TIMEOUT_S)
+        except SkipStep as exc:
+            self.skipped[name] = str(exc)
+            self.progress(f"{name}: skipped ({exc})")
+        except Exception as exc:
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+            self.progress(f"{name}: FAILED {type(exc).__name__}: {exc}")
+        self.durations[name] = round(time.monotonic() - t0, 1)
+
+
+# ---------------------------------------------------------------------------- 1. qr_warm
+async def walink_qr(api: Api, **body: Any) -> tuple[float, str]:
+    """ "Add account" → the QR at the client: POST, then the events stream until ``qr``."""
+    t0 = time.perf_counter()
+    created = await api.create(**body)
+    stream = await api.events(created["id"])
+    try:
+        await stream.until(is_qr, WAIT_S)
+    finally:
+        stream.close()
+    return time.perf_counter() - t0, str(created["id"])
+
+
+async def step_qr_warm(b: Bench) -> None:
+    n = b.count(full=10, quick=2)
+    profile = await b.h.sim_profile("realistic")
+    worker = await b.standard_worker()
+    api = b.api(worker)
+    base = await b.baseline()
+    walink: list[float] = []
+    seed_client: list[float] = []
+    seed_ready: list[float] = []
+    for i in range(n):
+        await wait_pool_full(api, POOL_WAIT_S)
+        dt, sid = await walink_qr(api, label="bench-qr")
+        walink.append(dt)
+        await api.delete(sid)
+        await wait_pool_full(api, POOL_WAIT_S)  # the refill is over: the baseline runs on a quiet worker
+        session, sample = await base.add_account()
+        await base.discard(session)
+        seed_client.append(sample.at_client_s)
+        seed_ready.append(sample.available_s)
+        b.progress(
+            f"qr_warm {i + 1}/{n}: walink {fmt_s(dt)} · seed {fmt_s(sample.at_client_s)} "
+            f"(QR in the seed after {fmt_s(sample.available_s)}, poll phase {sample.phase_s:.2f}s)"
+        )
+    w, s, sr = summary(walink), summary(seed_client), summary(seed_ready)
+    r50 = ratio(s["p50"], w["p50"])
+    ok = w["p50"] <= 0.25 and (r50 or 0) >= 20
+    b.figures["qr_warm"] = {
+        "what": "'add account' → QR at the client; walink: warm pool (full before each sample), POST + SSE; "
+        "seed: new Chromium, goto, div[data-ref], client polling every 3 s (random phase)",
+        "profile": profile,
+        "walink_s": w,
+        "baseline_s": s,
+        "baseline_qr_in_seed_process_s": sr,
+        "ratio_p50": r50,
+        "ratio_p95": ratio(s["p95"], w["p95"]),
+        "target": {"walink_p50_s_max": 0.25, "ratio_p50_min": 20},
+        "meets_target": ok,
+    }
+    b.add(
+        Row(
+            "qr_warm",
+            "add account → QR at client, p50",
+            fmt_s(w["p50"]),
+            fmt_s(s["p50"]),
+            fmt_x(r50),
+            "≤ 250 ms, ≥ 20x",
+            ok,
+        )
+    )
+    b.add(Row("qr_warm", "  p95", fmt_s(w["p95"]), fmt_s(s["p95"]), fmt_x(ratio(s["p95"], w["p95"]))))
+    b.add(
+        Row(
+            "qr_warm",
+            "  seed: QR in its own process, p50",
+            "",
+            fmt_s(sr["p50"]),
+            fmt_x(ratio(sr["p50"], w["p50"])),
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- 2. phone
+async def step_phone(b: Bench) -> None:
+    n = b.count(full=20, quick=2)
+    profile = await b.h.sim_profile("instant")
+    ready_delay_s = profile["ready_delay_ms"] / 1000
+    worker = await b.standard_worker()
+    api = b.api(worker)
+    base = await b.baseline()
+    walink: list[float] = []
+    seed_client: list[float] = []
+    seed_found: list[float] = []
+    for i in range(n):
+        await wait_pool_full(api, POOL_WAIT_S)
+        created = await api.create(label="bench-phone")
+        sid = str(created["id"])
+        stream = await api.events(sid)
+        try:
+            qr = str((await stream.until(is_qr, WAIT_S)).data["qr"])
+            await wait_pool_full(api, POOL_WAIT_S)  # nothing else runs on the worker during the scan
+            phone = b.phone()
+            t0 = time.perf_counter()
+            await b.scan(qr, phone)
+            ready = await stream.until(is_ready, WAIT_S)
+            dt = time.perf_counter() - t0
+        finally:
+            stream.close()
+        if ready.data.get("phone_number") not in (phone, None):
+            raise ClientError(f"session_ready carried {ready.data.get('phone_number')}, expected {phone}")
+        walink.append(dt)
+        await api.delete(sid)
+        session, _ = await base.add_account()
+        try:
+            sample = await base.scan_to_phone(session, b.scan, b.phone())
+        finally:
+            await base.discard(session)
+        seed_client.append(sample.at_client_s)
+        seed_found.append(sample.available_s)
+        b.progress(
+            f"phone {i + 1}/{n}: walink {fmt_s(dt)} · seed {fmt_s(sample.at_client_s)} "
+            f"(extracted after {fmt_s(sample.available_s)}, {sample.attempts} tries)"
+        )
+    w, s, sf = summary(walink), summary(seed_client), summary(seed_found)
+    beyond = [v - ready_delay_s for v in walink]
+    wb = summary(beyond)
+    ok = wb["p95"] <= 0.3
+    b.figures["phone"] = {
+        "what": "scan (POST /phone/scan) → phone number at the client; walink: session_ready on SSE; "
+        f"seed: fixed {FIXED_WAIT_S}s then getMaybeMePnUser() every 500 ms, client polling every 3 s",
+        "profile": profile,
+        "ready_delay_s": ready_delay_s,
+        "walink_s": w,
+        "walink_beyond_ready_delay_s": wb,
+        "baseline_s": s,
+        "baseline_extracted_in_seed_process_s": sf,
+        "ratio_p50": ratio(s["p50"], w["p50"]),
+        "ratio_p95": ratio(s["p95"], w["p95"]),
+        "target": {"walink_p95_beyond_ready_delay_s_max": 0.3},
+        "meets_target": ok,
+    }
+    b.add(
+        Row(
+            "phone",
+            "scan → phone at client, p50",
+            fmt_s(w["p50"]),
+            fmt_s(s["p50"]),
+            fmt_x(ratio(s["p50"], w["p50"])),
+        )
+    )
+    b.add(Row("phone", "  p95", fmt_s(w["p95"]), fmt_s(s["p95"]), fmt_x(ratio(s["p95"], w["p95"]))))
+    b.add(
+        Row(
+            "phone",
+            f"  p95 beyond the {ready_delay_s * 1000:.0f} ms ready delay",
+            fmt_s(wb["p95"]),
+            fmt_s(pct(seed_client, 95) - ready_delay_s),
+            "",
+            "≤ 300 ms",
+            ok,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- 3. burst50
+async def wait_gateway_ready(
+    b: Bench, gateway: Gateway, workers: list[Worker], timeout_s: float = 30.0
+) -> dict[str, Any]:
+    """Until ``/health/cluster`` (admin key) says healthy with every worker on the ring."""
+    deadline = time.monotonic() + timeout_s
+    view: dict[str, Any] = {}
+    wanted = {w.node_name for w in workers}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            async with b.http.get(
+                gateway.url + "/health/cluster",
+                headers=gateway.admin_headers,
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:
+                if resp.status == 200:
+                    view = await resp.json()
+                    nodes = set((view.get("ring") or {}).get("nodes") or [])
+                    if view.get("status") == "healthy" and wanted <= nodes:
+                        return view
+        await asyncio.sleep(0.2)
+    b.progress(f"gateway: cluster not healthy after {timeout_s:.0f}s ({view.get('status')}); going on")
+    return view
+
+
+async def delete_everywhere(
+    b: Bench, front: Api | None, workers: list[Worker], session_ids: list[str]
+) -> int:
+    """Delete sessions through ``front`` (the gateway), then straight at the workers for whatever
+    the front could not delete (e.g. its breakers are open); returns how many are left."""
+    left = list(session_ids)
+    if front is not None and left:
+        left = await front.delete_where_possible(left)
+    for worker in workers:
+        if not left or not worker.alive:
+            continue
+        left = await b.api(worker).delete_where_possible(left)
+    return len(left)
+
+
+async def step_burst(b: Bench) -> None:
+    size = b.size(full=50, quick=6, override=b.opts.burst_size)
+    await b.h.sim_profile("instant")
+    via_gateway = gateway_available() if b.opts.burst_via == "auto" else b.opts.burst_via == "gateway"
+    cluster = b.h.cluster_env("burst")
+    workers = await b.h.start_workers(4 if via_gateway else 1, WALINK_WARM_POOL_SIZE="2", **cluster)
+    gateway: Gateway | None = None
+    created: list[str] = []
+    try:
+        if via_gateway:
+            gateway = await b.h.start_gateway(workers, **cluster)
+            await wait_gateway_ready(b, gateway, workers)
+        api = b.api(gateway) if gateway is not None else b.api(workers[0])
+        for w in workers:
+            await wait_pool_full(b.api(w), POOL_WAIT_S)
+        b.progress(
+            f"burst: {size} x add account at once via {'the gateway + 4 workers' if gateway else '1 worker'}"
+        )
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> tuple[str, float]:
+            body = await api.create(label=f"bench-burst-{i}")
+            sid = str(body["id"])
+            created.append(sid)
+            stream = await api.events(sid, timeout_s=WAIT_S)
+            try:
+                await stream.until(is_qr, max(1.0, 2 * WAIT_S - (time.perf_counter() - t0)))
+            finally:
+                stream.close()
+            return sid, time.perf_counter() - t0
+
+        results = await asyncio.gather(*(one(i) for i in range(size)), return_exceptions=True)
+        done = [r for r in results if isinstance(r, tuple)]
+        times = [t for _, t in done]
+        failures = [repr(r) for r in results if not isinstance(r, tuple)]
+        b.progress(f"burst: {len(done)}/{size} QRs, the last after {fmt_s(max(times) if times else None)}")
+        healths = [await b.api(w).health() for w in workers]
+        details = await asyncio.gather(*(burst_detail(b, api, workers, sid, t) for sid, t in done))
+    finally:
+        t_clean = time.monotonic()
+        failed = await delete_everywhere(b, b.api(gateway) if gateway else None, workers, created)
+        if failed:
+            b.progress(f"burst: {failed} session(s) could not be deleted")
+        if gateway is not None:
+            await gateway.stop(10)
+        await b.h.stop_workers(workers)
+        await b.h.retire_sessions_of(workers)
+        b.progress(f"burst: cleaned up in {time.monotonic() - t_clean:.1f}s")
+    queue = [h.get("queue", {}) for h in healths]
+    max_seen = max(int(q.get("max_active_seen", 0)) for q in queue)
+    within = sum(1 for t in times if t <= 30.0)
+    s = summary(times)
+    ok = within == size
+    b.figures["burst50"] = {
+        "what": f"{size} 'add account' at once (instant profile); time from the common start until each "
+        "client got its QR on SSE",
+        "via": "gateway + 4 workers" if gateway is not None else "1 worker",
+        "size": size,
+        "walink_s": s,
+        "qr_within_30s": within,
+        "failures": failures[:10],
+        "queue_max_active_seen": max_seen,
+        "queue_per_worker": queue,
+        "first_qr_by": dict(collections.Counter(str(d.get("qr_reason")) for d in details)),
+        "per_session": sorted(details, key=lambda d: float(d["client_s"])),
+        "target": {"all_within_s": 30},
+        "meets_target": ok,
+    }
+    b.add(
+        Row("burst50", f"{size} at once: last QR at client (max)", fmt_s(s.get("max")), "", "", "≤ 30 s", ok)
+    )
+    b.add(Row("burst50", "  median QR", fmt_s(s.get("p50"))))
+    b.add(Row("burst50", "  QR within 30 s", f"{within}/{size}"))
+    warm = sum(1 for d in details if d.get("qr_reason") == "warm_pool")
+    cold = sum(1 for d in details if d.get("qr_reason") == "cold_start")
+    b.add(Row("burst50", "  first QR from the warm pool / cold start", f"{warm} / {cold}"))
+    b.add(Row("burst50", "  queue max_active_seen", f"{max_seen} (limit {queue[0].get('limit', '?')})"))
+
+
+async def burst_detail(
+    b: Bench, front: Api, workers: list[Worker], session_id: str, client_s: float
+) -> dict[str, Any]:
+    """Where the session's QR came from, as the worker saw it (to tell worker time from transport):
+    asked through ``front``, else straight at the workers."""
+    detail: dict[str, Any] = {"id": session_id, "client_s": round(client_s, 4)}
+    apis = [Api(front.http, front.base, front.headers, timeout_s=5)]
+    apis += [Api(b.http, w.url, timeout_s=5) for w in workers if w.url != front.base]
+    for api in apis:
+        try:
+            body = await api.get(session_id)
+        except ClientError as exc:
+            detail.setdefault("errors", []).append(str(exc)[:200])
+            continue
+        history: list[dict[str, Any]] = body.get("history") or []
+        qr: dict[str, Any] = next((h for h in history if h.get("status") == "qr"), {})
+        detail.update(
+            worker=body.get("worker"),
+            qr_reason=qr.get("reason"),
+            worker_qr_ms=(body.get("timings") or {}).get("qr_ms"),
+        )
+        break
+    return detail
+
+
+# ---------------------------------------------------------------------------- 4. memory
+async def median_health(api: Api, key: Callable[[dict[str, Any]], float], n: int = 3) -> float:
+    values = []
+    for _ in range(n):
+        values.append(key(await api.health()))
+        await asyncio.sleep(0.3)
+    return statistics.median(values)
+
+
+async def until_health(api: Api, done: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    health = await api.health()
+    while not done(health):
+        if time.monotonic() > deadline:
+            raise ClientError(f"worker did not settle in {timeout_s:.0f}s: sessions {health.get('sessions')}")
+        await asyncio.sleep(0.2)
+        health = await api.health()
+    return health
+
+
+async def step_memory(b: Bench) -> None:
+    n_hib = b.size(full=20, quick=3, override=b.opts.hibernated)
+    await b.h.sim_profile("instant")
+    worker = await b.h.start_worker(
+        WALINK_WARM_POOL_SIZE="0", WALINK_MAX_ACTIVE_SESSIONS="1", WALINK_IDLE_TIMEOUT_S="3600"
+    )
+    api = b.api(worker)
+    base = await b.baseline()
+    sids: list[str] = []
+    seed: SeedSession | None = None
+    try:
+        # two links first: the second hibernates the first, so one-time costs (snapshot code,
+        # buffers) are paid before the RSS reference point
+        for i in range(2):
+            sids.append(str((await link(api, b.scan, b.phone(), label=f"bench-mem-{i}"))["id"]))
+        await until_health(
+            api, lambda h: h["sessions"]["hibernated"] >= 1 and h["sessions"]["active"] <= 1, WAIT_S
+        )
+        seed = await base.link(b.scan, b.phone())
+        await asyncio.sleep(2.0)  # both pages settled after the sync
+        walink_pss: list[float] = []
+        seed_pss: list[float] = []
+        for _ in range(3):  # both browsers run meanwhile: shared pages are shared alike
+            health = await api.health()
+            active = max(1, int(health["sessions"]["active"]))
+            walink_pss.append(health["memory"]["browsers_pss"] / active)
+            seed_pss.append(float(base.pss(seed)))
+            await asyncio.sleep(0.5)
+        await base.discard(seed)
+        seed = None
+        b.progress(
+            f"memory: active session PSS walink {fmt_mb(statistics.median(walink_pss))} · "
+            f"seed {fmt_mb(statistics.median(seed_pss))}"
+        )
+        rss0 = await median_health(api, lambda h: float(h["memory"]["rss"]))
+        for i in range(n_hib):
+            sids.append(str((await link(api, b.scan, b.phone(), label=f"bench-hib-{i}"))["id"]))
+            b.progress(f"memory: linked {i + 1}/{n_hib} more (max 1 active: the previous one hibernates)")
+        await until_health(
+            api,
+            lambda h: h["sessions"]["hibernated"] >= n_hib + 1 and h["sessions"]["active"] <= 1,
+            WAIT_S,
+        )
+        await asyncio.sleep(1.0)
+        rss1 = await median_health(api, lambda h: float(h["memory"]["rss"]))
+        sizes = [s for s in [await b.h.snapshot_size(sid) for sid in sids[:-1]] if s is not None]
+    finally:
+        if seed is not None:
+            await base.discard(seed)
+        await api.delete_all(sids)
+        await b.h.stop_workers([worker])
+        await b.h.retire_sessions_of([worker])
+    w_pss, s_pss = statistics.median(walink_pss), statistics.median(seed_pss)
+    per_hib = (rss1 - rss0) / n_hib
+    ok_active = w_pss <= s_pss
+    ok_hib = per_hib <= MB
+    b.figures["memory"] = {
+        "what": "PSS of one ready session's Chromium process group (walink: /health memory.browsers_pss / "
+        "sessions.active; seed: the same sum over its group, seed flags); worker RSS growth per "
+        "hibernated session (max 1 active session: each new link hibernates the previous one; RSS "
+        "before = 1 active + 1 hibernated, after = 1 active + N+1 hibernated)",
+        "walink_active_pss_bytes": int(w_pss),
+        "baseline_active_pss_bytes": int(s_pss),
+        "baseline_flags": SEED_ARGS,
+        "ratio_baseline_over_walink": ratio(s_pss, w_pss),
+        "hibernated_n": n_hib,
+        "worker_rss_before_bytes": int(rss0),
+        "worker_rss_after_bytes": int(rss1),
+        "per_hibernated_session_bytes": int(per_hib),
+        "snapshot_bytes": summary([float(s) for s in sizes], 0),
+        "target": {"active_pss_max": "baseline", "per_hibernated_session_bytes_max": MB},
+        "meets_target": ok_active and ok_hib,
+    }
+    b.add(
+        Row(
+            "memory",
+            "active session, Chromium group PSS",
+            fmt_mb(w_pss),
+            fmt_mb(s_pss),
+            fmt_x(ratio(s_pss, w_pss)),
+            "≤ baseline",
+            ok_active,
+        )
+    )
+    b.add(
+        Row(
+            "memory",
+            f"hibernated session, worker RSS each (N={n_hib})",
+            fmt_kb(per_hib),
+            "",
+            "",
+            "≤ 1 MB",
+            ok_hib,
+        )
+    )
+    b.add(
+        Row(
+            "memory",
+            "  its snapshot in Postgres, median",
+            fmt_kb(statistics.median(sizes) if sizes else None),
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- 5. wake
+async def until_status(b: Bench, session_id: str, status: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (current := await b.h.session_status(session_id)) != status:
+        if time.monotonic() > deadline:
+            raise ClientError(f"session {session_id} is {current}, not {status}, after {timeout_s:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+async def step_wake(b: Bench) -> None:
+    n = b.count(full=10, quick=2)
+    profile = await b.h.sim_profile("instant")
+    page_load_s = (profile["load_ms"] + profile["resume_ms"]) / 1000
+    worker = await b.h.start_worker(WALINK_WARM_POOL_SIZE="0", WALINK_IDLE_TIMEOUT_S="1")
+    api = b.api(worker)
+    base = await b.baseline()
+    walink: list[float] = []
+    hibernate_ms: list[float] = []
+    restore_ms: list[float] = []
+    sizes: list[float] = []
+    seed_client: list[float] = []
+    seed_found: list[float] = []
+    sid = ""
+    seed: SeedSession | None = None
+    try:
+        sid = str((await link(api, b.scan, b.phone(), label="bench-wake"))["id"])
+        for i in range(n + 1):
+            # Postgres, not the API, says when it hibernated: any request to the worker would wake it
+            # (and with a 1 s idle timeout it hibernates again right after each wake)
+            await until_status(b, sid, "hibernated", 30)
+            timings = await b.h.session_timings(sid)
+            if "hibernate_ms" in timings:
+                hibernate_ms.append(float(timings["hibernate_ms"]))
+            if i > 0 and "restore_ms" in timings:
+                restore_ms.append(float(timings["restore_ms"]))  # the wake just measured, seen by the worker
+            if i == n:
+                break
+            size = await b.h.snapshot_size(sid)
+            if size is not None:
+                sizes.append(float(size))
+            t0 = time.perf_counter()
+            await api.get(sid)  # any request wakes a hibernated session
+            stream = await api.events(sid)
+            try:
+                await stream.until(is_ready, WAIT_S)
+            finally:
+                stream.close()
+            dt = time.perf_counter() - t0
+            walink.append(dt)
+            b.progress(
+                f"wake {i + 1}/{n}: walink {fmt_s(dt)} (hibernated in {timings.get('hibernate_ms')} ms, "
+                f"snapshot {fmt_kb(size)})"
+            )
+        seed = await base.link(b.scan, b.phone())
+        for i in range(n):
+            sample = await base.restore(seed)
+            seed_client.append(sample.at_client_s)
+            seed_found.append(sample.available_s)
+            b.progress(
+                f"wake {i + 1}/{n}: seed relaunch {fmt_s(sample.at_client_s)} "
+                f"(logged in {fmt_s(sample.logged_in_s)}, phone {fmt_s(sample.available_s)})"
+            )
+    finally:
+        if seed is not None:
+            await base.discard(seed)
+        if sid:
+            with contextlib.suppress(ClientError):
+                await api.delete(sid)
+        await b.h.stop_workers([worker])
+        await b.h.retire_sessions_of([worker])
+    w, s = summary(walink), summary(seed_client)
+    ok = w["p50"] - page_load_s <= 1.5
+    b.figures["wake"] = {
+        "what": "hibernated (idle 1 s, browser closed, profile as an encrypted snapshot in Postgres) → "
+        "ready: from a GET /v1/sessions/{id} to ready on SSE; seed: relaunch Chromium on its LocalAuth "
+        f"profile, logged-in UI, fixed {FIXED_WAIT_S}s + 500 ms polling, client polling every 3 s",
+        "profile": profile,
+        "page_load_s": page_load_s,
+        "walink_s": w,
+        "worker_restore_ms": summary(restore_ms, 0),
+        "hibernate_ms": summary(hibernate_ms, 0),
+        "snapshot_bytes": summary(sizes, 0),
+        "baseline_s": s,
+        "baseline_extracted_in_seed_process_s": summary(seed_found),
+        "ratio_p50": ratio(s["p50"], w["p50"]),
+        "target": {"walink_p50_beyond_page_load_s_max": 1.5},
+        "meets_target": ok,
+    }
+    b.add(
+        Row(
+            "wake",
+            "hibernated → ready at client, p50",
+            fmt_s(w["p50"]),
+            fmt_s(s["p50"]),
+            fmt_x(ratio(s["p50"], w["p50"])),
+            "≤ 1.5 s + page load",
+            ok,
+        )
+    )
+    b.add(Row("wake", "  p95", fmt_s(w["p95"]), fmt_s(s["p95"]), fmt_x(ratio(s["p95"], w["p95"]))))
+    b.add(
+        Row(
+            "wake",
+            "  hibernate (timings.hibernate_ms), p50",
+            fmt_ms(statistics.median(hibernate_ms) if hibernate_ms else None),
+        )
+    )
+    b.add(Row("wake", "  snapshot size, p50", fmt_kb(statistics.median(sizes) if sizes else None)))
+
+
+# ---------------------------------------------------------------------------- 6. webhooks
+EXPECTED_EVENTS = frozenset({"qr_code_generated", "session_authenticated", "session_ready"})
+
+
+async def step_webhooks(b: Bench) -> None:
+    k = b.size(full=10, quick=3, override=b.opts.webhook_sessions)
+    await b.h.sim_profile("instant")
+    worker = await b.standard_worker()
+    api = b.api(worker)
+    receiver = Receiver(await b.h.webhook_secret("default"))
+    url = await receiver.start()
+    sids: list[str] = []
+    try:
+        for i in range(k):
+            sids.append(
+                str((await link(api, b.scan, b.phone(), label=f"bench-hook-{i}", webhook_url=url))["id"])
+            )
+        b.progress(f"webhooks: {k} session(s) linked; waiting for their events")
+
+        def complete(deliveries: list[Any]) -> bool:
+            by_session: dict[str, set[str]] = collections.defaultdict(set)
+            for d in deliveries:
+                by_session[d.session_id].add(d.event)
+            return all(by_session[s] >= EXPECTED_EVENTS for s in sids)
+
+        complete_in_time = await receiver.wait_for(complete, 30)
+        await asyncio.sleep(0.5)  # stragglers (duplicates would show here)
+        ours = [d for d in receiver.deliveries if d.session_id in set(sids)]
+    finally:
+        await api.delete_all(sids)
+        await receiver.stop()
+    lags_ms = [d.received_at_ms - d.occurred_at_ms for d in ours]
+    by_type = {
+        t: summary([d.received_at_ms - d.occurred_at_ms for d in ours if d.event == t], 1)
+        for t in sorted({d.event for d in ours})
+    }
+    s = summary(lags_ms, 1)
+    duplicates = len(ours) - len({d.event_id for d in ours})
+    expected = k * len(EXPECTED_EVENTS)
+    b.figures["webhooks"] = {
+        "what": "webhook delivery lag: payload occurred_at_ms → receipt at a local receiver that verifies "
+        "X-Walink-Signature with the workspace secret; all events of the linked sessions",
+        "sessions": k,
+        "lag_ms": s,
+        "lag_ms_by_event": by_type,
+        "received": len(ours),
+        "expected_at_least": expected,
+        "complete": complete_in_time,
+        "bad_signatures": receiver.bad_signatures,
+        "duplicates": duplicates,
+    }
+    b.add(Row("webhooks", "delivery lag p50", fmt_ms(s.get("p50"))))
+    b.add(Row("webhooks", "  p95", fmt_ms(s.get("p95"))))
+    b.add(
+        Row(
+            "webhooks",
+            "  received / bad signature / duplicate",
+            f"{len(ours)}/{expected} · {receiver.bad_signatures} · {duplicates}",
+            "",
+            "",
+            "all, 0, 0",
+            complete_in_time and receiver.bad_signatures == 0,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- 7. gateway
+async def load_block(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], n: int, concurrency: int
+) -> tuple[float, list[float], int]:
+    """``n`` GETs of ``url`` by ``concurrency`` clients: (wall seconds, latencies in s, errors)."""
+    latencies: list[float] = []
+    errors = 0
+    remaining = n
+    timeout = aiohttp.ClientTimeout(total=10)
+
+    async def client() -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            try:
+                async with http.get(url, headers=headers, timeout=timeout) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                        continue
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return time.perf_counter() - t0, latencies, errors
+
+
+async def step_gateway(b: Bench) -> None:
+    if not gateway_available():
+        raise SkipStep("gateway/app.py does not exist")
+    total = b.size(full=2000, quick=200, override=b.opts.gateway_requests)
+    conc = b.opts.gateway_concurrency
+    await b.h.sim_profile("instant")
+    worker = await b.standard_worker()
+    gateway = await b.h.start_gateway([worker])
+    gapi = b.api(gateway)
+    sid = ""
+    try:
+        await wait_gateway_ready(b, gateway, [worker])
+        sid = str((await link(gapi, b.scan, b.phone(), label="bench-gw"))["id"])
+        path = f"/v1/sessions/{sid}"
+        modes: dict[str, tuple[str, dict[str, str]]] = {
+            "direct": (worker.url + path, {}),
+            "gateway": (gateway.url + path, gateway.headers),
+        }
+        for url, headers in modes.values():  # warm-up: connections, caches
+            await load_block(b.http, url, headers, min(200, total), conc)
+        rounds = 4
+        walls = {m: 0.0 for m in modes}
+        lats: dict[str, list[float]] = {m: [] for m in modes}
+        errs = {m: 0 for m in modes}
+        for r in range(rounds):
+            order = list(modes) if r % 2 == 0 else list(reversed(modes))
+            for m in order:
+                url, headers = modes[m]
+                wall, lat, err = await load_block(b.http, url, headers, total // rounds, conc)
+                walls[m] += wall
+                lats[m] += lat
+                errs[m] += err
+        b.progress(f"gateway: {total} GETs each way at concurrency {conc}")
+    finally:
+        if sid:
+            with contextlib.suppress(ClientError):
+                await gapi.delete(sid)
+        await gateway.stop(10)
+    rps = {m: len(lats[m]) / walls[m] if walls[m] else 0.0 for m in modes}
+    p50 = {m: statistics.median(lats[m]) if lats[m] else None for m in modes}
+    p95 = {m: pct(lats[m], 95) if lats[m] else None for m in modes}
+    thr_ratio = ratio(rps["gateway"], rps["direct"])
+    added_ms = (p50["gateway"] - p50["direct"]) * 1000 if p50["gateway"] and p50["direct"] else None
+    ok = thr_ratio is not None and thr_ratio >= 0.6 and added_ms is not None and added_ms <= 2.0
+    b.figures["gateway"] = {
+        "what": f"GET /v1/sessions/{{id}} of a ready session, {total} requests each way at "
+        f"concurrency {conc} "
+        "(aiohttp, keep-alive), interleaved in 4 rounds after a warm-up: straight to the worker vs through "
+        "the gateway (API key auth, routing)",
+        "requests_per_s": {m: round(v, 1) for m, v in rps.items()},
+        "latency_p50_ms": {m: round(v * 1000, 3) if v is not None else None for m, v in p50.items()},
+        "latency_p95_ms": {m: round(v * 1000, 3) if v is not None else None for m, v in p95.items()},
+        "errors": errs,
+        "throughput_ratio": thr_ratio,
+        "added_p50_ms": round(added_ms, 3) if added_ms is not None else None,
+        "target": {"throughput_ratio_min": 0.6, "added_p50_ms_max": 2.0},
+        "meets_target": ok,
+    }
+    b.add(
+        Row(
+            "gateway",
+            "GET session: req/s (gateway vs direct)",
+            f"{rps['gateway']:.0f}/s",
+            f"{rps['direct']:.0f}/s",
+            fmt_x(thr_ratio),
+            "≥ 0.6x",
+            thr_ratio is not None and thr_ratio >= 0.6,
+        )
+    )
+    b.add(
+        Row(
+            "gateway",
+            "  p50 latency",
+            fmt_ms(p50["gateway"] * 1000 if p50["gateway"] else None),
+            fmt_ms(p50["direct"] * 1000 if p50["direct"] else None),
+            f"+{added_ms:.2f} ms" if added_ms is not None else "—",
+            "≤ +2 ms",
+            added_ms is not None and added_ms <= 2.0,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- 8. failover
+ENDED_STATUSES = frozenset({"failed", "logged_out", "expired", "deleted"})
+
+
+async def until_ready_elsewhere(
+    api: Api, session_id: str, victim: str, t0: float, timeout_s: float
+) -> tuple[float | None, str]:
+    """Poll (100 ms) through the gateway until the session is ready on a worker other than the
+    victim: (seconds since the kill or None, the last thing seen)."""
+    deadline = time.monotonic() + timeout_s
+    last = "nothing"
+    while time.monotonic() < deadline:
+        try:
+            body = await api.get(session_id)
+        except ClientError as exc:
+            last = str(exc)[:200]
+        else:
+            status = str(body.get("status"))
+            last = f"{status} ({body.get('reason')}) on {body.get('worker')}"
+            if status == "ready" and body.get("worker") not in (None, victim):
+                return time.perf_counter() - t0, last
+            if status in ENDED_STATUSES:
+                return None, last  # it will not come back by itself
+        await asyncio.sleep(0.1)
+    return None, last
+
+
+async def step_failover(b: Bench) -> None:
+    if not gateway_available():
+        raise SkipStep("gateway/app.py does not exist")
+    kills = b.count(full=5, quick=1)
+    per_round = b.size(full=4, quick=2, override=b.opts.failover_sessions)
+    await b.h.sim_profile("instant")
+    cluster = b.h.cluster_env("failover")
+    workers = await b.h.start_workers(4, WALINK_WARM_POOL_SIZE="1", **cluster)
+    gateway: Gateway | None = None
+    per_kill: list[float] = []
+    per_session: list[float] = []
+    lost = 0
+    rescans = 0
+    failures: list[str] = []
+    all_sids: list[str] = []
+    try:
+        gateway = await b.h.start_gateway(workers, **cluster)
+        gapi = b.api(gateway)
+        await wait_gateway_ready(b, gateway, workers)
+        for r in range(kills):
+            phones = [b.phone() for _ in range(per_round)]
+            linked = await asyncio.gather(*(link(gapi, b.scan, p, label=f"bench-fo-{r}") for p in phones))
+            sids = [str(c["id"]) for c in linked]
+            all_sids += sids
+            owners = {sid: (await gapi.get(sid)).get("worker") for sid in sids}
+            victim_name = str(collections.Counter(owners.values()).most_common(1)[0][0])
+            idx = next((i for i, w in enumerate(workers) if w.node_name == victim_name), None)
+            if idx is None:
+                raise ClientError(f"sessions report worker {victim_name!r}, not one of ours")
+            victim = workers[idx]
+            mine = [sid for sid in sids if owners[sid] == victim_name]
+            t0 = time.perf_counter()
+            victim.send(signal.SIGKILL)
+            outcomes = await asyncio.gather(
+                *(until_ready_elsewhere(gapi, sid, victim_name, t0, WAIT_S) for sid in mine)
+            )
+            times = [t for t, _ in outcomes]
+            failures += [f"{sid}: {last}" for sid, (t, last) in zip(mine, outcomes, strict=True) if t is None]
+            ok_times = [t for t in times if t is not None]
+            lost += len(times) - len(ok_times)
+            per_session += ok_times
+            if ok_times and len(ok_times) == len(times):
+                per_kill.append(max(ok_times))
+            for sid, phone in zip(sids, phones, strict=True):
+                if owners[sid] == victim_name and len(await b.h.devices(phone)) != 1:
+                    rescans += 1
+            b.progress(
+                f"failover {r + 1}/{kills}: killed {victim_name} with {len(mine)} session(s); "
+                f"ready elsewhere after {[fmt_s(t) for t in times]}"
+            )
+            workers[idx] = await b.h.restart_worker(victim)
+            await wait_pool_full(b.api(workers[idx]), POOL_WAIT_S)
+            await delete_everywhere(b, gapi, workers, sids)
+            await wait_gateway_ready(b, gateway, workers)
+    finally:
+        if gateway is not None:
+            await delete_everywhere(b, b.api(gateway), workers, all_sids)
+            await gateway.stop(10)
+        await b.h.stop_workers(workers)
+        await b.h.retire_sessions_of(workers)
+    s = summary(per_kill)
+    ok = bool(per_kill) and s["p50"] <= 10.0 and lost == 0 and rescans == 0
+    b.figures["failover"] = {
+        "what": "4 workers + gateway; SIGKILL the worker holding most of the round's freshly linked "
+        "sessions; "
+        "time from the kill until GET through the gateway shows each of them ready on another worker; "
+        "the killed worker is restarted between rounds",
+        "kills": kills,
+        "sessions_per_round": per_round,
+        "per_kill_all_ready_s": s,
+        "per_session_s": summary(per_session),
+        "not_recovered": lost,
+        "not_recovered_last_seen": failures[:20],
+        "rescans": rescans,
+        "target": {"per_kill_p50_s_max": 10.0, "rescans": 0},
+        "meets_target": ok,
+    }
+    b.add(
+        Row(
+            "failover",
+            "SIGKILL → its sessions ready elsewhere, median",
+            fmt_s(s.get("p50")),
+            "",
+            "",
+            "≤ 10 s",
+            ok,
+        )
+    )
+    b.add(Row("failover", "  worst kill", fmt_s(s.get("max"))))
+    b.add(
+        Row(
+            "failover",
+            "  not recovered / re-scans",
+            f"{lost} / {rescans}",
+            "",
+            "",
+            "0 / 0",
+            lost == 0 and rescans == 0,
+        )
+    )
+
+
+STEP_FUNCS: dict[str, Callable[[Bench], Awaitable[None]]] = {
+    "qr_warm": step_qr_warm,
+    "phone": step_phone,
+    "burst50": step_burst,
+    "memory": step_memory,
+    "wake": step_wake,
+    "webhooks": step_webhooks,
+    "gateway": step_gateway,
+    "failover": step_failover,
+}
+
+
+# ---------------------------------------------------------------------------- report
+def render_table(rows: list[Row]) -> str:
+    header = Row("figure", "metric", "walink", "baseline", "ratio", "target")
+    cells = [
+        [
+            r.figure,
+            r.metric,
+            r.walink,
+            r.baseline,
+            r.ratio,
+            r.target,
+            "ok" if r.ok is True else "MISS" if r.ok is False else "",
+        ]
+        for r in [header, *rows]
+    ]
+    cells[0][6] = ""
+    widths = [max(len(c[i]) for c in cells) for i in range(7)]
+    lines = []
+    for n, c in enumerate(cells):
+        lines.append("  ".join(v.ljust(widths[i]) for i, v in enumerate(c)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def report(b: Bench, interrupted: bool) -> dict[str, Any]:
+    return {
+        "run": {
+            "quick": b.opts.quick,
+            "only": list(b.opts.only),
+            "samples": b.opts.samples,
+            "seed": b.opts.seed,
+            "interrupted": interrupted,
+            "gateway_present": gateway_available(),
+            "host": {
+                "cpus": os.cpu_count(),
+                "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+                "python": platform.python_version(),
+                "chromium": chromium_version(b.opts.chromium),
+            },
+            "step_seconds": b.durations,
+            "baseline": "seed: new persistent Chromium per add-account (seed flags), fixed 2.5 s + 500 ms "
+            "polling for the phone, client polling every 3 s with a random phase",
+            "percentiles": "nearest-rank",
+        },
+        "figures": b.figures,
+        "table": [asdict(r) for r in b.rows],
+        "errors": b.errors,
+        "skipped": b.skipped,
+    }
+
+
+async def run(opts: Options) -> int:
+    started = time.monotonic()
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    config = HarnessConfig(
+        chromium_path=opts.chromium,
+        pg_admin_dsn=opts.pg,
+        redis_url=opts.redis,
+        workdir_parent=opts.workdir,
+        keep_workdir=opts.keep_workdir,
+        extra_env=opts.set_env,
+    )
+    bench: Bench | None = None
+    interrupted = False
+
+    def progress(msg: str) -> None:
+        print(f"[bench {time.monotonic() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        async with Harness(config, progress) as harness:
+            bench = Bench(opts, harness, started)
+            progress(
+                f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU(s); "
+                f"steps: {', '.join(opts.only)}"
+            )
+            try:
+                for name in opts.only:
+                    await bench.run_step(name)
+            finally:
+                await bench.close()
+    except asyncio.CancelledError:
+        interrupted = True
+        progress("interrupted: everything this run started has been stopped")
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    if bench is None:
+        return 1
+    doc = report(bench, interrupted)
+    print(render_table(bench.rows))
+    for name, err in bench.errors.items():
+        print(f"ERROR {name}: {err}")
+    for name, why in bench.skipped.items():
+        print(f"skipped {name}: {why}")
+    print(json.dumps(doc, indent=2, ensure_ascii=False))
+    if opts.json_path is not None:
+        opts.json_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    if interrupted:
+        return 130
+    return 1 if bench.errors else 0
+
+
+# ---------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(
+        prog="python -m load_tests.bench",
+        description="walink against the seed architecture (baseline measured in the same run).",
+    )
+    p.add_argument("--quick", action="store_true", help="a few samples of each figure (smoke test)")
+    p.add_argument("--only", default="", help=f"comma-separated steps among {','.join(STEPS)}")
+    p.add_argument("--samples", type=int, help="samples per timed figure (overrides the defaults)")
+    p.add_argument("--json", dest="json_path", type=Path, help="also write the JSON results to this file")
+    p.add_argument("--burst-size", type=int, help="sessions of the burst (default 50; quick 6)")
+    p.add_argument(
+        "--burst-via",
+        choices=["auto", "worker", "gateway"],
+        default="auto",
+        help="burst through one worker or the gateway with 4 workers (auto: gateway if present)",
+    )
+    p.add_argument("--hibernated", type=int, help="hibernated sessions of the memory figure (default 20)")
+    p.add_argument("--webhook-sessions", type=int, help="linked sessions of the webhook figure (default 10)")
+    p.add_argument("--gateway-requests", type=int, help="GETs each way in the gateway figure (default 2000)")
+    p.add_argument("--gateway-concurrency", type=int, default=16)
+    p.add_argument("--failover-sessions", type=int, help="sessions linked per failover round (default 4)")
+    p.add_argument("--seed", type=int, help="random seed (client poll phases)")
+    p.add_argument("--workdir", type=Path, help="parent of the run's working directory (default: temp dir)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep logs and profiles after the run")
+    p.add_argument(
+        "--chromium", type=Path, default=Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+    )
+    p.add_argument(
+        "--pg",
+        default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="admin DSN; the run creates and drops its own database next to it",
+    )
+    p.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
+    p.add_argument(
+        "--set",
+        dest="set_env",
+        action="append",
+        default=[],
+        metavar="WALINK_NAME=VALUE",
+        help="a setting for every worker and gateway (repeatable)",
+    )
+    a = p.parse_args(argv)
+    only = tuple(s.strip() for s in a.only.split(",") if s.strip()) or STEPS
+    unknown = [s for s in only if s not in STEPS]
+    if unknown:
+        p.error(f"unknown step(s) {', '.join(unknown)}; choose among {', '.join(STEPS)}")
+    set_env: dict[str, str] = {}
+    for item in a.set_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("WALINK_"):
+            p.error(f"--set wants WALINK_NAME=VALUE, not {item!r}")
+        set_env[key] = value
+    if a.samples is not None and a.samples < 1:
+        p.error("--samples must be at least 1")
+    opts = Options(
+        quick=a.quick,
+        only=tuple(s for s in STEPS if s in only),
+        samples=a.samples,
+        json_path=a.json_path,
+        burst_size=a.burst_size,
+        burst_via=a.burst_via,
+        hibernated=a.hibernated,
+        webhook_sessions=a.webhook_sessions,
+        gateway_requests=a.gateway_requests,
+        gateway_concurrency=max(1, a.gateway_concurrency),
+        failover_sessions=a.failover_sessions,
+        workdir=a.workdir,
+        keep_workdir=a.keep_workdir,
+        chromium=a.chromium,
+        pg=a.pg,
+        redis=a.redis,
+        set_env=set_env,
+    )
+    if a.seed is not None:
+        opts.seed = a.seed
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    try:
+        code = asyncio.run(run(opts))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The benchmark's client side: the session API over HTTP, its SSE stream, a webhook receiver.
+
+This is how a SaaS backend talks to walink: ``POST /v1/sessions``, then the events stream
+(``qr``, ``session_ready``) — no polling. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from shared.webhooks import SIGNATURE_HEADER, verify
+
+LOOPBACK = "127.0.0.1"
+
+
+class ClientError(RuntimeError):
+    """An unexpected answer, a closed stream or a wait that ran out of time."""
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    event: str
+    data: dict[str, Any]
+
+
+def is_qr(ev: SseEvent) -> bool:
+    return ev.event == "qr" and bool(ev.data.get("qr"))
+
+
+def is_ready(ev: SseEvent) -> bool:
+    """``session_ready``, or a ``status`` of ready (a stream opened late shows the latest status)."""
+    return ev.event == "session_ready" or (ev.event == "status" and ev.data.get("status") == "ready")
+
+
+def is_ended(ev: SseEvent) -> bool:
+    return ev.event in {"session_failed", "session_disconnected"} or (
+        ev.event == "status" and ev.data.get("status") in {"failed", "expired", "logged_out", "deleted"}
+    )
+
+
+class SseStream:
+    """One open ``GET /v1/sessions/{id}/events``."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.seen: list[SseEvent] = []
+
+    @classmethod
+    async def open(
+        cls, http: aiohttp.ClientSession, url: str, *, headers: dict[str, str] | None = None, timeout_s: float
+    ) -> SseStream:
+        try:
+            resp = await asyncio.wait_for(
+                http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)),
+                timeout_s,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ClientError(f"cannot open {url}: {exc!r}") from exc
+        if resp.status != 200:
+            body = await resp.text()
+            resp.release()
+            raise ClientError(f"GET {url} → {resp.status}: {body[:300]}")
+        return cls(resp)
+
+    async def next(self) -> SseEvent:
+        event: str | None = None
+        data: dict[str, Any] = {}
+        while True:
+            raw = await self.resp.content.readline()
+            if not raw:
+                raise ClientError("event stream ended")
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = orjson.loads(line[5:].strip())
+            elif line == "" and event is not None:
+                ev = SseEvent(event, data)
+                self.seen.append(ev)
+                return ev
+
+    async def until(
+        self, wanted: Callable[[SseEvent], bool], timeout_s: float, *, fail_on_end: bool = True
+    ) -> SseEvent:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    ev = await self.next()
+                    if wanted(ev):
+                        return ev
+                    if fail_on_end and is_ended(ev):
+                        raise ClientError(f"session ended while waiting: {ev.event} {ev.data}")
+        except TimeoutError:
+            last = [e.event for e in self.seen[-5:]]
+            raise ClientError(f"no such event within {timeout_s:.0f}s (last: {last})") from None
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+class Api:
+    """The session API of a worker or of the gateway (same routes)."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        base_url: str,
+        headers: dict[str, str] | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.http = http
+        self.base = base_url.rstrip("/")
+        self.headers = headers or {}
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def _json(self, method: str, path: str, expect: set[int], body: Any = None) -> dict[str, Any]:
+        try:
+            async with self.http.request(
+                method, self.base + path, json=body, headers=self.headers, timeout=self.timeout
+            ) as resp:
+                raw = await resp.read()
+                if resp.status not in expect:
+                    raise ClientError(f"{method} {path} → {resp.status}: {raw[:300]!r}")
+                if not raw:
+                    return {}
+                data: dict[str, Any] = orjson.loads(raw)
+                return data
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ClientError(f"{method} {path}: {exc!r}") from exc
+
+    async def create(self, **body: Any) -> dict[str, Any]:
+        return await self._json("POST", "/v1/sessions", {201}, body)
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        return await self._json("GET", f"/v1/sessions/{session_id}", {200})
+
+    async def delete(self, session_id: str) -> None:
+        await self._json("DELETE", f"/v1/sessions/{session_id}", {204, 404})
+
+    async def health(self) -> dict[str, Any]:
+        return await self._json("GET", "/health", {200, 503})
+
+    async def events(self, session_id: str, timeout_s: float = 30.0) -> SseStream:
+        return await SseStream.open(
+            self.http,
+            f"{self.base}/v1/sessions/{session_id}/events",
+            headers=self.headers,
+            timeout_s=timeout_s,
+        )
+
+    async def delete_where_possible(self, session_ids: list[str], concurrency: int = 6) -> list[str]:
+        """Delete sessions, a few at a time; returns those that could not be deleted here."""
+        gate = asyncio.Semaphore(concurrency)
+        failed: list[str] = []
+
+        async def one(sid: str) -> None:
+            async with gate:
+                try:
+                    await self.delete(sid)
+                except ClientError:
+                    failed.append(sid)
+
+        await asyncio.gather(*(one(s) for s in session_ids))
+        return failed
+
+    async def delete_all(self, session_ids: list[str], concurrency: int = 6) -> int:
+        """Delete sessions; returns how many could not be deleted."""
+        return len(await self.delete_where_possible(session_ids, concurrency))
+
+
+async def wait_pool_full(api: Api, timeout_s: float) -> dict[str, Any]:
+    """Until the worker's warm pool holds its target of browsers on the QR screen (polls /health)."""
+    deadline = time.monotonic() + timeout_s
+    health: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        health = await api.health()
+        pool = health.get("pool") or {}
+        if int(pool.get("ready", 0)) >= int(pool.get("target", 0)):
+            return health
+        await asyncio.sleep(0.05)
+    raise ClientError(f"warm pool not full after {timeout_s:.0f}s: {health.get('pool')}")
+
+
+async def link(
+    api: Api,
+    scan: Callable[[str, str], Any],
+    phone: str,
+    *,
+    timeout_s: float = 60.0,
+    **body: Any,
+) -> dict[str, Any]:
+    """Create a session, scan its QR with ``phone``, wait for ``session_ready``; the created body."""
+    created = await api.create(**body)
+    stream = await api.events(created["id"])
+    try:
+        qr = await stream.until(is_qr, timeout_s)
+        await scan(str(qr.data["qr"]), phone)
+        ready = await stream.until(is_ready, timeout_s)
+        if ready.event == "session_ready" and ready.data.get("phone_number") != phone:
+            raise ClientError(f"session_ready with phone {ready.data.get('phone_number')}, expected {phone}")
+    finally:
+        stream.close()
+    return created
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    event_id: str
+    event: str
+    session_id: str
+    occurred_at_ms: int
+    received_at_ms: float
+
+
+class WebhookReceiver:
+    """A local aiohttp receiver that checks ``X-Walink-Signature`` and notes when each event arrived."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.deliveries: list[Delivery] = []
+        self.bad_signatures = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._changed = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        received_ms = time.time_ns() / 1e6
+        if not verify(self.secret, body, request.headers.get(SIGNATURE_HEADER, "")):
+            self.bad_signatures += 1
+            return web.Response(status=401, text="bad signature")
+        payload = orjson.loads(body)
+        self.deliveries.append(
+            Delivery(
+                event_id=str(payload["event_id"]),
+                event=str(payload["event"]),
+                session_id=str(payload["session_id"]),
+                occurred_at_ms=int(payload["occurred_at_ms"]),
+                received_at_ms=received_ms,
+            )
+        )
+        self._changed.set()
+        return web.Response(status=204)
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        site = web.TCPSite(self._runner, LOOPBACK, port)
+        await site.start()
+        self.url = f"http://{LOOPBACK}:{port}/hook"
+        return self.url
+
+    async def wait_for(self, done: Callable[[list[Delivery]], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not done(self.deliveries):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+        return True
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
