@@ -36,7 +36,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from shared import metrics
 from shared.errors import BadRequest, WalinkError
-from shared.models import now_ms
+from shared.models import SessionEvent, now_ms
 from shared.webhooks import build_payload, delivery_headers
 
 log = logging.getLogger("walink.webhooks")
@@ -171,6 +171,17 @@ class OutboxEvent:
             state=str(record["state"]),
             attempts=int(record["attempts"]),
             created_at_ms=int(record["created_at_ms"]),
+        )
+
+    def session_event(self) -> SessionEvent:
+        """The committed event as SSE subscribers get it (seq, type, the payload's data)."""
+        data = dict(self.payload.get("data") or {})
+        return SessionEvent(
+            self.seq,
+            self.type,
+            {"session_id": self.session_id, **data},
+            at_ms=int(self.payload.get("occurred_at_ms") or self.created_at_ms),
+            event_id=self.event_id,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -67,7 +67,8 @@ class Settings:
     database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/walink", repr=False)
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_prefix: str = "walink:"
-    redis_timeout_s: float = 0.5
+    # short, but not so short that a CPU-starved event loop reads as Redis being down
+    redis_timeout_s: float = 2.0
     db_timeout_s: float = 5.0
     lease_ttl_ms: int = 10_000
     # AES-256-GCM key of profile snapshots: base64 of 32 bytes (empty: snapshots disabled)

@@ -276,3 +276,30 @@ async def test_a_paused_worker_that_resumes_lets_go_and_nothing_is_driven_twice(
 
     await cluster.eventually(browsers_on_old_profile, lambda pids: pids == [])
     assert (await cluster.session(sid))["status"] == "ready"
+
+
+async def test_forty_sessions_spread_over_four_workers_and_every_route_reaches_the_owner(
+    cluster: Cluster,
+) -> None:
+    owners: dict[str, str] = {}
+    for _batch in range(4):  # 10 browsers at a time: 40 at once would only measure this 2-core box
+        created: list[str] = []
+        for _ in range(10):
+            status, body = await cluster.call("POST", "/v1/sessions", json={})
+            assert status == 201, body
+            created.append(body["id"])
+        for sid in created:
+            await cluster.sse_until(sid, "qr")
+            resp = await cluster.gw.get(f"/v1/sessions/{sid}", headers=AUTH)
+            body = await resp.json()
+            owners[sid] = body["worker"]
+            assert resp.headers["X-Walink-Worker"] == body["worker"]  # served by the owner
+            qr = await cluster.gw.get(f"/v1/sessions/{sid}/qr", headers=AUTH)
+            assert qr.status == 200 and qr.headers["X-Walink-Worker"] == body["worker"]
+        for sid in created:
+            status, _ = await cluster.call("DELETE", f"/v1/sessions/{sid}")
+            assert status == 204
+    shares = {name: sum(1 for o in owners.values() if o == name) for name in map(cluster.name, cluster.ports)}
+    print(f"40 sessions over 4 workers: {sorted(shares.values(), reverse=True)} {shares}")
+    assert sum(shares.values()) == 40 and all(n > 0 for n in shares.values())
+    assert max(shares.values()) <= 20  # bounded load keeps any worker far from taking everything

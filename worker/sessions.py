@@ -37,8 +37,7 @@ from shared.errors import (
 )
 from shared.ids import check_session_id, new_profile_id, new_session_id
 from shared.leases import LeaseKeeper
-from shared.models import ENDED, LINKING, EventType, Reason, SessionEvent, SessionStatus, now_ms
-from shared.outbox import OutboxEvent
+from shared.models import ENDED, LINKING, EventType, Reason, SessionStatus, now_ms
 from shared.settings import Settings
 from worker import qr_queue, snapshot
 from worker import whatsapp_web as wa
@@ -57,17 +56,6 @@ DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutErro
 
 class NotOwner(Conflict):
     code = "not_owner"
-
-
-def committed_event(ev: OutboxEvent) -> SessionEvent:
-    data = dict(ev.payload.get("data") or {})
-    return SessionEvent(
-        ev.seq,
-        ev.type,
-        {"session_id": ev.session_id, **data},
-        at_ms=int(ev.payload.get("occurred_at_ms") or ev.created_at_ms),
-        event_id=ev.event_id,
-    )
 
 
 class SessionManager:
@@ -508,7 +496,7 @@ class SessionManager:
                 log.warning("%s: cannot commit (%s); retrying", session.id, exc)
                 self._spawn(session, self._write_later(session), cancel_on_end=False)
                 return
-            committed = [committed_event(e) for e in written]
+            committed = [e.session_event() for e in written]
             for event in committed:
                 session.deliver(event)
             await self.durable.publish(session.id, [{**e.to_dict(), "type": e.type} for e in committed])

@@ -78,7 +78,7 @@ async def stream_local(
             memory = session.backlog_after(after)
             if memory is None:
                 memory = [
-                    _committed(e)
+                    e.session_event()
                     for e in await outbox.session_events_after(pool, session_id=session.id, after_seq=after)
                 ]
             backlog = memory
@@ -109,17 +109,6 @@ async def stream_local(
             await response.write_eof()
         return response
     return web.Response(status=204)
-
-
-def _committed(ev: outbox.OutboxEvent) -> SessionEvent:
-    data = dict(ev.payload.get("data") or {})
-    return SessionEvent(
-        ev.seq,
-        ev.type,
-        {"session_id": ev.session_id, **data},
-        at_ms=int(ev.payload.get("occurred_at_ms") or ev.created_at_ms),
-        event_id=ev.event_id,
-    )
 
 
 async def _pubsub(redis: aioredis.Redis, channel: str) -> AsyncGenerator[SessionEvent | None, None]:
@@ -168,11 +157,11 @@ async def stream_remote(
     try:
         if after is None:
             history = await outbox.session_events_after(pool, session_id=session_id, after_seq=0, limit=5000)
-            backlog = present([_committed(e) for e in history], status)
+            backlog = present([e.session_event() for e in history], status)
             sent = history[-1].seq if history else 0
         else:
             backlog = [
-                _committed(e)
+                e.session_event()
                 for e in await outbox.session_events_after(pool, session_id=session_id, after_seq=after)
             ]
             sent = after
@@ -188,7 +177,7 @@ async def stream_remote(
                 quiet_s = 0.0
                 # the record: anything pub/sub did not bring
                 for ev in await outbox.session_events_after(pool, session_id=session_id, after_seq=sent):
-                    await response.write(frame(_committed(ev)))
+                    await response.write(frame(ev.session_event()))
                     sent = ev.seq
                 await response.write(b": keepalive\n\n")
                 continue
@@ -197,7 +186,7 @@ async def stream_remote(
             if item.seq > sent + 1:  # a gap: fill it from the outbox first
                 for ev in await outbox.session_events_after(pool, session_id=session_id, after_seq=sent):
                     if ev.seq < item.seq:
-                        await response.write(frame(_committed(ev)))
+                        await response.write(frame(ev.session_event()))
             await response.write(frame(item))
             sent = item.seq
     except ConnectionResetError:
