@@ -1000,6 +1000,15 @@ async def step_failover(b: Bench) -> None:
                 raise ClientError(f"sessions report worker {victim_name!r}, not one of ours")
             victim = workers[idx]
             mine = [sid for sid in sids if owners[sid] == victim_name]
+            # a session is crash-safe once its live snapshot exists (8 s after ready by default);
+            # the figure is about those, so wait for them before the kill
+            pg = b.h.pool
+            assert pg is not None
+            for sid in mine:
+                for _ in range(int(WAIT_S / 0.2)):
+                    if await pg.fetchval("SELECT 1 FROM profile_snapshots WHERE session_id = $1", sid):
+                        break
+                    await asyncio.sleep(0.2)  # another process writes it; nothing to await here
             t0 = time.perf_counter()
             victim.send(signal.SIGKILL)
             outcomes = await asyncio.gather(
