@@ -29,7 +29,7 @@ from tests.conftest import (
 )
 from worker import chromium
 
-pytestmark = pytest.mark.chromium
+pytestmark = [pytest.mark.chromium, pytest.mark.timeout(420)]  # real processes: slow on a busy box
 
 API_KEY = "wlk_test_cluster_key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -34,7 +34,7 @@ from shared.settings import Settings
 from shared.store import Store
 from tests.conftest import CHROMIUM, REDIS_URL, SNAPSHOT_KEY, WAIT_S, AiohttpClient, EventStream
 
-pytestmark = pytest.mark.chromium
+pytestmark = [pytest.mark.chromium, pytest.mark.timeout(420)]  # real processes: slow on a busy box
 
 PHONE = "5511912345678"
 INTERNAL_TOKEN = "internal-test-token"
