@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway import api, pages
@@ -43,7 +42,7 @@ from gateway.proxy import Proxy
 from gateway.ring import Ring
 from gateway.routing import Router, lease_reader
 from gateway.sse import Streams
-from shared import db, metrics
+from shared import metrics, resources
 from shared import store as store_mod
 from shared.redis_keys import Keys
 from shared.settings import Settings
@@ -72,13 +71,7 @@ async def http_ctx(app: web.Application) -> AsyncIterator[None]:
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
     """Postgres for API keys (created and migrated if missing, like the workers do)."""
     settings = app[SETTINGS]
-    await asyncio.wait_for(db.ensure_database(settings.database_url, timeout_s=settings.db_timeout_s), 30)
-    pool = await asyncio.wait_for(
-        store_mod.open_pool(settings.database_url, timeout_s=settings.db_timeout_s, max_size=5), 30
-    )
-    try:
-        async with pool.acquire() as conn:
-            await asyncio.wait_for(db.migrate(conn), 60)
+    async with resources.open_pool(settings, max_size=5) as pool:
         app[DB] = pool
         app[AUTH] = Authenticator(
             store_mod.Store(pool).key_scope,
@@ -87,23 +80,12 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
             cache=KeyCache(),
         )
         yield
-    finally:
-        await asyncio.wait_for(pool.close(), 10)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    client = aioredis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=5,
-    )
-    app[REDIS] = client
-    try:
+    async with resources.open_redis(app[SETTINGS]) as client:
+        app[REDIS] = client
         yield
-    finally:
-        await asyncio.wait_for(client.aclose(), 5)
 
 
 def _breaker_gauge(worker: str, state: BreakerState) -> None:

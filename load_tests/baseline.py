@@ -217,7 +217,7 @@ class SeedBaseline:
     def pss(self, session: SeedSession) -> int:
         """PSS (bytes) of the session's whole Chromium process group."""
         pid = chromium.browser_pid_for_profile(session.profile_dir)
-        return chromium.rss_of_group(pid) if pid else 0
+        return chromium.pss_by_group({pid})[pid] if pid else 0
 
     # ------------------------------------------------------------------ the seed's flows
     async def add_account(self) -> tuple[SeedSession, QrSample]:

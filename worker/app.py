@@ -16,11 +16,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 from playwright.async_api import async_playwright
 
-from shared import db
+from shared import resources
 from shared import store as store_mod
 from shared.outbox import WebhookDispatcher
 from shared.redis_keys import Keys
@@ -65,44 +64,27 @@ async def http_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
     """Postgres, the source of truth: created if missing, migrated, the default workspace present."""
-    settings = app[SETTINGS]
-    await asyncio.wait_for(db.ensure_database(settings.database_url, timeout_s=settings.db_timeout_s), 30)
-    pool = await asyncio.wait_for(
-        store_mod.open_pool(settings.database_url, timeout_s=settings.db_timeout_s), 30
-    )
-    try:
-        async with pool.acquire() as conn:
-            await asyncio.wait_for(db.migrate(conn), 60)
+    async with resources.open_pool(app[SETTINGS]) as pool:
         app[DB] = pool
         app[STORE] = store_mod.Store(pool)
         await app[STORE].ensure_workspace(DEFAULT_WORKSPACE)
         yield
-    finally:
-        await asyncio.wait_for(pool.close(), 10)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """Redis for leases, the session cache and event fan-out; short timeouts, never required to answer."""
     settings = app[SETTINGS]
-    client = aioredis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=5,
-    )
-    app[REDIS] = client
-    app[DURABLE] = Durable(
-        app[STORE],
-        client,
-        Keys(settings.redis_prefix),
-        app[NAME],
-        lease_ttl_ms=settings.lease_ttl_ms,
-        redis_timeout_s=settings.redis_timeout_s,
-    )
-    try:
+    async with resources.open_redis(settings) as client:
+        app[REDIS] = client
+        app[DURABLE] = Durable(
+            app[STORE],
+            client,
+            Keys(settings.redis_prefix),
+            app[NAME],
+            lease_ttl_ms=settings.lease_ttl_ms,
+            redis_timeout_s=settings.redis_timeout_s,
+        )
         yield
-    finally:
-        await asyncio.wait_for(client.aclose(), 5)
 
 
 async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:

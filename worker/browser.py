@@ -170,7 +170,7 @@ class BrowserSlot:
         await self._evaluate(wa.LOGOUT_SCRIPT)
 
     def memory_bytes(self) -> int:
-        return chromium.rss_of_group(self.pid) if self.pid else 0
+        return chromium.pss_by_group({self.pid})[self.pid] if self.pid else 0
 
     async def close(self) -> None:
         """End the browser and its whole process group; the profile directory stays."""

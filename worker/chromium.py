@@ -153,23 +153,6 @@ def reap(profiles_root: Path) -> tuple[int, int]:
     return killed, locks
 
 
-def rss_of_group(pgid: int) -> int:
-    """Proportional set size (bytes) of every process in a group: what the browser really costs."""
-    total = 0
-    for proc in _processes():
-        if proc.pgid != pgid:
-            continue
-        try:
-            with open(f"/proc/{proc.pid}/smaps_rollup", "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except (OSError, ValueError):
-            continue
-    return total
-
-
 def pss_by_group(pgids: set[int]) -> dict[int, int]:
     """Proportional set size (bytes) of each process group, in one pass over /proc."""
     totals = dict.fromkeys(pgids, 0)
