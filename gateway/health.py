@@ -3,8 +3,9 @@
 Every ``health_interval_s`` the monitor reads the heartbeats, then ``GET /health`` of every known
 worker with a short timeout. A probe's outcome feeds the worker's breaker when the breaker lets a
 call through (so an open breaker's half-open probe is usually a health check); a 503 from a
-draining worker is not a failure. The answers are kept for ``/health/cluster`` and for the
-bounded-load placement (in-flight linkings per worker).
+draining worker is not a failure, nor is a timeout in a round where every probe timed out (that
+is the gateway or the machine starved, not one worker). The answers are kept for
+``/health/cluster`` and for the bounded-load placement (in-flight linkings per worker).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -31,7 +33,26 @@ HeartbeatReader = Callable[[], Awaitable[dict[str, dict[str, Any]] | None]]
 
 def probe_timeout_s(interval_s: float) -> float:
     """Short, but not so short that a worker busy starting browsers on a small machine looks dead."""
-    return max(1.0, min(3.0, 2 * interval_s))
+    return max(2.0, min(5.0, 3 * interval_s))
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    worker: Worker
+    counted: bool  # the breaker let it through: it owes the breaker an outcome
+    verdict: bool | None  # True healthy, False failed, None neither (draining on purpose)
+    timed_out: bool
+
+    def feed(self, *, starved: bool = False) -> None:
+        if not self.counted:
+            return
+        breaker = self.worker.breaker
+        if self.verdict is True:
+            breaker.success()
+        elif self.verdict is False and not (starved and self.timed_out):
+            breaker.failure()
+        else:
+            breaker.release()
 
 
 class HealthChecker:
@@ -53,10 +74,12 @@ class HealthChecker:
         self.rounds = 0
         self.redis_ok = True
 
-    async def probe(self, worker: Worker) -> None:
+    async def probe(self, worker: Worker) -> Probe:
+        """One ``GET /health``; what it says of the worker is recorded, its breaker is not fed."""
         counted = worker.breaker.acquire()
         started = time.monotonic()
         verdict: bool | None = False
+        timed_out = False
         try:
             async with self.http.get(worker.url + "/health", timeout=self.timeout) as resp:
                 body = await resp.read()
@@ -72,31 +95,38 @@ class HealthChecker:
             else:
                 worker.reachable, worker.error = True, f"/health answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            timed_out = isinstance(exc, TimeoutError)
             worker.reachable = not isinstance(exc, aiohttp.ClientConnectorError)
             worker.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             worker.health = None
             worker.health_status = None
+            log.info(
+                "worker %s: /health failed after %.0f ms: %s",
+                worker.name,
+                (time.monotonic() - started) * 1000,
+                worker.error,
+            )
         except BaseException:
             if counted:
                 worker.breaker.release()
             raise
         worker.checked_at = time.monotonic()
         worker.probe_ms = round((worker.checked_at - started) * 1000, 1)
-        if not counted:
-            return
-        if verdict is True:
-            worker.breaker.success()
-        elif verdict is False:
-            worker.breaker.failure()
-        else:
-            worker.breaker.release()
+        return Probe(worker, counted, verdict, timed_out)
 
     async def round(self) -> None:
         beats = await self.read_heartbeats()
         self.redis_ok = beats is not None
         if beats is not None:
             self.membership.apply_heartbeats(beats)
-        await asyncio.gather(*(self.probe(w) for w in self.membership.all()))
+        probes = await asyncio.gather(*(self.probe(w) for w in self.membership.all()))
+        starved = len(probes) > 1 and all(p.timed_out for p in probes)
+        if starved:
+            # every worker slow at once: this process or the machine is starved (CPU), which says
+            # nothing about any one worker; refused connections and errors still count
+            log.warning("every /health timed out in this round: not held against the workers")
+        for probe in probes:
+            probe.feed(starved=starved)
         self.sync()
         self.rounds += 1
 

@@ -9,6 +9,9 @@ breaker lets it through. What happens next depends on how the attempt ended:
 - ``409 not_owner`` on any route → the lease holder (read again), short backoff; while that
   holder is down the budget stretches to the lease TTL, after which the worker tried takes over;
 - other 5xx: idempotent calls only → next worker; otherwise the answer as is;
+- an answer from a worker that does not drive the session (``X-Walink-Driver`` names another):
+  the lease is read again and, when its holder is up, the request goes there once, at once;
+  otherwise (driver down, no lease) the answer stands;
 - anything else is the answer.
 
 Backoff is 50, 100, 200, 400, 800 ms then 1 s, within ``budget_s`` (5 s) of the first attempt.
@@ -40,6 +43,7 @@ log = logging.getLogger("walink.gateway.proxy")
 
 WORKSPACE_HEADER = "X-Walink-Workspace"
 WORKER_HEADER = "X-Walink-Worker"
+DRIVER_HEADER = "X-Walink-Driver"  # set by a worker answering for a session it does not drive
 REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type", "Last-Event-ID", "User-Agent", "X-Request-ID")
 RESPONSE_HEADERS = (
     "Content-Type",
@@ -98,6 +102,7 @@ class _Try:
     backoffs: int = 0
     maybe_landed: bool = False
     owner_failed: bool = False
+    rerouted: bool = False  # sent on to the session's driver once already
     last: Answer | None = None
     error: WalinkError | None = None
 
@@ -188,6 +193,10 @@ class Proxy:
             plan.attempting(worker)
             reason, answer = await self._attempt(worker, call, plan, t)
             if reason is None and answer is not None:
+                if not t.rerouted and await self._driven_elsewhere(answer, plan, t):
+                    t.rerouted = True
+                    metrics.GATEWAY_RETRIES.labels("driver").inc()
+                    continue
                 return self._final(answer, plan, t)
             if worker.name == plan.owner:
                 t.owner_failed = reason != "not_owner"
@@ -206,6 +215,31 @@ class Proxy:
         if t.last is not None:
             return self._final(t.last, plan, t)
         raise t.error or NoWorkerAvailable("no worker is available to serve this request")
+
+    @staticmethod
+    async def _driven_elsewhere(answer: Answer, plan: Plan, t: _Try) -> bool:
+        """Did a worker answer for a session that another worker, up now, drives?
+
+        If so the answer is dropped (a read: nothing was changed) and the driver comes first."""
+        driver = answer.headers.get(DRIVER_HEADER)
+        if not driver or driver == answer.worker.name or answer.status >= 300:
+            return False
+        holder = await plan.redirect()
+        target = plan.router.membership.get(holder) if holder is not None else None
+        if target is None or holder == answer.worker.name or holder in t.exclude or not target.routable():
+            state = "unknown" if target is None else target.breaker.state.value
+            log.info(
+                "%s: %s answered for %s; lease holder %s (%s): answer kept",
+                plan.key,
+                answer.worker.name,
+                driver,
+                holder,
+                state,
+            )
+            return False
+        if answer.stream is not None:
+            answer.stream.close()
+        return True
 
     @staticmethod
     def _worth_waiting(plan: Plan) -> bool:

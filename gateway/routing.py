@@ -2,8 +2,10 @@
 
 - A new session (``POST /v1/sessions``): its id's ring walk over the workers taking new sessions,
   reordered by bounded load (:func:`gateway.ring.place`).
-- An existing session: the owner named by its Redis lease (cached ``owner_ttl_s`` in memory)
-  first, then the ring walk. An owner that is down or tripped is skipped: the next worker on the
+- An existing session: the owner named by its Redis lease (cached ``owner_ttl_s`` in memory; a
+  missing lease is not cached) first, then the ring walk. A worker that answers for a session
+  driven elsewhere says so (``X-Walink-Driver``): the proxy reads the lease again and asks the
+  driver when it is up. An owner that is down or tripped is skipped: the next worker on the
   ring takes the session over (the worker side does that once the lease has expired).
 - Anything else (accounts, events, replay): the ring walk of a routing key.
 
@@ -54,7 +56,7 @@ class Router:
         self.load_bound = load_bound
         self.owner_ttl_s = owner_ttl_s
         self.clock = clock
-        self._owners: dict[str, tuple[float, str | None]] = {}
+        self._owners: dict[str, tuple[float, str]] = {}
 
     # ------------------------------------------------------------------ owners
     async def owner_of(self, session_id: str, *, fresh: bool = False) -> str | None:
@@ -63,10 +65,15 @@ class Router:
         if not fresh and cached is not None and cached[0] > now:
             return cached[1]
         owner = await self.read_lease(session_id)
-        self.remember(session_id, owner)
+        if owner is None:
+            # no lease (yet, or Redis did not answer): not remembered, so the next request looks
+            # again instead of following the ring to a worker that does not drive the session
+            self.forget(session_id)
+        else:
+            self.remember(session_id, owner)
         return owner
 
-    def remember(self, session_id: str, owner: str | None) -> None:
+    def remember(self, session_id: str, owner: str) -> None:
         now = self.clock()
         if len(self._owners) >= OWNER_CACHE_MAX:
             self._owners = {k: v for k, v in self._owners.items() if v[0] > now}

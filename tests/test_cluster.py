@@ -293,11 +293,9 @@ async def test_forty_sessions_spread_over_four_workers_and_every_route_reaches_t
             resp = await cluster.gw.get(f"/v1/sessions/{sid}", headers=AUTH)
             body = await resp.json()
             owners[sid] = body["worker"]
-            assert resp.status == 200 and body["worker"]
-            # not yet asserted: that the serving worker (X-Walink-Worker) is always the owner; on
-            # a quiet machine one GET in ~40 was answered by a non-owner from the owner's view
+            assert resp.status == 200 and resp.headers["X-Walink-Worker"] == body["worker"]  # the owner
             qr = await cluster.gw.get(f"/v1/sessions/{sid}/qr", headers=AUTH)
-            assert qr.status == 200
+            assert qr.status == 200 and qr.headers["X-Walink-Worker"] == body["worker"]
         for sid in created:
             status, _ = await cluster.call("DELETE", f"/v1/sessions/{sid}")
             assert status == 204

@@ -456,3 +456,25 @@ async def test_a_tampered_snapshot_is_refused_with_a_clear_reason(
     stream.close()
     assert failed["reason"] == "client_fatal"
     assert (await get_json(client, f"/v1/sessions/{sid}"))["status"] == "failed"
+
+
+async def test_a_worker_answering_for_a_session_it_does_not_drive_names_the_driver(
+    tmp_path: Path, sim: Sim, start_worker: WorkerFactory
+) -> None:
+    a = await start_worker(worker_name="worker-a")
+    b = await start_worker(worker_name="worker-b", data_dir=tmp_path / "b")
+    sid = await link(a, sim)
+    on_a = await a.get(f"/v1/sessions/{sid}")
+    assert on_a.status == 200 and "X-Walink-Driver" not in on_a.headers
+    on_b = await b.get(f"/v1/sessions/{sid}")
+    view = await on_b.json()
+    # B answers from A's committed view and says who drives it (the gateway then asks A)
+    assert on_b.status == 200 and view["worker"] == "worker-a" and view["status"] == "ready"
+    assert on_b.headers["X-Walink-Driver"] == "worker-a"
+    assert manager_of(b).local(sid) is None  # B did not take it over
+    stream = await b.get(f"/v1/sessions/{sid}/events")
+    assert stream.status == 200 and stream.headers["X-Walink-Driver"] == "worker-a"
+    stream.close()
+    assert (await a.delete(f"/v1/sessions/{sid}")).status == 204
+    gone = await b.get(f"/v1/sessions/{sid}")
+    assert gone.status == 404 and "X-Walink-Driver" not in gone.headers

@@ -253,14 +253,27 @@ async def test_routing_falls_back_to_the_ring_when_the_owner_is_tripped() -> Non
     assert plan.candidates(set())[0].name == owner
 
 
-async def test_routing_without_a_lease_uses_the_ring_and_caches_owners() -> None:
+async def test_routing_without_a_lease_uses_the_ring_and_looks_again_next_time() -> None:
     clock = Clock()
     sid = "s_routing3"
-    _, router, calls = cluster(clock, {})
+    leases: dict[str, str] = {}
+    _, router, calls = cluster(clock, leases)
     plan = Plan(router, Kind.SESSION, sid)
     await plan.start()
     assert plan.owner is None
     assert [w.name for w in plan.candidates(set())] == ring_of(NODES[:3]).walk(sid)
+    owner = ring_of(NODES[:3]).walk(sid)[-1]
+    leases[sid] = owner  # the lease appears: a missing lease was not remembered
+    plan = Plan(router, Kind.SESSION, sid)
+    await plan.start()
+    assert plan.owner == owner and calls == [sid, sid]
+
+
+async def test_routing_caches_owners_for_their_ttl() -> None:
+    clock = Clock()
+    sid = "s_routing4"
+    _, router, calls = cluster(clock, {sid: NODES[0]})
+    await Plan(router, Kind.SESSION, sid).start()
     await Plan(router, Kind.SESSION, sid).start()
     assert calls == [sid]  # cached
     clock.advance(2.1)
@@ -305,7 +318,8 @@ def test_placements_count_until_a_health_report_includes_them() -> None:
 
 
 # ------------------------------------------------------------------------------------------ proxy
-Script = list[tuple[int, dict[str, Any]]]
+# (status, body) or (status, body, headers)
+Script = list[tuple[int, dict[str, Any]] | tuple[int, dict[str, Any], dict[str, str]]]
 LeaseReader = Callable[[str], Awaitable[str | None]]
 
 
@@ -318,8 +332,8 @@ class FakeWorkers:
     def app(self, name: str, script: Script) -> web.Application:
         async def handle(request: web.Request) -> web.Response:
             self.seen.append((name, f"{request.method} {request.path_qs}", dict(request.headers)))
-            status, body = script.pop(0) if len(script) > 1 else script[0]
-            return web.json_response(body, status=status)
+            status, body, *more = script.pop(0) if len(script) > 1 else script[0]
+            return web.json_response(body, status=status, headers=more[0] if more else None)
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
@@ -408,6 +422,46 @@ async def test_proxy_retries_not_owner_on_the_lease_holder(aiohttp_server: Aioht
     assert fakes.names == [first, second]
     assert answer.status == 200 and answer.worker.name == second
     assert not answer.failover and sleeps == [0.05]
+
+
+async def test_proxy_asks_the_driver_when_a_worker_answers_for_a_session_driven_elsewhere(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    sid = "s_driver"
+    first, second = ring_of(["w1", "w2"]).walk(sid)
+    leases: dict[str, str] = {}
+
+    async def lease(sid_: str) -> str | None:
+        return leases.get(sid_)
+
+    elsewhere = (200, {"id": sid, "worker": second}, {"X-Walink-Driver": second})
+    membership, router, fakes = await fake_cluster(
+        aiohttp_server, {first: [elsewhere], second: [(200, {"id": sid, "worker": second})]}, lease
+    )
+    sleeps: list[float] = []
+    # no lease when the request arrives; by the time the first worker answers, the second holds it
+    call = Call("GET", f"/v1/sessions/{sid}", {}, idempotent=True)
+    router_read = router.read_lease
+
+    async def lease_appears(sid_: str) -> str | None:
+        owner = await router_read(sid_)
+        leases[sid] = second
+        return owner
+
+    router.read_lease = lease_appears
+    answer = await forward(router, call, Kind.SESSION, sid, sleeps)
+    assert fakes.names == [first, second]
+    assert answer.status == 200 and answer.worker.name == second
+    assert sleeps == []  # at once: the first answer was a read, nothing to wait for
+
+    # the driver is down: the first worker's view stands (no wait, no error)
+    driver = membership.get(second)
+    assert driver is not None
+    for _ in range(3):
+        driver.breaker.failure()
+    fakes.seen.clear()
+    answer = await forward(router, call, Kind.SESSION, sid, sleeps)
+    assert fakes.names == [first] and answer.status == 200 and answer.worker.name == first
 
 
 async def test_proxy_moves_on_from_a_draining_worker_with_backoff(aiohttp_server: AiohttpServer) -> None:

@@ -39,6 +39,7 @@ from worker.keys import (
     NAME,
     PLAYWRIGHT,
     POOL,
+    PSS,
     QUEUE,
     REDIS,
     REMOTE_STREAMS,
@@ -134,6 +135,7 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        await app[PSS].close()
         started = time.monotonic()
         await close_with_deadline(manager, settings.shutdown_deadline_s)
         log.info(
@@ -212,6 +214,7 @@ def create_app(settings: Settings) -> web.Application:
     app[NAME] = settings.worker_name or f"{settings.host}:{settings.worker_port}"
     app[QUEUE] = QrQueue(settings.qr_concurrency)
     app[REMOTE_STREAMS] = set()
+    app[PSS] = chromium.PssGauge()
     app.cleanup_ctx.extend(
         # the heartbeat outlives the sessions at shutdown: peers see "draining" until every lease is free
         [http_ctx, db_ctx, redis_ctx, dispatcher_ctx, playwright_ctx, pool_ctx, heartbeat_ctx, sessions_ctx]

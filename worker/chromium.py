@@ -7,12 +7,14 @@ process-group id and ``killpg`` ends the browser with its renderers, GPU and zyg
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,3 +170,40 @@ def pss_by_group(pgids: set[int]) -> dict[int, int]:
         except (OSError, ValueError):
             continue
     return totals
+
+
+class PssGauge:
+    """The PSS of a set of process groups, for ``/health`` and ``/metrics``.
+
+    The /proc walk runs in a thread, at most every ``every_s``; a read returns the last figure and
+    starts a new walk in the background when it is stale, so a health check never waits on /proc
+    (slow with many browsers on a busy machine). Only a figure older than ``wait_after_s`` (or none
+    yet) is waited for."""
+
+    def __init__(self, *, every_s: float = 2.0, wait_after_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self.wait_after_s = wait_after_s
+        self.total_bytes = 0
+        self._at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def read(self, pgids: Callable[[], set[int]]) -> int:
+        now = time.monotonic()
+        age_s = None if self._at is None else now - self._at
+        if age_s is not None and age_s <= self.every_s:
+            return self.total_bytes
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._walk(pgids()), name="pss-walk")
+        if age_s is None or age_s > self.wait_after_s:
+            await asyncio.wait_for(asyncio.shield(self._task), 10)
+        return self.total_bytes
+
+    async def _walk(self, pgids: set[int]) -> None:
+        totals = await asyncio.to_thread(pss_by_group, pgids)
+        self.total_bytes = sum(totals.values())
+        self._at = time.monotonic()
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)

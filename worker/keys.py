@@ -15,6 +15,7 @@ from shared.outbox import WebhookDispatcher
 from shared.settings import Settings
 from shared.store import Store
 from worker.browser import BrowserLauncher
+from worker.chromium import PssGauge
 from worker.durable import Durable
 from worker.membership import Heartbeat
 from worker.qr_queue import QrQueue
@@ -37,3 +38,4 @@ MANAGER = web.AppKey("manager", SessionManager)
 DISPATCHER = web.AppKey("dispatcher", WebhookDispatcher)
 HEARTBEAT = web.AppKey("heartbeat", Heartbeat)
 REMOTE_STREAMS = web.AppKey("remote_streams", set[asyncio.Task[Any]])
+PSS = web.AppKey("pss", PssGauge)

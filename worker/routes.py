@@ -15,13 +15,27 @@ from prometheus_async.aio.web import server_stats
 from shared import metrics, outbox
 from shared.errors import BadRequest, InvalidState, Unauthorized
 from shared.ids import check_session_id, normalize_phone
-from shared.models import SessionStatus
+from shared.models import ENDED, SessionStatus
 from shared.settings import Settings
 from shared.web import check_keys, json_response, optional_str, read_json_object
-from worker import chromium, qr_image, sse
-from worker.keys import DISPATCHER, MANAGER, POOL, QUEUE, REMOTE_STREAMS, SETTINGS, STARTED_AT
+from worker import qr_image, sse
+from worker.keys import DISPATCHER, MANAGER, POOL, PSS, QUEUE, REMOTE_STREAMS, SETTINGS, STARTED_AT
 from worker.session import Session
 from worker.sessions import SessionManager
+
+# on a view of a session this worker does not drive: the worker named as its driver (the gateway
+# then reads the lease again and, when that worker is up, asks it instead)
+DRIVER_HEADER = "X-Walink-Driver"
+
+
+def _driver_headers(manager: SessionManager, sid: str, body: dict[str, Any]) -> dict[str, str]:
+    driver = body.get("worker")
+    if manager.local(sid) is not None or not driver or driver == manager.name:
+        return {}
+    if body.get("status") in ENDED:  # StrEnum: the JSON string compares equal
+        return {}
+    return {DRIVER_HEADER: str(driver)}
+
 
 DEFAULT_WORKSPACE = "default"
 WORKSPACE_HEADER = "X-Walink-Workspace"
@@ -107,7 +121,7 @@ async def get_session(request: web.Request) -> web.Response:
     session = manager.local(sid)
     if session is not None and session.pairing_code and session.status.value == "qr":
         body["pairing_code"] = session.pairing_code
-    return json_response(body)
+    return json_response(body, headers=_driver_headers(manager, sid, body))
 
 
 def _qr_format(request: web.Request) -> str:
@@ -153,6 +167,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     if session is not None:  # woken here
         return await sse.stream_local(request, session, manager.store.pool, keepalive_s=keepalive_s)
     durable = manager.durable
+    driver = _driver_headers(manager, sid, body)
     task = asyncio.current_task()
     streams = request.app[REMOTE_STREAMS]
     if task is not None:
@@ -166,6 +181,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
             durable.redis,
             durable.keys.events(sid),
             keepalive_s=keepalive_s,
+            headers=driver,
         )
     finally:
         if task is not None:
@@ -265,29 +281,16 @@ async def replay_webhooks(request: web.Request) -> web.Response:
     return json_response({"replayed": replayed})
 
 
-_MEMORY_CACHE_S = 2.0
-_memory_cache: dict[str, Any] = {"at": 0.0, "browsers_pss": 0}
-
-
 def _own_rss_pages() -> int:
     with open("/proc/self/statm") as fh:  # procfs: answers from memory, never blocks
         return int(fh.read().split()[1])
 
 
-def _browsers_pss(pgids: set[int]) -> int:
-    return sum(chromium.pss_by_group(pgids).values())
-
-
-async def memory_info(manager: SessionManager) -> dict[str, int]:
-    """This process's RSS and its browsers' PSS; the /proc walk runs in a thread, at most every 2 s
-    (health checks come every second and a /proc walk over many browsers is not free)."""
-    rss_pages = _own_rss_pages()
-    now = time.monotonic()
-    if now - float(_memory_cache["at"]) > _MEMORY_CACHE_S:
-        pgids = {slot.pid for slot in manager.browsers() if slot.pid}
-        _memory_cache["browsers_pss"] = await asyncio.to_thread(_browsers_pss, pgids)
-        _memory_cache["at"] = now
-    return {"rss": rss_pages * os.sysconf("SC_PAGE_SIZE"), "browsers_pss": int(_memory_cache["browsers_pss"])}
+async def memory_info(app: web.Application) -> dict[str, int]:
+    """This process's RSS and its browsers' PSS (walked in the background, see ``PssGauge``)."""
+    manager = app[MANAGER]
+    pss = await app[PSS].read(lambda: {slot.pid for slot in manager.browsers() if slot.pid})
+    return {"rss": _own_rss_pages() * os.sysconf("SC_PAGE_SIZE"), "browsers_pss": pss}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -296,7 +299,7 @@ async def health(request: web.Request) -> web.Response:
     sessions = manager.stats()
     queue = app[QUEUE].stats()
     pool = app[POOL].stats()
-    memory = await memory_info(manager)
+    memory = await memory_info(app)
     metrics.BROWSER_MEMORY.set(memory["browsers_pss"])
     status = "shutting_down" if manager.closing else "healthy"
     body = {
@@ -325,7 +328,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     by_status = manager.stats()["by_status"]
     for status in SessionStatus:  # every status, so one that emptied reads 0, not its last value
         metrics.SESSIONS.labels(status.value).set(by_status.get(status.value, 0))
-    metrics.BROWSER_MEMORY.set((await memory_info(manager))["browsers_pss"])
+    metrics.BROWSER_MEMORY.set((await memory_info(app))["browsers_pss"])
     queue = app[QUEUE]
     metrics.QUEUE_ACTIVE.set(queue.active)
     metrics.QUEUE_WAITING.set(queue.waiting)

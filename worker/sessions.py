@@ -497,10 +497,11 @@ class SessionManager:
                 self._spawn(session, self._write_later(session), cancel_on_end=False)
                 return
             committed = [e.session_event() for e in written]
+            # the cached view first: whoever hears of an event then reads that state on any worker
+            await self.durable.cache_put(session.public(self.name))
             for event in committed:
                 session.deliver(event)
             await self.durable.publish(session.id, [{**e.to_dict(), "type": e.type} for e in committed])
-            await self.durable.cache_put(session.public(self.name))
         for other in replaced:
             self._replaced(other, by=session.id)
 

@@ -51,12 +51,13 @@ def present(events: list[SessionEvent], status: str | None) -> list[SessionEvent
     return sorted(latest_status + latest_qr, key=lambda e: e.seq)
 
 
-async def _open(request: web.Request) -> web.StreamResponse:
+async def _open(request: web.Request, headers: dict[str, str] | None = None) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache, no-transform",
             "X-Accel-Buffering": "no",
+            **(headers or {}),
         }
     )
     await response.prepare(request)
@@ -149,9 +150,10 @@ async def stream_remote(
     channel: str,
     *,
     keepalive_s: float,
+    headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     """The stream of a session driven by another process."""
-    response = await _open(request)
+    response = await _open(request, headers)
     live = _pubsub(redis, channel)
     after = last_event_id(request)
     try:
