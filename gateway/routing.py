@@ -18,7 +18,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Set
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Set
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -106,20 +106,25 @@ class Router:
 
     def for_session(
         self, session_id: str, owner: str | None, exclude: Set[str] = frozenset()
-    ) -> list[Worker]:
-        order: list[Worker] = []
+    ) -> Iterator[Worker]:
+        """Lazily: the owner first; the ring walk is computed only when the owner is not taken."""
         known = self.membership.get(owner) if owner is not None else None
         if known is not None and owner not in exclude and known.routable():
-            order.append(known)
-        order.extend(w for w in self._walk(session_id, exclude) if w.name != owner)
+            yield known
+        seen = {owner}
+        for worker in self._walk(session_id, exclude):
+            if worker.name not in seen:
+                seen.add(worker.name)
+                yield worker
         # last resort for reads: draining workers still answer them
-        seen = {w.name for w in order}
-        order.extend(
-            w
-            for w in self.membership.all()
-            if w.draining and w.name not in seen and w.name not in exclude and w.routable()
-        )
-        return order
+        for worker in self.membership.all():
+            if (
+                worker.draining
+                and worker.name not in seen
+                and worker.name not in exclude
+                and worker.routable()
+            ):
+                yield worker
 
     def for_any(self, key: str, exclude: Set[str] = frozenset()) -> list[Worker]:
         return self._walk(key, exclude)
@@ -143,7 +148,8 @@ class Plan:
         if self.kind is Kind.SESSION:
             self.owner = self._prefer = await self.router.owner_of(self.key)
 
-    def candidates(self, exclude: Set[str]) -> list[Worker]:
+    def candidates(self, exclude: Set[str]) -> Iterable[Worker]:
+        """The workers to try, best first (lazily for an existing session: its owner is enough)."""
         if self.kind is Kind.ANY:
             return self.router.for_any(self.key, exclude)
         if self.kind is Kind.NEW and self._prefer is None:

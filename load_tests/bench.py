@@ -830,6 +830,18 @@ async def step_webhooks(b: Bench) -> None:
 
 
 # ---------------------------------------------------------------------------- 7. gateway
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0 when it cannot be read)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def load_block(
     http: aiohttp.ClientSession, url: str, headers: dict[str, str], n: int, concurrency: int
 ) -> tuple[float, list[float], int]:
@@ -884,14 +896,25 @@ async def step_gateway(b: Bench) -> None:
         walls = {m: 0.0 for m in modes}
         lats: dict[str, list[float]] = {m: [] for m in modes}
         errs = {m: 0 for m in modes}
+        procs = {"client": os.getpid(), "gateway": gateway.pid, "worker": worker.pid}
+        cpu_s: dict[str, dict[str, float]] = {m: dict.fromkeys(procs, 0.0) for m in modes}
         for r in range(rounds):
             order = list(modes) if r % 2 == 0 else list(reversed(modes))
             for m in order:
                 url, headers = modes[m]
+                before = {name: cpu_seconds(pid) for name, pid in procs.items()}
                 wall, lat, err = await load_block(b.http, url, headers, total // rounds, conc)
+                for name, pid in procs.items():
+                    cpu_s[m][name] += cpu_seconds(pid) - before[name]
                 walls[m] += wall
                 lats[m] += lat
                 errs[m] += err
+        # unloaded: one request at a time, the latency a caller adds by going through the gateway
+        single: dict[str, list[float]] = {m: [] for m in modes}
+        for r in range(rounds):
+            for m in list(modes) if r % 2 == 0 else list(reversed(modes)):
+                url, headers = modes[m]
+                single[m] += (await load_block(b.http, url, headers, max(50, total // (4 * rounds)), 1))[1]
         b.progress(f"gateway: {total} GETs each way at concurrency {conc}")
     finally:
         if sid:
@@ -899,8 +922,10 @@ async def step_gateway(b: Bench) -> None:
                 await gapi.delete(sid)
         await gateway.stop(10)
     rps = {m: len(lats[m]) / walls[m] if walls[m] else 0.0 for m in modes}
-    p50 = {m: statistics.median(lats[m]) if lats[m] else None for m in modes}
-    p95 = {m: pct(lats[m], 95) if lats[m] else None for m in modes}
+    cpu_us = {m: {name: round(v / max(1, len(lats[m])) * 1e6) for name, v in cpu_s[m].items()} for m in modes}
+    p50_loaded = {m: statistics.median(lats[m]) if lats[m] else None for m in modes}
+    p50 = {m: statistics.median(single[m]) if single[m] else None for m in modes}
+    p95 = {m: pct(single[m], 95) if single[m] else None for m in modes}
     thr_ratio = ratio(rps["gateway"], rps["direct"])
     added_ms = (p50["gateway"] - p50["direct"]) * 1000 if p50["gateway"] and p50["direct"] else None
     ok = thr_ratio is not None and thr_ratio >= 0.6 and added_ms is not None and added_ms <= 2.0
@@ -908,10 +933,16 @@ async def step_gateway(b: Bench) -> None:
         "what": f"GET /v1/sessions/{{id}} of a ready session, {total} requests each way at "
         f"concurrency {conc} "
         "(aiohttp, keep-alive), interleaved in 4 rounds after a warm-up: straight to the worker vs through "
-        "the gateway (API key auth, routing)",
+        "the gateway (API key auth, routing); latency: one request at a time (at concurrency "
+        f"{conc} the p50 is queueing, concurrency / throughput, also given); CPU per request of each "
+        "process (client, gateway, worker; all on the same cores)",
         "requests_per_s": {m: round(v, 1) for m, v in rps.items()},
         "latency_p50_ms": {m: round(v * 1000, 3) if v is not None else None for m, v in p50.items()},
         "latency_p95_ms": {m: round(v * 1000, 3) if v is not None else None for m, v in p95.items()},
+        "latency_p50_ms_at_concurrency": {
+            m: round(v * 1000, 3) if v is not None else None for m, v in p50_loaded.items()
+        },
+        "cpu_us_per_request": cpu_us,
         "errors": errs,
         "throughput_ratio": thr_ratio,
         "added_p50_ms": round(added_ms, 3) if added_ms is not None else None,
@@ -932,7 +963,18 @@ async def step_gateway(b: Bench) -> None:
     b.add(
         Row(
             "gateway",
-            "  p50 latency",
+            "  CPU per request: gateway, worker, client",
+            f"{cpu_us['gateway']['gateway']} µs",
+            f"{cpu_us['direct']['worker']} µs",
+            f"w {cpu_us['gateway']['worker']} · c {cpu_us['gateway']['client']}",
+            "",
+            None,
+        )
+    )
+    b.add(
+        Row(
+            "gateway",
+            "  p50 latency, one at a time",
             fmt_ms(p50["gateway"] * 1000 if p50["gateway"] else None),
             fmt_ms(p50["direct"] * 1000 if p50["direct"] else None),
             f"+{added_ms:.2f} ms" if added_ms is not None else "—",

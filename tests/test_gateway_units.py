@@ -250,7 +250,7 @@ async def test_routing_falls_back_to_the_ring_when_the_owner_is_tripped() -> Non
     assert order == walk[1:]  # the next worker on the ring takes over
     assert plan.owner == owner and plan.owner_down
     clock.advance(5)  # half-open: the owner may be probed again, first
-    assert plan.candidates(set())[0].name == owner
+    assert next(iter(plan.candidates(set()))).name == owner
 
 
 async def test_routing_without_a_lease_uses_the_ring_and_looks_again_next_time() -> None:
@@ -299,7 +299,7 @@ async def test_new_sessions_avoid_draining_and_unreachable_workers() -> None:
     draining.draining = True
     plan = Plan(router2, Kind.SESSION, "s_drain")
     await plan.start()
-    assert plan.candidates(set())[0].name == NODES[0]
+    assert next(iter(plan.candidates(set()))).name == NODES[0]
 
 
 def test_placements_count_until_a_health_report_includes_them() -> None:
