@@ -236,6 +236,16 @@ class EventStream:
         self.resp.close()
 
 
+async def sse_until(resp: ClientResponse, kind: str, **match: Any) -> dict[str, Any]:
+    """The data of the first ``kind`` event of an open SSE answer (closed afterwards)."""
+    assert resp.status == 200, resp.status
+    stream = EventStream(resp)
+    try:
+        return await stream.until(kind, **match)
+    finally:
+        stream.close()
+
+
 async def events(client: TestClient[Any, Any], session_id: str, after: int | None = None) -> EventStream:
     headers = {"Last-Event-ID": str(after)} if after is not None else {}
     resp = await client.get(f"/v1/sessions/{session_id}/events", headers=headers)

@@ -26,6 +26,7 @@ from tests.conftest import (
     Sim,
     WorkerProcess,
     free_port,
+    sse_until,
 )
 from worker import chromium
 
@@ -76,23 +77,7 @@ class Cluster:
         return dict(body)
 
     async def sse_until(self, sid: str, kind: str) -> dict[str, Any]:
-        import orjson
-
-        resp = await self.gw.get(f"/v1/sessions/{sid}/events", headers=AUTH)
-        assert resp.status == 200
-        try:
-            async with asyncio.timeout(WAIT_S):
-                event = None
-                async for raw in resp.content:
-                    line = raw.decode().rstrip("\n")
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: ") and event == kind:
-                        data: dict[str, Any] = orjson.loads(line[6:])
-                        return data
-        finally:
-            resp.close()
-        raise AssertionError(f"no {kind} for {sid}")
+        return await sse_until(await self.gw.get(f"/v1/sessions/{sid}/events", headers=AUTH), kind)
 
     async def eventually(self, probe: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool]) -> Any:
         for _ in range(int(WAIT_S / 0.2)):

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import WAIT_S, Sim, WorkerProcess, free_port
+from tests.conftest import WAIT_S, Sim, WorkerProcess, free_port, sse_until
 from worker import chromium
 
 pytestmark = pytest.mark.chromium
@@ -18,19 +18,8 @@ pytestmark = pytest.mark.chromium
 PHONE = "5511987654321"
 
 
-async def sse_until(http: aiohttp.ClientSession, url: str, kind: str) -> dict[str, Any]:
-    import orjson
-
-    async with http.get(url) as resp:
-        event = None
-        async for raw in resp.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event == kind:
-                data: dict[str, Any] = orjson.loads(line[6:])
-                return data
-    raise AssertionError(f"stream ended before {kind}")
+async def first_event(http: aiohttp.ClientSession, url: str, kind: str) -> dict[str, Any]:
+    return await sse_until(await http.get(url), kind)
 
 
 async def test_sigkill_then_restart_restores_without_qr_and_reaps(
@@ -42,9 +31,9 @@ async def test_sigkill_then_restart_restores_without_qr_and_reaps(
     async with aiohttp.ClientSession() as http:
         async with http.post(first.url + "/v1/sessions", json={"label": "k"}) as resp:
             sid = (await resp.json())["id"]
-        qr = await asyncio.wait_for(sse_until(http, f"{first.url}/v1/sessions/{sid}/events", "qr"), WAIT_S)
+        qr = await asyncio.wait_for(first_event(http, f"{first.url}/v1/sessions/{sid}/events", "qr"), WAIT_S)
         ready = asyncio.ensure_future(
-            sse_until(http, f"{first.url}/v1/sessions/{sid}/events", "session_ready")
+            first_event(http, f"{first.url}/v1/sessions/{sid}/events", "session_ready")
         )
         await sim.scan(qr["qr"], PHONE)
         assert (await asyncio.wait_for(ready, WAIT_S))["phone_number"] == PHONE
@@ -57,7 +46,7 @@ async def test_sigkill_then_restart_restores_without_qr_and_reaps(
             status = (await resp.json())["status"]
         if status != "ready":
             await asyncio.wait_for(
-                sse_until(http, f"{second.url}/v1/sessions/{sid}/events", "session_ready"), WAIT_S
+                first_event(http, f"{second.url}/v1/sessions/{sid}/events", "session_ready"), WAIT_S
             )
         async with http.get(f"{second.url}/v1/sessions/{sid}") as resp:
             session = await resp.json()

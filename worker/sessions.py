@@ -711,12 +711,7 @@ class SessionManager:
                 self.keeper.hold(session.id, token)
             session.transition(S.STARTING, Reason.WAKE)
             session.mark("requested_at_ms")
-            try:
-                await self._materialize_profile(session)
-            except SnapshotInvalid as exc:
-                log.error("%s: %s", session.id, exc)
-                self._end(session, S.FAILED, Reason.CLIENT_FATAL)
-                await self._write(session)
+            if not await self._profile_or_fail(session):
                 return
             self._restore(session)
             await self._write(session)
@@ -742,6 +737,18 @@ class SessionManager:
             log.warning("%s: live snapshot failed: %s", session.id, exc)
             return
         session.timings["live_snapshot_bytes"] = len(blob)
+
+    async def _profile_or_fail(self, session: Session) -> bool:
+        """The session's profile on disk (from its snapshot if need be); if it cannot be had, the
+        session ends ``failed``/``client_fatal`` (committed) and the answer is False."""
+        try:
+            await self._materialize_profile(session)
+        except SnapshotInvalid as exc:
+            log.error("%s: cannot restore: %s", session.id, exc)
+            self._end(session, S.FAILED, Reason.CLIENT_FATAL)
+            await self._write(session)
+            return False
+        return True
 
     async def _materialize_profile(self, session: Session) -> None:
         profile: Path = self.launcher.profile_dir(session.profile_id)
@@ -781,12 +788,7 @@ class SessionManager:
             if session.status != S.STARTING:
                 session.transition(S.STARTING, Reason.RESTORING)
             session.mark("requested_at_ms")
-            try:
-                await self._materialize_profile(session)
-            except SnapshotInvalid as exc:
-                log.error("%s: cannot restore: %s", session.id, exc)
-                self._end(session, S.FAILED, Reason.CLIENT_FATAL)
-                await self._write(session)
+            if not await self._profile_or_fail(session):
                 return 0
             self._restore(session)
             await self._write(session)
