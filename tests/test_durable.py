@@ -478,3 +478,32 @@ async def test_a_worker_answering_for_a_session_it_does_not_drive_names_the_driv
     assert (await a.delete(f"/v1/sessions/{sid}")).status == 204
     gone = await b.get(f"/v1/sessions/{sid}")
     assert gone.status == 404 and "X-Walink-Driver" not in gone.headers
+
+
+async def test_a_session_taken_over_is_resumed_once_when_a_request_and_the_orphan_watch_race(
+    sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
+) -> None:
+    client = await start_worker(worker_name="worker-b")
+    manager = manager_of(client)
+    rec = {
+        "id": "s_orphanrace",
+        "workspace_id": "default",
+        "status": "qr",
+        "reason": "qr_shown",
+        "history": [],
+        "timings": {},
+        "profile_id": "p_orphanrace",
+    }
+    await Store(pg_pool).insert_session(rec, owner="worker-gone", token=1)  # its worker died
+    launched = manager.launcher.launched_total
+    loaded = await Store(pg_pool).load_session("s_orphanrace")
+    assert loaded is not None
+    session = await manager._take_over(loaded)
+    # the request path and the orphan watcher both try to drive it at once: one fresh link only
+    assert sorted(await asyncio.gather(manager._resume(session), manager._resume(session))) == [0, 0]
+    stream = await events(client, "s_orphanrace")
+    await stream.until("qr")
+    stream.close()
+    assert manager.launcher.launched_total == launched + 1
+    assert [s.id for s in manager.in_workspace()] == ["s_orphanrace"]
+    assert (await client.delete("/v1/sessions/s_orphanrace")).status == 204

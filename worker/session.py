@@ -61,6 +61,8 @@ class Session:
     committed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     logout_requested: bool = False
     last_used: float = field(default_factory=time.monotonic, repr=False)
+    # taken over from Postgres and not yet driven: the first ``_resume`` claims it (only one may)
+    needs_resume: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.history:

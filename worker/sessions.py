@@ -178,6 +178,7 @@ class SessionManager:
                 raise NotOwner(f"session {sid} is driven by {owner or 'another worker'}")
             session = Session.from_record(rec)
             session.fencing_token = token
+            session.needs_resume = True
             self.sessions[sid] = session
             self.keeper.hold(sid, token)
             return session
@@ -709,6 +710,7 @@ class SessionManager:
                     raise NotOwner(f"session {session.id} is driven by another worker")
                 session.fencing_token = token
                 self.keeper.hold(session.id, token)
+            session.needs_resume = False  # woken here: nothing else to resume
             session.transition(S.STARTING, Reason.WAKE)
             session.mark("requested_at_ms")
             if not await self._profile_or_fail(session):
@@ -779,7 +781,11 @@ class SessionManager:
 
     async def _resume(self, session: Session) -> int:
         """Drive a session just taken over: restore a linked one without a QR (1), give a linking
-        one a fresh QR (0)."""
+        one a fresh QR (0). Only the first call after a take-over acts: a request and the orphan
+        watcher may both reach a session taken over a moment ago."""
+        if not session.needs_resume:
+            return 0
+        session.needs_resume = False
         if session.slot is not None or session.ended or session.status == S.HIBERNATED:
             return 0
         if session.status == S.READY or (
