@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -48,6 +49,29 @@ async def _forward(request: web.Request, call: Call, plan: Plan) -> Answer:
     return await request.app[PROXY].forward(call, plan)
 
 
+async def _pass_on(
+    request: web.Request, path: str, workspace_id: str | None, plan: Plan, *, idempotent: bool
+) -> Answer:
+    """The request as it came (its query string; its body on POST) to ``path`` on a worker."""
+    body = await request.read() if request.method == "POST" else None  # at most max_body_bytes, else 413
+    headers = forward_headers(request, workspace_id)
+    call = Call(request.method, path + _query(request), headers, body, idempotent)
+    return await _forward(request, call, plan)
+
+
+class _Answering(Protocol):
+    def __call__(self, request: web.Request, path: str, /, *, idempotent: bool) -> Awaitable[Answer]: ...
+
+
+def _forwarding(answering: _Answering, path: str, *, idempotent: bool) -> Handler:
+    """A route that only forwards: the worker's answer to ``answering(request, path)`` as is."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return to_response(await answering(request, path, idempotent=idempotent))
+
+    return handler
+
+
 # ---------------------------------------------------------------------------------- sessions
 async def create_session(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
@@ -77,25 +101,17 @@ async def create_session(request: web.Request) -> web.Response:
     return to_response(answer)
 
 
-async def _session_call(request: web.Request, suffix: str, *, idempotent: bool) -> web.Response:
-    return to_response(await _session_answer(request, suffix, idempotent=idempotent))
-
-
 async def _session_answer(request: web.Request, suffix: str, *, idempotent: bool) -> Answer:
+    """A session's route (``suffix`` after its id), routed to the session's owner."""
     session_id = check_session_id(request.match_info["session_id"])
     workspace_id = request[CALLER].scope(request.query.get("workspace_id"), own_by_default=False)
-    body: bytes | None = None
-    headers = forward_headers(request, workspace_id)
-    if request.method == "POST":
-        body = await request.read()  # at most client_max_size (max_body_bytes), else 413
-    call = Call(
-        request.method, f"/v1/sessions/{session_id}{suffix}{_query(request)}", headers, body, idempotent
+    path = f"/v1/sessions/{session_id}{suffix}"
+    return await _pass_on(
+        request, path, workspace_id, _session_plan(request, session_id), idempotent=idempotent
     )
-    return await _forward(request, call, _session_plan(request, session_id))
 
 
-async def get_session(request: web.Request) -> web.Response:
-    return await _session_call(request, "", idempotent=True)
+get_session = _forwarding(_session_answer, "", idempotent=True)
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -106,20 +122,10 @@ async def delete_session(request: web.Request) -> web.Response:
     return to_response(answer)
 
 
-async def get_qr(request: web.Request) -> web.Response:
-    return await _session_call(request, "/qr", idempotent=True)
-
-
-async def pairing_code(request: web.Request) -> web.Response:
-    return await _session_call(request, "/pairing-code", idempotent=False)
-
-
-async def restart_session(request: web.Request) -> web.Response:
-    return await _session_call(request, "/restart", idempotent=False)
-
-
-async def logout_session(request: web.Request) -> web.Response:
-    return await _session_call(request, "/logout", idempotent=False)
+get_qr = _forwarding(_session_answer, "/qr", idempotent=True)
+pairing_code = _forwarding(_session_answer, "/pairing-code", idempotent=False)
+restart_session = _forwarding(_session_answer, "/restart", idempotent=False)
+logout_session = _forwarding(_session_answer, "/logout", idempotent=False)
 
 
 async def session_events(request: web.Request) -> web.StreamResponse:
@@ -139,10 +145,8 @@ async def session_events(request: web.Request) -> web.StreamResponse:
 async def list_sessions(request: web.Request) -> web.Response:
     """The sessions every reachable worker drives now, merged (each worker knows its own)."""
     workspace_id = request[CALLER].scope(request.query.get("workspace_id"))
-    headers = forward_headers(request, workspace_id)
     proxy = request.app[PROXY]
-    if proxy.internal_token:
-        headers["Authorization"] = f"Bearer {proxy.internal_token}"
+    headers = proxy.worker_headers(forward_headers(request, workspace_id))
     workers = [w for w in request.app[MEMBERSHIP].all() if w.routable()]
     timeout = aiohttp.ClientTimeout(total=min(LIST_TIMEOUT_S, request.app[SETTINGS].proxy_timeout_s))
 
@@ -169,25 +173,16 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------------------- workspace-wide
-async def _workspace_call(request: web.Request, path: str, *, idempotent: bool) -> web.Response:
+async def _workspace_answer(request: web.Request, path: str, *, idempotent: bool) -> Answer:
+    """A workspace-wide route, routed by the caller's workspace (any worker can answer)."""
     workspace_id = request[CALLER].scope(request.query.get("workspace_id"))
-    body = await request.read() if request.method == "POST" else None
-    headers = forward_headers(request, workspace_id)
-    call = Call(request.method, path + _query(request), headers, body, idempotent)
     plan = Plan(request.app[ROUTER], Kind.ANY, workspace_id or "default")
-    return to_response(await _forward(request, call, plan))
+    return await _pass_on(request, path, workspace_id, plan, idempotent=idempotent)
 
 
-async def list_accounts(request: web.Request) -> web.Response:
-    return await _workspace_call(request, "/v1/accounts", idempotent=True)
-
-
-async def list_events(request: web.Request) -> web.Response:
-    return await _workspace_call(request, "/v1/events", idempotent=True)
-
-
-async def replay_webhooks(request: web.Request) -> web.Response:
-    return await _workspace_call(request, "/v1/webhooks/replay", idempotent=False)
+list_accounts = _forwarding(_workspace_answer, "/v1/accounts", idempotent=True)
+list_events = _forwarding(_workspace_answer, "/v1/events", idempotent=True)
+replay_webhooks = _forwarding(_workspace_answer, "/v1/webhooks/replay", idempotent=False)
 
 
 # ---------------------------------------------------------------------------------- metrics

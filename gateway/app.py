@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -21,11 +20,10 @@ from aiohttp import web
 
 from gateway import api, pages
 from gateway.auth import Authenticator, KeyCache, auth_middleware
-from gateway.breaker import STATE_VALUE, BreakerPolicy, BreakerState
+from gateway.breaker import BreakerPolicy
 from gateway.health import HealthChecker, probe_timeout_s, stop
 from gateway.keys import (
     AUTH,
-    DB,
     HEALTH,
     HTTP,
     MEMBERSHIP,
@@ -42,11 +40,11 @@ from gateway.proxy import Proxy
 from gateway.ring import Ring
 from gateway.routing import Router, lease_reader
 from gateway.sse import Streams
-from shared import metrics, resources
+from shared import resources
 from shared import store as store_mod
 from shared.redis_keys import Keys
 from shared.settings import Settings
-from shared.web import error_middleware
+from shared.web import error_middleware, serve_until_signalled
 
 log = logging.getLogger("walink.gateway")
 
@@ -72,7 +70,6 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
     """Postgres for API keys (created and migrated if missing, like the workers do)."""
     settings = app[SETTINGS]
     async with resources.open_pool(settings, max_size=5) as pool:
-        app[DB] = pool
         app[AUTH] = Authenticator(
             store_mod.Store(pool).key_scope,
             dev_api_key=settings.dev_api_key,
@@ -88,10 +85,6 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def _breaker_gauge(worker: str, state: BreakerState) -> None:
-    metrics.GATEWAY_BREAKER_STATE.labels(worker).set(STATE_VALUE[state])
-
-
 async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     """Membership, breakers, the ring and the health checks; the proxy that uses them."""
     settings = app[SETTINGS]
@@ -102,7 +95,7 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         window_s=settings.breaker_window_s,
         open_s=settings.breaker_open_s,
     )
-    membership = Membership(settings.workers.split(","), policy, on_breaker_change=_breaker_gauge)
+    membership = Membership(settings.workers.split(","), policy)
     ring = Ring()
     redis = app[REDIS]
     app[MEMBERSHIP] = membership
@@ -168,26 +161,14 @@ def create_app(settings: Settings) -> web.Application:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down in order within the deadline."""
-    runner = web.AppRunner(
+    await serve_until_signalled(
         create_app(settings),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_deadline_s,
+        host=settings.host,
+        port=settings.gateway_port,
+        shutdown_timeout_s=settings.shutdown_deadline_s,
+        stopping="stopping",
         handler_cancellation=True,  # a client that leaves cancels its upstream call (and stream)
     )
-    await runner.setup()
-    stop_event = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_event.set)
-    try:
-        site = web.TCPSite(runner, settings.host, settings.gateway_port, reuse_address=True)
-        await site.start()
-        log.info("ready on http://%s:%d", settings.host, settings.gateway_port)
-        await stop_event.wait()
-        log.info("stopping (deadline %.0fs)", settings.shutdown_deadline_s)
-    finally:
-        await runner.cleanup()
     log.info("stopped")
 
 

@@ -25,11 +25,11 @@ from aiohttp import web
 
 from shared.errors import NotFound, Unauthorized, Unavailable
 from shared.store import hash_key
-from shared.web import Handler, error_response
+from shared.web import DEFAULT_WORKSPACE, Handler, error_response
 
 log = logging.getLogger("walink.gateway.auth")
 
-DEV_WORKSPACE = "default"
+DEV_WORKSPACE = DEFAULT_WORKSPACE
 MAX_KEY_LEN = 256
 OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/docs", "/openapi.json", "/favicon.ico"})
 CLUSTER_PATHS = frozenset({"/health/cluster"})

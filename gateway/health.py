@@ -84,7 +84,6 @@ class HealthChecker:
             async with self.http.get(worker.url + "/health", timeout=self.timeout) as resp:
                 body = await resp.read()
             health = orjson.loads(body) if body else None
-            worker.health_status = resp.status
             if resp.status == 200 and isinstance(health, dict):
                 worker.reachable, worker.error, worker.draining, verdict = True, None, False, True
                 worker.report(health, probe_started=started)
@@ -99,7 +98,6 @@ class HealthChecker:
             worker.reachable = not isinstance(exc, aiohttp.ClientConnectorError)
             worker.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             worker.health = None
-            worker.health_status = None
             log.info(
                 "worker %s: /health failed after %.0f ms: %s",
                 worker.name,
@@ -191,7 +189,7 @@ def cluster_view(membership: Membership, ring: Ring) -> dict[str, Any]:
     now = time.monotonic()
     shares = ring.shares()
     workers = [worker_view(w, shares.get(w.name, 0.0), now) for w in membership.all()]
-    up = sum(1 for w in membership.all() if w.up and w.reachable)
+    up = membership.up_count()
     taking = len(ring.nodes)
     if up == 0 or taking == 0:
         status = "down"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import aiohttp
-import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -19,7 +18,6 @@ from shared.settings import Settings
 __all__ = [
     "AUTH",
     "CALLER",
-    "DB",
     "HEALTH",
     "HTTP",
     "MEMBERSHIP",
@@ -35,7 +33,6 @@ __all__ = [
 SETTINGS = web.AppKey("settings", Settings)
 STARTED_AT = web.AppKey("started_at", float)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
-DB = web.AppKey("db", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
 MEMBERSHIP = web.AppKey("membership", Membership)
 RING = web.AppKey("ring", Ring)

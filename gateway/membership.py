@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.breaker import Breaker, BreakerPolicy, BreakerState
+from shared.heartbeats import scan_heartbeats
 from shared.redis_keys import Keys
 
 log = logging.getLogger("walink.gateway.membership")
@@ -51,7 +51,6 @@ class Worker:
     draining: bool = False
     reachable: bool | None = None  # None: not probed yet
     health: dict[str, Any] | None = None
-    health_status: int | None = None
     checked_at: float | None = None
     probe_ms: float | None = None
     error: str | None = None
@@ -112,11 +111,9 @@ class Membership:
         policy: BreakerPolicy,
         *,
         clock: Clock = time.monotonic,
-        on_breaker_change: Callable[[str, BreakerState], None] | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
-        self._on_breaker_change = on_breaker_change
         self.workers: dict[str, Worker] = {}
         self._aliases: dict[str, Worker] = {}  # configured entries known by another name now
         for entry in configured:
@@ -125,12 +122,8 @@ class Membership:
                 self.workers[name] = self._new(name, url, configured=True)
 
     def _new(self, name: str, url: str, *, configured: bool) -> Worker:
-        hook = self._on_breaker_change
-
         def changed(state: BreakerState) -> None:
             log.info("worker %s: breaker %s", name, state.value)
-            if hook is not None:
-                hook(name, state)
 
         return Worker(name, url, configured, Breaker(self.policy, clock=self.clock, on_change=changed))
 
@@ -142,6 +135,10 @@ class Membership:
 
     def for_new_sessions(self) -> list[Worker]:
         return [w for w in self.all() if w.takes_new_sessions]
+
+    def up_count(self) -> int:
+        """Workers up that a probe or an answer has shown reachable (the health views' "up")."""
+        return sum(1 for w in self.workers.values() if w.up and w.reachable)
 
     def apply_heartbeats(self, beats: dict[str, dict[str, Any]]) -> None:
         """Bring the worker list in line with the heartbeats read from Redis.
@@ -184,26 +181,8 @@ async def read_heartbeats(
     redis: aioredis.Redis, keys: Keys, *, timeout_s: float
 ) -> dict[str, dict[str, Any]] | None:
     """Every live heartbeat by worker name; None when Redis cannot tell (keep what we know)."""
-
-    async def read() -> dict[str, dict[str, Any]]:
-        found = [k async for k in redis.scan_iter(match=keys.workers_pattern(), count=200)]
-        if not found:
-            return {}
-        values = await redis.mget(found)
-        beats: dict[str, dict[str, Any]] = {}
-        for raw in values:
-            if raw is None:
-                continue
-            try:
-                beat = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(beat, dict) and isinstance(beat.get("name"), str):
-                beats[beat["name"]] = beat
-        return beats
-
     try:
-        return await asyncio.wait_for(read(), timeout_s)
+        return await asyncio.wait_for(scan_heartbeats(redis, keys), timeout_s)
     except (RedisError, OSError, TimeoutError) as exc:
         log.debug("heartbeats not read: %s", exc)
         return None

@@ -12,13 +12,16 @@ from typing import Any
 
 import orjson
 
+from shared.ids import SESSION_ID_RE
+from shared.models import EventType, SessionStatus
+
 JSON = "application/json"
 
 SESSION_ID = {
     "name": "session_id",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{2,63}$"},
+    "schema": {"type": "string", "pattern": SESSION_ID_RE.pattern},
 }
 WORKSPACE_QUERY = {
     "name": "workspace_id",
@@ -353,18 +356,7 @@ def document() -> dict[str, Any]:
     }
 
 
-STATUSES = [
-    "starting",
-    "qr",
-    "authenticated",
-    "passkey_required",
-    "ready",
-    "hibernated",
-    "logged_out",
-    "expired",
-    "failed",
-    "deleted",
-]
+STATUSES = [s.value for s in SessionStatus]
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -385,7 +377,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{2,63}$"},
+            "id": {"type": "string", "pattern": SESSION_ID_RE.pattern},
             "workspace_id": {"type": "string", "description": "Admin keys only (else your own)"},
             "label": {"type": "string", "maxLength": 200},
             "webhook_url": {"type": "string", "format": "uri"},
@@ -459,14 +451,7 @@ SCHEMAS: dict[str, Any] = {
             "seq": {"type": "integer"},
             "type": {
                 "type": "string",
-                "enum": [
-                    "status",
-                    "qr_code_generated",
-                    "session_authenticated",
-                    "session_ready",
-                    "session_disconnected",
-                    "session_failed",
-                ],
+                "enum": [e.value for e in EventType],
             },
             "event_id": {"type": "string"},
             "at_ms": {"type": "integer"},

@@ -21,9 +21,10 @@ CONFIG_MARK = "/*__WALINK_CONFIG__*/null"
 async def health(request: web.Request) -> web.Response:
     """This gateway: it answers while it runs; ``degraded`` when it cannot serve everything."""
     app = request.app
-    workers = app[MEMBERSHIP].all()
+    membership = app[MEMBERSHIP]
+    workers = membership.all()
     checker = app[HEALTH]
-    up = sum(1 for w in workers if w.up and w.reachable)
+    up = membership.up_count()
     taking = len(app[RING].nodes)
     status = "healthy" if up and taking and checker.redis_ok else "degraded"
     return json_response(

@@ -38,12 +38,11 @@ from gateway.membership import Worker
 from gateway.routing import Plan
 from shared import metrics
 from shared.errors import WalinkError
+from shared.web import DRIVER_HEADER, WORKSPACE_HEADER
 
 log = logging.getLogger("walink.gateway.proxy")
 
-WORKSPACE_HEADER = "X-Walink-Workspace"
 WORKER_HEADER = "X-Walink-Worker"
-DRIVER_HEADER = "X-Walink-Driver"  # set by a worker answering for a session it does not drive
 REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type", "Last-Event-ID", "User-Agent", "X-Request-ID")
 RESPONSE_HEADERS = (
     "Content-Type",
@@ -88,9 +87,6 @@ class Answer:
     attempts: int = 1
     maybe_landed: bool = False  # an earlier attempt may have reached a worker
     failover: bool = False
-
-    def json(self) -> object:
-        return orjson.loads(self.body) if self.body else None
 
 
 @dataclass(slots=True)
@@ -149,15 +145,19 @@ class Proxy:
         self.sleep = sleep
         self.clock = clock
 
+    def worker_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """``headers`` plus the internal token that workers ask of the gateway (when one is set)."""
+        sent = dict(headers)
+        if self.internal_token:
+            sent["Authorization"] = f"Bearer {self.internal_token}"
+        return sent
+
     # ------------------------------------------------------------------ one attempt
     async def _send(self, worker: Worker, call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
-        headers = dict(call.headers)
-        if self.internal_token:
-            headers["Authorization"] = f"Bearer {self.internal_token}"
         resp = await self.http.request(
             call.method,
             worker.url + call.path,
-            headers=headers,
+            headers=self.worker_headers(call.headers),
             data=call.body,
             timeout=self.stream_timeout if call.stream else self.timeout,
             allow_redirects=False,

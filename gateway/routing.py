@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from gateway.membership import Clock, Membership, Worker
 from gateway.ring import Ring, place
+from shared.leases import lease_holder
 from shared.redis_keys import Keys
 
 log = logging.getLogger("walink.gateway.routing")
@@ -189,12 +190,9 @@ def lease_reader(redis: aioredis.Redis, keys: Keys, *, timeout_s: float) -> Leas
 
     async def read(session_id: str) -> str | None:
         try:
-            raw = await asyncio.wait_for(redis.get(keys.lease(session_id)), timeout_s)
+            return await asyncio.wait_for(lease_holder(redis, keys, session_id), timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
             log.debug("lease of %s not read: %s", session_id, exc)
             return None
-        if raw is None:
-            return None
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     return read

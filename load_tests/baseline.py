@@ -145,10 +145,8 @@ class SeedBaseline:
             await self.http.close()
             self.http = None
         # whatever Playwright could not close: the profiles' process groups
-        root = str(self.profiles_root.resolve()) + "/"
-        for proc in chromium._processes():
-            if (chromium._user_data_dir(proc) or "").startswith(root):
-                chromium.kill_group(proc.pgid)
+        for pgid in chromium.groups_under(self.profiles_root):
+            chromium.kill_group(pgid)
 
     # ------------------------------------------------------------------ browser
     async def _forward(self, route: Route) -> None:

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -79,6 +80,11 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 2)
 
 
+def comparison_ratios(w: dict[str, Any], s: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Baseline over walink at p50 and at p95, from two :func:`summary` results."""
+    return ratio(s["p50"], w["p50"]), ratio(s["p95"], w["p95"])
+
+
 def fmt_s(value: float | None) -> str:
     if value is None:
         return "—"
@@ -101,6 +107,11 @@ def fmt_x(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}x"
 
 
+def print_progress(started: float, msg: str) -> None:
+    """One progress line on stderr, with the seconds since the run ``started``."""
+    print(f"[bench {time.monotonic() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------- results
 @dataclass
 class Row:
@@ -119,6 +130,10 @@ class SkipStep(Exception):
 
 @dataclass
 class Options:
+    # no defaults here: the command line's (parse_args) are the only ones
+    chromium: Path
+    pg: str
+    redis: str
     quick: bool = False
     only: tuple[str, ...] = STEPS
     samples: int | None = None
@@ -133,9 +148,6 @@ class Options:
     seed: int = field(default_factory=lambda: random.SystemRandom().randrange(2**31))
     workdir: Path | None = None
     keep_workdir: bool = False
-    chromium: Path = field(default_factory=lambda: Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")))
-    pg: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    redis: str = "redis://127.0.0.1:6379/0"
     set_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -158,7 +170,7 @@ class Bench:
 
     # ----- helpers
     def progress(self, msg: str) -> None:
-        print(f"[bench {time.monotonic() - self.started:7.1f}s] {msg}", file=sys.stderr, flush=True)
+        print_progress(self.started, msg)
 
     def count(self, full: int, quick: int) -> int:
         """How many samples of a timed figure (``--samples`` overrides)."""
@@ -215,6 +227,21 @@ class Bench:
     def add(self, row: Row) -> None:
         self.rows.append(row)
 
+    def add_comparison(
+        self,
+        figure: str,
+        metric: str,
+        w: dict[str, Any],
+        s: dict[str, Any],
+        ratios: tuple[float | None, float | None],
+        target: str = "",
+        ok: bool | None = None,
+    ) -> None:
+        """The p50 row (``metric``, with the target) and the ``  p95`` row of walink vs the baseline."""
+        r50, r95 = ratios
+        self.add(Row(figure, metric, fmt_s(w["p50"]), fmt_s(s["p50"]), fmt_x(r50), target, ok))
+        self.add(Row(figure, "  p95", fmt_s(w["p95"]), fmt_s(s["p95"]), fmt_x(r95)))
+
     async def run_step(self, name: str) -> None:
         self.progress(f"== {name}")
         t0 = time.monotonic()
@@ -234,11 +261,8 @@ async def walink_qr(api: Api, **body: Any) -> tuple[float, str]:
     """ "Add account" → the QR at the client: POST, then the events stream until ``qr``."""
     t0 = time.perf_counter()
     created = await api.create(**body)
-    stream = await api.events(created["id"])
-    try:
+    async with api.stream(created["id"]) as stream:
         await stream.until(is_qr, WAIT_S)
-    finally:
-        stream.close()
     return time.perf_counter() - t0, str(created["id"])
 
 
@@ -266,7 +290,7 @@ async def step_qr_warm(b: Bench) -> None:
             f"(QR in the seed after {fmt_s(sample.available_s)}, poll phase {sample.phase_s:.2f}s)"
         )
     w, s, sr = summary(walink), summary(seed_client), summary(seed_ready)
-    r50 = ratio(s["p50"], w["p50"])
+    r50, r95 = ratios = comparison_ratios(w, s)
     ok = w["p50"] <= 0.25 and (r50 or 0) >= 20
     b.figures["qr_warm"] = {
         "what": "'add account' → QR at the client; walink: warm pool (full before each sample), POST + SSE; "
@@ -276,22 +300,11 @@ async def step_qr_warm(b: Bench) -> None:
         "baseline_s": s,
         "baseline_qr_in_seed_process_s": sr,
         "ratio_p50": r50,
-        "ratio_p95": ratio(s["p95"], w["p95"]),
+        "ratio_p95": r95,
         "target": {"walink_p50_s_max": 0.25, "ratio_p50_min": 20},
         "meets_target": ok,
     }
-    b.add(
-        Row(
-            "qr_warm",
-            "add account → QR at client, p50",
-            fmt_s(w["p50"]),
-            fmt_s(s["p50"]),
-            fmt_x(r50),
-            "≤ 250 ms, ≥ 20x",
-            ok,
-        )
-    )
-    b.add(Row("qr_warm", "  p95", fmt_s(w["p95"]), fmt_s(s["p95"]), fmt_x(ratio(s["p95"], w["p95"]))))
+    b.add_comparison("qr_warm", "add account → QR at client, p50", w, s, ratios, "≤ 250 ms, ≥ 20x", ok)
     b.add(
         Row(
             "qr_warm",
@@ -318,8 +331,7 @@ async def step_phone(b: Bench) -> None:
         await wait_pool_full(api, POOL_WAIT_S)
         created = await api.create(label="bench-phone")
         sid = str(created["id"])
-        stream = await api.events(sid)
-        try:
+        async with api.stream(sid) as stream:
             qr = str((await stream.until(is_qr, WAIT_S)).data["qr"])
             await wait_pool_full(api, POOL_WAIT_S)  # nothing else runs on the worker during the scan
             phone = b.phone()
@@ -327,8 +339,6 @@ async def step_phone(b: Bench) -> None:
             await b.scan(qr, phone)
             ready = await stream.until(is_ready, WAIT_S)
             dt = time.perf_counter() - t0
-        finally:
-            stream.close()
         if ready.data.get("phone_number") not in (phone, None):
             raise ClientError(f"session_ready carried {ready.data.get('phone_number')}, expected {phone}")
         walink.append(dt)
@@ -345,6 +355,7 @@ async def step_phone(b: Bench) -> None:
             f"(extracted after {fmt_s(sample.available_s)}, {sample.attempts} tries)"
         )
     w, s, sf = summary(walink), summary(seed_client), summary(seed_found)
+    r50, r95 = ratios = comparison_ratios(w, s)
     beyond = [v - ready_delay_s for v in walink]
     wb = summary(beyond)
     ok = wb["p95"] <= 0.3
@@ -357,21 +368,12 @@ async def step_phone(b: Bench) -> None:
         "walink_beyond_ready_delay_s": wb,
         "baseline_s": s,
         "baseline_extracted_in_seed_process_s": sf,
-        "ratio_p50": ratio(s["p50"], w["p50"]),
-        "ratio_p95": ratio(s["p95"], w["p95"]),
+        "ratio_p50": r50,
+        "ratio_p95": r95,
         "target": {"walink_p95_beyond_ready_delay_s_max": 0.3},
         "meets_target": ok,
     }
-    b.add(
-        Row(
-            "phone",
-            "scan → phone at client, p50",
-            fmt_s(w["p50"]),
-            fmt_s(s["p50"]),
-            fmt_x(ratio(s["p50"], w["p50"])),
-        )
-    )
-    b.add(Row("phone", "  p95", fmt_s(w["p95"]), fmt_s(s["p95"]), fmt_x(ratio(s["p95"], w["p95"]))))
+    b.add_comparison("phone", "scan → phone at client, p50", w, s, ratios)
     b.add(
         Row(
             "phone",
@@ -449,11 +451,8 @@ async def step_burst(b: Bench) -> None:
             body = await api.create(label=f"bench-burst-{i}")
             sid = str(body["id"])
             created.append(sid)
-            stream = await api.events(sid, timeout_s=WAIT_S)
-            try:
+            async with api.stream(sid, timeout_s=WAIT_S) as stream:
                 await stream.until(is_qr, max(1.0, 2 * WAIT_S - (time.perf_counter() - t0)))
-            finally:
-                stream.close()
             return sid, time.perf_counter() - t0
 
         results = await asyncio.gather(*(one(i) for i in range(size)), return_exceptions=True)
@@ -470,8 +469,7 @@ async def step_burst(b: Bench) -> None:
             b.progress(f"burst: {failed} session(s) could not be deleted")
         if gateway is not None:
             await gateway.stop(10)
-        await b.h.stop_workers(workers)
-        await b.h.retire_sessions_of(workers)
+        await b.h.retire_workers(workers)
         b.progress(f"burst: cleaned up in {time.monotonic() - t_clean:.1f}s")
     queue = [h.get("queue", {}) for h in healths]
     max_seen = max(int(q.get("max_active_seen", 0)) for q in queue)
@@ -599,8 +597,7 @@ async def step_memory(b: Bench) -> None:
         if seed is not None:
             await base.discard(seed)
         await api.delete_all(sids)
-        await b.h.stop_workers([worker])
-        await b.h.retire_sessions_of([worker])
+        await b.h.retire_workers([worker])
     w_pss, s_pss = statistics.median(walink_pss), statistics.median(seed_pss)
     per_hib = (rss1 - rss0) / n_hib
     ok_active = w_pss <= s_pss
@@ -695,11 +692,8 @@ async def step_wake(b: Bench) -> None:
                 sizes.append(float(size))
             t0 = time.perf_counter()
             await api.get(sid)  # any request wakes a hibernated session
-            stream = await api.events(sid)
-            try:
+            async with api.stream(sid) as stream:
                 await stream.until(is_ready, WAIT_S)
-            finally:
-                stream.close()
             dt = time.perf_counter() - t0
             walink.append(dt)
             b.progress(
@@ -721,9 +715,9 @@ async def step_wake(b: Bench) -> None:
         if sid:
             with contextlib.suppress(ClientError):
                 await api.delete(sid)
-        await b.h.stop_workers([worker])
-        await b.h.retire_sessions_of([worker])
+        await b.h.retire_workers([worker])
     w, s = summary(walink), summary(seed_client)
+    r50, _ = ratios = comparison_ratios(w, s)
     ok = w["p50"] - page_load_s <= 1.5
     b.figures["wake"] = {
         "what": "hibernated (idle 1 s, browser closed, profile as an encrypted snapshot in Postgres) → "
@@ -737,22 +731,11 @@ async def step_wake(b: Bench) -> None:
         "snapshot_bytes": summary(sizes, 0),
         "baseline_s": s,
         "baseline_extracted_in_seed_process_s": summary(seed_found),
-        "ratio_p50": ratio(s["p50"], w["p50"]),
+        "ratio_p50": r50,
         "target": {"walink_p50_beyond_page_load_s_max": 1.5},
         "meets_target": ok,
     }
-    b.add(
-        Row(
-            "wake",
-            "hibernated → ready at client, p50",
-            fmt_s(w["p50"]),
-            fmt_s(s["p50"]),
-            fmt_x(ratio(s["p50"], w["p50"])),
-            "≤ 1.5 s + page load",
-            ok,
-        )
-    )
-    b.add(Row("wake", "  p95", fmt_s(w["p95"]), fmt_s(s["p95"]), fmt_x(ratio(s["p95"], w["p95"]))))
+    b.add_comparison("wake", "hibernated → ready at client, p50", w, s, ratios, "≤ 1.5 s + page load", ok)
     b.add(
         Row(
             "wake",
@@ -1044,11 +1027,9 @@ async def step_failover(b: Bench) -> None:
             mine = [sid for sid in sids if owners[sid] == victim_name]
             # a session is crash-safe once its live snapshot exists (8 s after ready by default);
             # the figure is about those, so wait for them before the kill
-            pg = b.h.pool
-            assert pg is not None
             for sid in mine:
                 for _ in range(int(WAIT_S / 0.2)):
-                    if await pg.fetchval("SELECT 1 FROM profile_snapshots WHERE session_id = $1", sid):
+                    if await b.h.snapshot_size(sid) is not None:
                         break
                     await asyncio.sleep(0.2)  # another process writes it; nothing to await here
             t0 = time.perf_counter()
@@ -1078,8 +1059,7 @@ async def step_failover(b: Bench) -> None:
         if gateway is not None:
             await delete_everywhere(b, b.api(gateway), workers, all_sids)
             await gateway.stop(10)
-        await b.h.stop_workers(workers)
-        await b.h.retire_sessions_of(workers)
+        await b.h.retire_workers(workers)
     s = summary(per_kill)
     ok = bool(per_kill) and s["p50"] <= 10.0 and lost == 0 and rescans == 0
     b.figures["failover"] = {
@@ -1202,10 +1182,7 @@ async def run(opts: Options) -> int:
     )
     bench: Bench | None = None
     interrupted = False
-
-    def progress(msg: str) -> None:
-        print(f"[bench {time.monotonic() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
+    progress = functools.partial(print_progress, started)
     try:
         async with Harness(config, progress) as harness:
             bench = Bench(opts, harness, started)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,16 +89,14 @@ class SseStream:
                 self.seen.append(ev)
                 return ev
 
-    async def until(
-        self, wanted: Callable[[SseEvent], bool], timeout_s: float, *, fail_on_end: bool = True
-    ) -> SseEvent:
+    async def until(self, wanted: Callable[[SseEvent], bool], timeout_s: float) -> SseEvent:
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
                     ev = await self.next()
                     if wanted(ev):
                         return ev
-                    if fail_on_end and is_ended(ev):
+                    if is_ended(ev):
                         raise ClientError(f"session ended while waiting: {ev.event} {ev.data}")
         except TimeoutError:
             last = [e.event for e in self.seen[-5:]]
@@ -158,6 +156,15 @@ class Api:
             timeout_s=timeout_s,
         )
 
+    @contextlib.asynccontextmanager
+    async def stream(self, session_id: str, timeout_s: float = 30.0) -> AsyncIterator[SseStream]:
+        """The session's events stream, open for the ``async with`` block and closed after it."""
+        stream = await self.events(session_id, timeout_s)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
     async def delete_where_possible(self, session_ids: list[str], concurrency: int = 6) -> list[str]:
         """Delete sessions, a few at a time; returns those that could not be deleted here."""
         gate = asyncio.Semaphore(concurrency)
@@ -201,15 +208,12 @@ async def link(
 ) -> dict[str, Any]:
     """Create a session, scan its QR with ``phone``, wait for ``session_ready``; the created body."""
     created = await api.create(**body)
-    stream = await api.events(created["id"])
-    try:
+    async with api.stream(created["id"]) as stream:
         qr = await stream.until(is_qr, timeout_s)
         await scan(str(qr.data["qr"]), phone)
         ready = await stream.until(is_ready, timeout_s)
         if ready.event == "session_ready" and ready.data.get("phone_number") != phone:
             raise ClientError(f"session_ready with phone {ready.data.get('phone_number')}, expected {phone}")
-    finally:
-        stream.close()
     return created
 
 

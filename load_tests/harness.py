@@ -38,10 +38,10 @@ from typing import Any, BinaryIO
 
 import aiohttp
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
 
 from shared import db
+from shared.store import Store
 from worker import chromium
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,11 +206,9 @@ class Gateway(ManagedProcess):
 
 @dataclass
 class HarnessConfig:
-    chromium_path: Path = field(
-        default_factory=lambda: Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
-    )
-    pg_admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    chromium_path: Path
+    pg_admin_dsn: str
+    redis_url: str
     workdir_parent: Path | None = None
     keep_workdir: bool = False
     # WALINK_* settings applied to every worker and gateway (``--set``), after the harness's own
@@ -240,7 +238,6 @@ class Harness:
         self.data_dir = self.workdir / "var"
         self.logs_dir = self.workdir / "logs"
         self.processes: list[ManagedProcess] = []
-        self.simulator: ManagedProcess | None = None
         self.sim_url = ""
         self.pool: asyncpg.Pool | None = None
         self.http: aiohttp.ClientSession | None = None
@@ -387,33 +384,17 @@ class Harness:
         return {"WALINK_REDIS_PREFIX": f"{self.redis_prefix}{name}:"}
 
     # ------------------------------------------------------------------ Chromium
-    def kill_chromium_under(self, root_dir: Path) -> int:
-        root = str(root_dir.resolve()) + os.sep
-        own = os.getpgid(0)
-        groups = {
-            p.pgid
-            for p in chromium._processes()
-            if (chromium._user_data_dir(p) or "").startswith(root) and p.pgid != own
-        }
+    @staticmethod
+    def kill_chromium_under(root_dir: Path) -> int:
+        """Kill every Chromium whose profile lives under ``root_dir`` (any process group but ours)."""
+        groups = chromium.groups_under(root_dir)
         for pgid in groups:
             chromium.kill_group(pgid)
         return len(groups)
-
-    def chromium_groups(self) -> set[int]:
-        root = str(self.workdir) + os.sep
-        own = os.getpgid(0)
-        return {
-            p.pgid
-            for p in chromium._processes()
-            if (chromium._user_data_dir(p) or "").startswith(root) and p.pgid != own
-        }
 
     def reap_chromium(self) -> int:
         """Kill every Chromium whose profile lives under the working directory (any process group)."""
-        groups = self.chromium_groups()
-        for pgid in groups:
-            chromium.kill_group(pgid)
-        return len(groups)
+        return self.kill_chromium_under(self.workdir)
 
     # ------------------------------------------------------------------ processes
     def _base_env(self) -> dict[str, str]:
@@ -446,7 +427,6 @@ class Harness:
         await proc.start()
         self.sim_url = f"http://{LOOPBACK}:{port}"
         await self._until_http_ok(proc, self.sim_url + "/admin/profile", 30)
-        self.simulator = proc
 
     def worker_env(self, port: int, env: Mapping[str, str]) -> dict[str, str]:
         return clean_env(
@@ -502,10 +482,7 @@ class Harness:
     async def start_gateway(self, workers: list[Worker], **env: str) -> Gateway:
         if not gateway_available():
             raise ProcessError("gateway/app.py does not exist yet")
-        assert self.pool is not None
-        from shared.store import Store
-
-        store = Store(self.pool)
+        store = self.store
         await store.ensure_workspace("default")
         api_key = await store.create_api_key("default")
         admin_key = await store.create_api_key(None, admin=True)
@@ -553,9 +530,6 @@ class Harness:
     async def sim_profile(self, name: str, **overrides: Any) -> dict[str, Any]:
         return await self.sim_post("/admin/profile", {"name": name, **overrides})
 
-    async def sim_reset(self) -> None:
-        await self.sim_post("/admin/reset", {})
-
     async def scan(self, qr: str, phone: str) -> dict[str, Any]:
         return await self.sim_post("/phone/scan", {"qr": qr, "phone": phone})
 
@@ -569,29 +543,27 @@ class Harness:
             return devices
 
     # ------------------------------------------------------------------ database reads
-    async def webhook_secret(self, workspace_id: str = "default") -> str:
+    @property
+    def store(self) -> Store:
         assert self.pool is not None
-        secret = await self.pool.fetchval("SELECT webhook_secret FROM workspaces WHERE id = $1", workspace_id)
-        if secret is None:
+        return Store(self.pool)
+
+    async def webhook_secret(self, workspace_id: str = "default") -> str:
+        workspace = await self.store.get_workspace(workspace_id)
+        if workspace is None:
             raise ProcessError(f"no workspace {workspace_id!r} in the benchmark database")
-        return str(secret)
+        return workspace.webhook_secret
 
     async def session_status(self, session_id: str) -> str | None:
         """The session's state as committed in Postgres (reading it does not wake a hibernated session)."""
-        assert self.pool is not None
-        value = await self.pool.fetchval(
-            "SELECT session_status FROM whatsapp_accounts WHERE id = $1", session_id
-        )
-        return None if value is None else str(value)
+        rec = await self.store.load_session(session_id)
+        return None if rec is None or rec["status"] is None else str(rec["status"])
 
     async def session_timings(self, session_id: str) -> dict[str, Any]:
         """The session's ``timings`` as committed in Postgres (no request to a worker: no wake)."""
-        assert self.pool is not None
-        value = await self.pool.fetchval("SELECT timings FROM whatsapp_accounts WHERE id = $1", session_id)
-        if value is None:
-            return {}
-        data = orjson.loads(value) if isinstance(value, str | bytes) else value
-        return dict(data) if isinstance(data, dict) else {}
+        rec = await self.store.load_session(session_id)
+        timings = None if rec is None else rec["timings"]
+        return dict(timings) if isinstance(timings, dict) else {}
 
     async def snapshot_size(self, session_id: str) -> int | None:
         assert self.pool is not None
@@ -612,11 +584,10 @@ class Harness:
         )
         return int(str(result).rsplit(" ", 1)[-1] or 0)
 
-
-def raise_if_dead(*procs: ManagedProcess) -> None:
-    for proc in procs:
-        if not proc.alive:
-            raise ProcessError(f"{proc.name} died:\n{proc.log_tail()}")
+    async def retire_workers(self, workers: list[Worker]) -> None:
+        """The end of a step's own workers: stop them, then retire the sessions they left."""
+        await self.stop_workers(workers)
+        await self.retire_sessions_of(workers)
 
 
 def chromium_version(path: Path) -> str:

@@ -24,21 +24,15 @@ async def _migrate() -> None:
 
 
 async def _api_key(workspace: str, admin: bool) -> str:
-    from shared import db
+    from shared import resources
     from shared.settings import Settings
-    from shared.store import Store, open_pool
+    from shared.store import Store
 
     settings = Settings.from_env()
-    await db.ensure_database(settings.database_url)
-    pool = await open_pool(settings.database_url, timeout_s=settings.db_timeout_s, max_size=2)
-    try:
-        async with pool.acquire() as conn:
-            await db.migrate(conn)
+    async with resources.open_pool(settings, max_size=2) as pool:
         store = Store(pool)
         await store.ensure_workspace(workspace)
         return await store.create_api_key(None if admin else workspace, admin=admin)
-    finally:
-        await pool.close()
 
 
 def main(argv: list[str] | None = None) -> int:

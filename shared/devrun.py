@@ -39,13 +39,24 @@ def _wait_port(host: str, port: int, what: str, timeout_s: float = 30.0) -> None
     raise SystemExit(f"{what} did not start on {host}:{port}; see {VAR / 'log'}")
 
 
-def ensure_redis(url: str) -> None:
+def _to_start(url: str, default_port: int, what: str, variable: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a local service to start, or None when one answers already there.
+
+    Nothing is started for a configured (``variable``) or remote address that does not answer."""
     parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
     if _answers(host, port):
+        return None
+    if variable in os.environ or host not in {"127.0.0.1", "localhost"}:
+        raise SystemExit(f"{what} does not answer at {host}:{port} ({variable})")
+    return host, port
+
+
+def ensure_redis(url: str) -> None:
+    target = _to_start(url, 6379, "Redis", "WALINK_REDIS_URL")
+    if target is None:
         return
-    if "WALINK_REDIS_URL" in os.environ or host not in {"127.0.0.1", "localhost"}:
-        raise SystemExit(f"Redis does not answer at {host}:{port} (WALINK_REDIS_URL)")
+    host, port = target
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("no Redis on 127.0.0.1:6379 and no redis-server: apt-get install -y redis-server")
@@ -71,12 +82,10 @@ def ensure_redis(url: str) -> None:
 
 
 def ensure_postgres(url: str) -> None:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
-    if _answers(host, port):
+    target = _to_start(url, 5432, "Postgres", "WALINK_DATABASE_URL")
+    if target is None:
         return
-    if "WALINK_DATABASE_URL" in os.environ or host not in {"127.0.0.1", "localhost"}:
-        raise SystemExit(f"Postgres does not answer at {host}:{port} (WALINK_DATABASE_URL)")
+    host, port = target
     if not PG_BIN_DIRS:
         raise SystemExit("no Postgres on 127.0.0.1:5432 and none installed: apt-get install -y postgresql")
     bin_dir = PG_BIN_DIRS[0]

@@ -68,6 +68,14 @@ end
 )
 
 
+async def lease_holder(redis: aioredis.Redis, keys: Keys, session_id: str) -> str | None:
+    """The owner named by the session's lease now; None when nobody holds it."""
+    value = await redis.get(keys.lease(session_id))
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Leases:
     def __init__(self, redis: aioredis.Redis, keys: Keys, owner: str, *, ttl_ms: int) -> None:
         self.redis = redis
@@ -107,10 +115,7 @@ class Leases:
         return bool(await self._release(keys=[self.keys.lease(session_id)], args=[self.owner]))
 
     async def owner_of(self, session_id: str) -> str | None:
-        value = await self.redis.get(self.keys.lease(session_id))
-        if value is None:
-            return None
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return await lease_holder(self.redis, self.keys, session_id)
 
 
 class LeaseKeeper:

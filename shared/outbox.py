@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -35,6 +35,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from shared import metrics
+from shared.db import Conn
 from shared.errors import BadRequest, WalinkError
 from shared.models import SessionEvent, now_ms
 from shared.webhooks import build_payload, delivery_headers
@@ -48,20 +49,19 @@ ERROR_BACKOFF_MAX_S = 5.0  # run(): the longest pause after Postgres or the netw
 _EXPECTED_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _SNIPPET_BYTES = 300  # how much of a refusing receiver's body is kept in last_error
 
-Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
-
 _EVENT_COLUMNS = """
     id, event_id::text AS event_id, workspace_id, session_id, seq, type, payload::text AS payload,
     webhook_url, state, attempts, (extract(epoch FROM created_at) * 1000)::bigint AS created_at_ms
 """
 _SELECT_EVENTS = "SELECT" + _EVENT_COLUMNS + "FROM outbox"
 
-_INSERT_SQL = """
+_INSERT_SQL = (
+    """
 INSERT INTO outbox (event_id, workspace_id, session_id, seq, type, payload, webhook_url, state)
 VALUES ($1::uuid, $2, $3, $4, $5, $6::text::jsonb, $7, $8)
-RETURNING id, event_id::text AS event_id, workspace_id, session_id, seq, type, payload::text AS payload,
-    webhook_url, state, attempts, (extract(epoch FROM created_at) * 1000)::bigint AS created_at_ms
-"""
+RETURNING"""
+    + _EVENT_COLUMNS
+)
 
 # the lowest pending seq of its session (nothing earlier of the same session is still pending) is
 # the only claimable event of that session: strict per-session order, never two at once
@@ -222,44 +222,6 @@ async def _next_seq(conn: Conn, session_id: str) -> int:
     return int(seq)
 
 
-async def _insert(
-    conn: Conn,
-    *,
-    workspace_id: str,
-    session_id: str,
-    type: str,
-    data: Mapping[str, Any],
-    metadata: Mapping[str, Any] | None,
-    webhook_url: str | None,
-    occurred_at_ms: int | None,
-) -> OutboxEvent:
-    seq = await _next_seq(conn, session_id)
-    event_id = str(uuid.uuid4())
-    payload = build_payload(
-        event_id=event_id,
-        type=type,
-        seq=seq,
-        session_id=session_id,
-        workspace_id=workspace_id,
-        occurred_at_ms=now_ms() if occurred_at_ms is None else occurred_at_ms,
-        metadata=metadata,
-        data=data,
-    )
-    record = await conn.fetchrow(
-        _INSERT_SQL,
-        event_id,
-        workspace_id,
-        session_id,
-        seq,
-        type,
-        orjson.dumps(payload).decode(),
-        webhook_url,
-        "pending" if webhook_url else "skipped",
-    )
-    assert record is not None
-    return OutboxEvent.from_record(record)
-
-
 async def enqueue(
     conn: Conn,
     *,
@@ -276,19 +238,33 @@ async def enqueue(
     ``webhook_url`` None (or empty) writes the event as ``skipped``: it is kept for ``GET /v1/events``
     and SSE resume but never POSTed. Outside a transaction the seq bump and the insert get their own.
     """
-    fields: dict[str, Any] = {
-        "workspace_id": workspace_id,
-        "session_id": session_id,
-        "type": type,
-        "data": data,
-        "metadata": metadata,
-        "webhook_url": webhook_url,
-        "occurred_at_ms": occurred_at_ms,
-    }
-    if conn.is_in_transaction():
-        return await _insert(conn, **fields)
-    async with conn.transaction():
-        return await _insert(conn, **fields)
+    own_transaction = contextlib.nullcontext() if conn.is_in_transaction() else conn.transaction()
+    async with own_transaction:
+        seq = await _next_seq(conn, session_id)
+        event_id = str(uuid.uuid4())
+        payload = build_payload(
+            event_id=event_id,
+            type=type,
+            seq=seq,
+            session_id=session_id,
+            workspace_id=workspace_id,
+            occurred_at_ms=now_ms() if occurred_at_ms is None else occurred_at_ms,
+            metadata=metadata,
+            data=data,
+        )
+        record = await conn.fetchrow(
+            _INSERT_SQL,
+            event_id,
+            workspace_id,
+            session_id,
+            seq,
+            type,
+            orjson.dumps(payload).decode(),
+            webhook_url,
+            "pending" if webhook_url else "skipped",
+        )
+        assert record is not None
+        return OutboxEvent.from_record(record)
 
 
 async def notify(conn: Conn) -> None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import redis.asyncio as aioredis
 
-from shared import db, store
+from shared import db
 from shared.settings import Settings
 
 
@@ -22,7 +22,7 @@ async def open_pool(settings: Settings, *, max_size: int = 10) -> AsyncIterator[
     """A Postgres pool on ``settings.database_url``: the database created if missing, then migrated."""
     await asyncio.wait_for(db.ensure_database(settings.database_url, timeout_s=settings.db_timeout_s), 30)
     pool = await asyncio.wait_for(
-        store.open_pool(settings.database_url, timeout_s=settings.db_timeout_s, max_size=max_size), 30
+        db.create_pool(settings.database_url, max_size=max_size, timeout_s=settings.db_timeout_s), 30
     )
     try:
         async with pool.acquire(timeout=settings.db_timeout_s) as conn:

@@ -17,7 +17,9 @@ import asyncpg
 import orjson
 
 from shared import outbox
+from shared.db import Conn
 from shared.errors import SessionExists, SessionNotFound, StaleOwner
+from shared.models import EventType
 
 log = logging.getLogger("walink.store")
 
@@ -36,9 +38,7 @@ ACCOUNT_STATUS = {
 }
 
 # events that go to webhooks; the others (status) are for SSE only
-WEBHOOK_EVENTS = frozenset(
-    {"qr_code_generated", "session_authenticated", "session_ready", "session_disconnected", "session_failed"}
-)
+WEBHOOK_EVENTS = frozenset(EventType) - {EventType.STATUS}
 
 _SESSION_COLUMNS = (
     "id, workspace_id, status, session_status, reason, phone_number, push_name, is_primary, label, "
@@ -76,6 +76,24 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _column_values(rec: dict[str, Any]) -> dict[str, Any]:
+    """A session's columns as they are written (JSON columns serialized), by column name."""
+    status = rec["status"]
+    return {
+        "session_status": status,
+        "status": ACCOUNT_STATUS[status],
+        "reason": rec["reason"],
+        "phone_number": rec.get("phone_number"),
+        "push_name": rec.get("push_name"),
+        "history": _json(rec["history"]),
+        "timings": _json(rec["timings"]),
+        "profile_id": rec["profile_id"],
+        "label": rec.get("label"),
+        "metadata": _json(rec.get("metadata") or {}),
+        "webhook_url": rec.get("webhook_url"),
+    }
+
+
 class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -94,14 +112,6 @@ class Store:
         )
         assert row is not None
         return Workspace(row["id"], row["name"], row["webhook_url"], row["webhook_secret"])
-
-    async def create_workspace(self, name: str, *, webhook_url: str | None = None) -> Workspace:
-        return await self.ensure_workspace("w_" + secrets.token_hex(8), name=name, webhook_url=webhook_url)
-
-    async def set_webhook_url(self, workspace_id: str, webhook_url: str | None) -> None:
-        await self.pool.execute(
-            "UPDATE workspaces SET webhook_url = $2 WHERE id = $1", workspace_id, webhook_url
-        )
 
     async def get_workspace(self, workspace_id: str) -> Workspace | None:
         row = await self.pool.fetchrow(
@@ -131,6 +141,7 @@ class Store:
 
     # ------------------------------------------------------------------ sessions
     async def insert_session(self, rec: dict[str, Any], *, owner: str, token: int) -> None:
+        values = _column_values(rec)
         try:
             await self.pool.execute(
                 "INSERT INTO whatsapp_accounts (id, workspace_id, session_status, reason, label, metadata,"
@@ -138,17 +149,17 @@ class Store:
                 " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
                 rec["id"],
                 rec["workspace_id"],
-                rec["status"],
-                rec["reason"],
-                rec.get("label"),
-                _json(rec.get("metadata") or {}),
-                rec.get("webhook_url"),
-                _json(rec["history"]),
-                _json(rec["timings"]),
-                rec["profile_id"],
+                values["session_status"],
+                values["reason"],
+                values["label"],
+                values["metadata"],
+                values["webhook_url"],
+                values["history"],
+                values["timings"],
+                values["profile_id"],
                 owner,
                 token,
-                ACCOUNT_STATUS[rec["status"]],
+                values["status"],
             )
         except asyncpg.UniqueViolationError as exc:
             raise SessionExists(f"session {rec['id']} already exists") from exc
@@ -265,14 +276,14 @@ class Store:
 
     async def _fenced_update(
         self,
-        conn: outbox.Conn,
+        conn: Conn,
         rec: dict[str, Any],
         *,
         owner: str | None,
         token: int,
         deleted: bool = False,
     ) -> None:
-        status = rec["status"]
+        values = _column_values(rec)
         done = await conn.fetchval(
             "UPDATE whatsapp_accounts SET session_status = $2, status = $3, reason = $4, phone_number = $5,"
             " push_name = $6, history = $7, timings = $8, profile_id = $9, owner = $10, fencing_token = $11,"
@@ -280,19 +291,19 @@ class Store:
             " deleted_at = CASE WHEN $15 THEN coalesce(deleted_at, now()) ELSE deleted_at END"
             " WHERE id = $1 AND fencing_token <= $11 RETURNING true",
             rec["id"],
-            status,
-            ACCOUNT_STATUS[status],
-            rec["reason"],
-            rec.get("phone_number"),
-            rec.get("push_name"),
-            _json(rec["history"]),
-            _json(rec["timings"]),
-            rec["profile_id"],
+            values["session_status"],
+            values["status"],
+            values["reason"],
+            values["phone_number"],
+            values["push_name"],
+            values["history"],
+            values["timings"],
+            values["profile_id"],
             owner,
             token,
-            rec.get("label"),
-            _json(rec.get("metadata") or {}),
-            rec.get("webhook_url"),
+            values["label"],
+            values["metadata"],
+            values["webhook_url"],
             deleted,
         )
         if done:
@@ -303,7 +314,7 @@ class Store:
         raise StaleOwner(f"session {rec['id']} has a newer owner (token {current} > {token}); write refused")
 
     async def _enqueue(
-        self, conn: outbox.Conn, rec: dict[str, Any], events: list[NewEvent]
+        self, conn: Conn, rec: dict[str, Any], events: list[NewEvent]
     ) -> list[outbox.OutboxEvent]:
         if not events:
             return []
@@ -361,11 +372,3 @@ def _record(row: asyncpg.Record) -> dict[str, Any]:
         if key in rec and rec[key] is not None:
             rec[key] = int(rec[key].timestamp() * 1000)
     return rec
-
-
-async def open_pool(dsn: str, *, timeout_s: float, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=max_size, timeout=timeout_s, command_timeout=timeout_s
-    )
-    assert pool is not None
-    return pool

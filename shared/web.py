@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +16,11 @@ from shared.errors import BadRequest, InvalidJson, PayloadTooLarge, WalinkError
 log = logging.getLogger("walink.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# between the gateway and the workers
+WORKSPACE_HEADER = "X-Walink-Workspace"  # the caller's workspace, set by the gateway
+DRIVER_HEADER = "X-Walink-Driver"  # set by a worker answering for a session another worker drives
+DEFAULT_WORKSPACE = "default"  # the workspace of the dev key and of callers that name none
 
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -90,3 +97,36 @@ def check_keys(data: dict[str, Any], allowed: set[str]) -> None:
     extra = sorted(set(data) - allowed)
     if extra:
         raise BadRequest(f"unknown field(s): {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+
+
+async def serve_until_signalled(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    shutdown_timeout_s: float,
+    stopping: str,
+    handler_cancellation: bool = False,
+) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT, then shut it down in order within ``shutdown_timeout_s``
+    (the app's cleanup contexts, in reverse)."""
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        handler_cancellation=handler_cancellation,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        log.info("ready on http://%s:%d", host, port)
+        await stop.wait()
+        log.info("%s (deadline %.0fs)", stopping, shutdown_timeout_s)
+    finally:
+        await runner.cleanup()

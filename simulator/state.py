@@ -116,8 +116,7 @@ class SimState:
         """Refs and QR texts of a page's next batch (call :meth:`commit_batch` once the matrices exist)."""
         self._maybe_gc()
         client = self.client(device_id)
-        if device_id in self.devices:
-            raise SimError(409, "already_linked", "this device is already linked")
+        self._ensure_unlinked(device_id)
         client.noise_pub, client.identity_pub = noise_pub, identity_pub
         client.adv_secret, client.platform = adv_secret, platform
         refs = [new_ref() for _ in range(self.profile.refs_per_batch)]
@@ -127,8 +126,8 @@ class SimState:
         self, client: Client, refs: list[str], texts: list[str], matrices: list[list[list[int]]]
     ) -> dict[str, Any]:
         """Open the batch's validity windows from now on; it supersedes the page's previous batch."""
-        if client.device_id in self.devices:
-            raise SimError(409, "already_linked", "this device is already linked")
+        # checked again: another request may have linked the page while the matrices were drawn
+        self._ensure_unlinked(client.device_id)
         client.batch_id += 1
         prof = self.profile
         first_s, next_s = prof.qr_first_ms / 1000, prof.qr_next_ms / 1000
@@ -161,14 +160,22 @@ class SimState:
     def request_pair_code(self, device_id: str, phone: str) -> str:
         digits = check_phone(phone)
         self.client(device_id)
-        if device_id in self.devices:
-            raise SimError(409, "already_linked", "this device is already linked")
-        for code in [c for c, entry in self.codes.items() if entry.device_id == device_id]:
-            self.codes[code].expires_at = 0.0  # a new code supersedes the page's previous one
+        self._ensure_unlinked(device_id)
+        self._expire_codes(device_id)  # a new code supersedes the page's previous one
         code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(8))
         ttl_s = self.profile.pair_code_ttl_ms / 1000
         self.codes[code] = PairCode(code, device_id, digits, time.monotonic() + ttl_s)
         return code
+
+    def _ensure_unlinked(self, device_id: str) -> None:
+        if device_id in self.devices:
+            raise SimError(409, "already_linked", "this device is already linked")
+
+    def _expire_codes(self, device_id: str) -> None:
+        """The page's pairing codes can no longer be used."""
+        for code in self.codes.values():
+            if code.device_id == device_id:
+                code.expires_at = 0.0
 
     def unpair(self, device_id: str) -> bool:
         """The page logged itself out (``Socket.logout()``)."""
@@ -187,8 +194,7 @@ class SimState:
         platform_ok = scanned.platform is None or scanned.platform == client.platform
         if keys != (client.noise_pub, client.identity_pub, client.adv_secret) or not platform_ok:
             raise SimError(404, "unknown_qr", "this QR code's keys do not match the page that showed it")
-        if entry.device_id in self.devices:
-            raise SimError(409, "already_linked", "this device is already linked")
+        self._ensure_unlinked(entry.device_id)
         now = time.monotonic()
         grace = min(REF_GRACE_S, (entry.valid_until - entry.valid_from) / 4)
         if entry.batch_id != client.batch_id or not entry.valid_from <= now <= entry.valid_until + grace:
@@ -204,8 +210,7 @@ class SimState:
             raise SimError(410, "code_expired", "this pairing code has expired")
         if entry.phone != digits:
             raise SimError(409, "phone_mismatch", "this pairing code was requested for another phone")
-        if entry.device_id in self.devices:
-            raise SimError(409, "already_linked", "this device is already linked")
+        self._ensure_unlinked(entry.device_id)
         return self._link(self.clients[entry.device_id], digits, None)
 
     def _link(self, client: Client, phone: str, push_name: str | None) -> dict[str, Any]:
@@ -224,9 +229,7 @@ class SimState:
             if passkey:
                 self.pending_passkey[client.device_id] = phone
         client.batch_id += 1  # the page stops showing QR codes: its refs are spent
-        for code in self.codes.values():
-            if code.device_id == client.device_id:
-                code.expires_at = 0.0
+        self._expire_codes(client.device_id)
         client.push(
             "paired",
             phone=phone,

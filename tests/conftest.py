@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
+from playwright.async_api import Playwright, async_playwright
 
 from shared import db
 from shared.settings import Settings
@@ -191,12 +192,17 @@ async def start_worker(
         await client.close()
 
 
+@pytest.fixture
+async def pw() -> AsyncIterator[Playwright]:
+    async with async_playwright() as playwright:
+        yield playwright
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_chromium(tmp_path: Path) -> Any:
     """After each test: no Chromium running on a profile of this test, no profile lock left."""
     yield
-    root = str(tmp_path.resolve()) + os.sep
-    left = [p for p in chromium._processes() if (chromium._user_data_dir(p) or "").startswith(root)]
+    left = chromium.processes_under(tmp_path)
     assert not left, f"Chromium left running: {[p.pid for p in left]}"
     locks = [p for p in tmp_path.rglob("Singleton*")]
     assert not locks, f"profile locks left: {locks}"
@@ -268,6 +274,26 @@ async def get_json(client: TestClient[Any, Any], path: str, expect: int = 200) -
     return data
 
 
+async def link_id(client: TestClient[Any, Any], sim: Sim, phone: str, **body: Any) -> str:
+    """Create a session, scan its QR with ``phone``, wait until it is ready; its id."""
+    sid: str = (await create(client, **body))["id"]
+    stream = await events(client, sid)
+    try:
+        await sim.scan((await stream.until("qr"))["qr"], phone)
+        await stream.until("session_ready")
+    finally:
+        stream.close()
+    return sid
+
+
+def cluster_worker(view: dict[str, Any], name: str) -> dict[str, Any]:
+    """The entry of worker ``name`` in a ``/health/cluster`` answer."""
+    for entry in view["workers"]:
+        if entry.get("name") == name:
+            return dict(entry)
+    raise AssertionError(f"{name} not in /health/cluster")
+
+
 def manager_of(client: TestClient[Any, Any]) -> Any:
     app = client.app
     assert isinstance(app, web.Application)
@@ -279,8 +305,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is None:
         return
-    root = str(Path(factory.getbasetemp()).resolve()) + os.sep
-    left = [p.pid for p in chromium._processes() if (chromium._user_data_dir(p) or "").startswith(root)]
+    left = [p.pid for p in chromium.processes_under(Path(factory.getbasetemp()))]
     if left:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nChromium processes left after the suite: {left}")

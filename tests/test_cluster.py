@@ -25,6 +25,7 @@ from tests.conftest import (
     AiohttpClient,
     Sim,
     WorkerProcess,
+    cluster_worker,
     free_port,
     sse_until,
 )
@@ -151,13 +152,6 @@ async def ready_elsewhere(cluster: Cluster, sid: str, not_on: str | None) -> dic
     return body
 
 
-def _worker_entry(health: dict[str, Any], name: str) -> dict[str, Any]:
-    for entry in health["workers"]:
-        if entry.get("name") == name:
-            return dict(entry)
-    raise AssertionError(f"{name} not in /health/cluster")
-
-
 async def test_sigkill_fails_over_without_rescan_and_the_breaker_recovers(
     cluster: Cluster, sim: Sim, pg_pool: asyncpg.Pool
 ) -> None:
@@ -176,14 +170,14 @@ async def test_sigkill_fails_over_without_rescan_and_the_breaker_recovers(
         assert len(await sim.devices(s["phone_number"])) == 1  # the same device: no re-scan
         assert "qr" not in [h["status"] for h in back["history"][len(s["history"]) :]]
     health = await cluster.eventually(
-        cluster.cluster_health, lambda h: _worker_entry(h, victim_name)["breaker"]["trips"] >= 1
+        cluster.cluster_health, lambda h: cluster_worker(h, victim_name)["breaker"]["trips"] >= 1
     )
-    assert _worker_entry(health, victim_name)["breaker"]["state"] in {"open", "half_open"}
-    assert health["status"] == "degraded" and not _worker_entry(health, victim_name)["reachable"]
+    assert cluster_worker(health, victim_name)["breaker"]["state"] in {"open", "half_open"}
+    assert health["status"] == "degraded" and not cluster_worker(health, victim_name)["reachable"]
 
     await cluster.start_worker(victim_port)  # it comes back; the breaker closes again
     await cluster.eventually(
-        cluster.cluster_health, lambda h: _worker_entry(h, victim_name)["breaker"]["state"] == "closed"
+        cluster.cluster_health, lambda h: cluster_worker(h, victim_name)["breaker"]["state"] == "closed"
     )
 
 
@@ -236,10 +230,7 @@ async def test_a_paused_worker_that_resumes_lets_go_and_nothing_is_driven_twice(
     victim_port = int(victim_name.rsplit(":", 1)[1])
     victim = cluster.workers[victim_port]
     sid = first["id"]
-    await cluster.eventually(
-        lambda: pg_pool.fetchval("SELECT 1 FROM profile_snapshots WHERE session_id = $1", sid),
-        lambda v: v == 1,
-    )
+    await has_snapshot(cluster, pg_pool, sid)
     old_profile = await pg_pool.fetchval("SELECT profile_id FROM whatsapp_accounts WHERE id = $1", sid)
     mark = len(victim.log)
 

@@ -33,7 +33,9 @@ from tests.conftest import (
     events,
     free_port,
     get_json,
+    link_id,
     manager_of,
+    sse_until,
 )
 from worker.keys import DISPATCHER
 
@@ -94,8 +96,10 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver(aiohttp_server: AiohttpServer) -> Receiver:
+async def receiver(aiohttp_server: AiohttpServer, pg_pool: asyncpg.Pool) -> Receiver:
+    """The receiver, with the secret of workspace "default" (created here if no worker did yet)."""
     hooks = Receiver()
+    hooks.secret = (await Store(pg_pool).ensure_workspace("default")).webhook_secret
     app = web.Application()
     app.router.add_post("/hooks", hooks.handle)
     hooks.server = await aiohttp_server(app)
@@ -117,17 +121,6 @@ async def dispatcher_done(client: Any) -> None:
     """Until the worker's webhook dispatcher has finished what it was doing and waits for work."""
     dispatcher = client.app[DISPATCHER]
     await asyncio.wait_for(dispatcher.idle.wait(), WAIT_S)
-
-
-async def link(client: Any, sim: Sim, phone: str = PHONE, **body: Any) -> str:
-    sid: str = (await create(client, **body))["id"]
-    stream = await events(client, sid)
-    try:
-        await sim.scan((await stream.until("qr"))["qr"], phone)
-        await stream.until("session_ready")
-    finally:
-        stream.close()
-    return sid
 
 
 async def test_same_phone_linked_twice_at_once_leaves_one_live_primary_account(
@@ -169,7 +162,6 @@ async def test_webhooks_survive_a_flaky_receiver_in_order_and_signed(
     sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     client = await start_worker(webhook_timeout_s=0.5, webhook_max_attempts=30)
-    receiver.secret = (await Store(pg_pool).get_workspace("default")).webhook_secret  # type: ignore[union-attr]
     receiver.failures_left = 3
     receiver.hangs_left = 1
     seen_phone: list[str | None] = []
@@ -180,7 +172,7 @@ async def test_webhooks_survive_a_flaky_receiver_in_order_and_signed(
             seen_phone.append(session["phone_number"])
 
     receiver.on_event = read_your_writes
-    sid = await link(client, sim, webhook_url=receiver.url(), metadata={"crm_id": 42})
+    sid = await link_id(client, sim, PHONE, webhook_url=receiver.url(), metadata={"crm_id": 42})
     ready = await receiver.until(lambda e: e["event"] == "session_ready")
     await dispatcher_done(client)
     assert ready["data"]["phone_number"] == PHONE and ready["metadata"] == {"crm_id": 42}
@@ -207,9 +199,8 @@ async def test_dead_letters_then_replay(
     sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     client = await start_worker(webhook_timeout_s=0.5, webhook_max_attempts=2)
-    receiver.secret = (await Store(pg_pool).get_workspace("default")).webhook_secret  # type: ignore[union-attr]
     receiver.refuse = True
-    sid = await link(client, sim, webhook_url=receiver.url())
+    sid = await link_id(client, sim, PHONE, webhook_url=receiver.url())
     await eventually(
         pg_pool,
         "SELECT state FROM outbox WHERE session_id = $1 AND type = 'session_ready'",
@@ -259,7 +250,6 @@ async def test_redis_outage_mid_link_loses_nothing(
 ) -> None:
     async with private_redis() as (port, start_redis):
         client = await start_worker(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.2)
-        receiver.secret = (await Store(pg_pool).get_workspace("default")).webhook_secret  # type: ignore[union-attr]
         sid = (await create(client, webhook_url=receiver.url()))["id"]
         stream = await events(client, sid)
         qr = (await stream.until("qr"))["qr"]
@@ -307,7 +297,6 @@ async def test_redis_outage_mid_link_loses_nothing(
 async def test_event_committed_before_a_sigkill_is_still_delivered(
     tmp_path: Path, sim: Sim, pg_pool: asyncpg.Pool, pg_dsn: str, redis_prefix: str, receiver: Receiver
 ) -> None:
-    receiver.secret = (await Store(pg_pool).ensure_workspace("default")).webhook_secret
     receiver.refuse = True
     first = WorkerProcess(tmp_path, sim, free_port(), pg_dsn, redis_prefix, WALINK_WEBHOOK_TIMEOUT_S="0.5")
     await first.start()
@@ -390,7 +379,7 @@ async def test_hibernate_then_wake_in_another_worker_process_from_the_snapshot_a
     redis_prefix: str,
 ) -> None:
     client = await start_worker(idle_timeout_s=1.0)
-    sid = await link(client, sim)
+    sid = await link_id(client, sim, PHONE)
     stream = await events(client, sid)
     hibernated = await stream.until("status", status="hibernated")
     stream.close()
@@ -411,10 +400,7 @@ async def test_hibernate_then_wake_in_another_worker_process_from_the_snapshot_a
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{other.url}/v1/sessions/{sid}") as resp:
                 assert resp.status == 200
-            async with http.get(f"{other.url}/v1/sessions/{sid}/events") as resp:
-                async for raw in resp.content:
-                    if raw.startswith(b"event: session_ready"):
-                        break
+            await sse_until(await http.get(f"{other.url}/v1/sessions/{sid}/events"), "session_ready")
             async with http.get(f"{other.url}/v1/sessions/{sid}") as resp:
                 session = await resp.json()
         assert session["status"] == "ready" and session["phone_number"] == PHONE
@@ -428,9 +414,9 @@ async def test_hibernate_then_wake_in_another_worker_process_from_the_snapshot_a
 
 async def test_lru_hibernates_beyond_max_active_sessions(sim: Sim, start_worker: WorkerFactory) -> None:
     client = await start_worker(max_active_sessions=1)
-    first = await link(client, sim, phone="4411111111")
+    first = await link_id(client, sim, "4411111111")
     stream = await events(client, first)
-    await link(client, sim, phone="4422222222")
+    await link_id(client, sim, "4422222222")
     hibernated = await stream.until("status", status="hibernated")
     stream.close()
     assert hibernated["reason"] == "lru"
@@ -443,7 +429,7 @@ async def test_a_tampered_snapshot_is_refused_with_a_clear_reason(
     sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
 ) -> None:
     client = await start_worker()
-    sid = await link(client, sim)
+    sid = await link_id(client, sim, PHONE)
     manager = manager_of(client)
     await manager.hibernate(manager.get(sid))
     await pg_pool.execute(
@@ -463,7 +449,7 @@ async def test_a_worker_answering_for_a_session_it_does_not_drive_names_the_driv
 ) -> None:
     a = await start_worker(worker_name="worker-a")
     b = await start_worker(worker_name="worker-b", data_dir=tmp_path / "b")
-    sid = await link(a, sim)
+    sid = await link_id(a, sim, PHONE)
     on_a = await a.get(f"/v1/sessions/{sid}")
     assert on_a.status == 200 and "X-Walink-Driver" not in on_a.headers
     on_b = await b.get(f"/v1/sessions/{sid}")

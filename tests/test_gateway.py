@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -30,22 +29,25 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
+from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.store import Store
-from tests.conftest import CHROMIUM, REDIS_URL, SNAPSHOT_KEY, WAIT_S, AiohttpClient, EventStream
+from tests.conftest import (
+    CHROMIUM,
+    REDIS_URL,
+    SNAPSHOT_KEY,
+    WAIT_S,
+    AiohttpClient,
+    EventStream,
+    cluster_worker,
+    free_port,
+)
 
 pytestmark = [pytest.mark.chromium, pytest.mark.timeout(420)]  # real processes: slow on a busy box
 
 PHONE = "5511912345678"
 INTERNAL_TOKEN = "internal-test-token"
 STOP_DEADLINE_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Process:
@@ -348,11 +350,6 @@ async def _cluster_until(c: Cluster, check: Callable[[dict[str, Any]], bool]) ->
             await asyncio.sleep(0.1)
 
 
-def _worker(view: dict[str, Any], name: str) -> dict[str, Any]:
-    found: dict[str, Any] = next(w for w in view["workers"] if w["name"] == name)
-    return found
-
-
 async def test_a_killed_worker_is_reported_down_and_its_sessions_fail_over(
     start_cluster: Callable[[int], Any], redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
@@ -363,7 +360,7 @@ async def test_a_killed_worker_is_reported_down_and_its_sessions_fail_over(
     stream = await _events(c, sid)  # stays open through the kill
     first_qr = (await stream.until("qr"))["qr"]
     survivor = next(name for name in c.workers if name != owner)
-    lease = await redis_client.get(f"{redis_prefix}lease:{sid}")
+    lease = await redis_client.get(Keys(redis_prefix).lease(sid))
     failovers_before = _metric(await (await gw.get("/metrics")).text(), "walink_gateway_failovers_total")
     resumes_before = _metric(await (await gw.get("/metrics")).text(), "walink_gateway_sse_resumes_total")
 
@@ -379,13 +376,13 @@ async def test_a_killed_worker_is_reported_down_and_its_sessions_fail_over(
         assert placed == survivor
         assert (await gw.delete(f"/v1/sessions/{again['id']}", headers=c.auth("a"))).status == 204
 
-    view = await _cluster_until(c, lambda v: _worker(v, owner)["breaker"]["state"] == "open")
-    dead = _worker(view, owner)
+    view = await _cluster_until(c, lambda v: cluster_worker(v, owner)["breaker"]["state"] == "open")
+    dead = cluster_worker(view, owner)
     print(f"\nafter SIGKILL of {owner}: status {view['status']}, {dead}")
     assert view["status"] == "degraded" and view["workers_up"] == 1
     assert dead["reachable"] is False and dead["status"] == "down" and dead["health"] is None
-    assert dead["ring_share"] == 0.0 and _worker(view, survivor)["ring_share"] == 1.0
-    assert _worker(view, survivor)["status"] == "healthy"
+    assert dead["ring_share"] == 0.0 and cluster_worker(view, survivor)["ring_share"] == 1.0
+    assert cluster_worker(view, survivor)["status"] == "healthy"
     metrics = await (await gw.get("/metrics")).text()
     assert f'walink_gateway_breaker_state{{worker="{owner}"}} 2.0' in metrics
     if lease == owner.encode():  # (a worker that could not reach Redis fences with Postgres alone)
@@ -394,8 +391,8 @@ async def test_a_killed_worker_is_reported_down_and_its_sessions_fail_over(
     # the worker comes back on its port (reaping what the killed one left): half-open, then closed
     await c.workers[owner].start("ready on")
     view = await _cluster_until(c, lambda v: v["status"] == "healthy")
-    assert _worker(view, owner)["breaker"]["state"] == "closed"
-    assert 0.2 < _worker(view, owner)["ring_share"] < 0.8
+    assert cluster_worker(view, owner)["breaker"]["state"] == "closed"
+    assert 0.2 < cluster_worker(view, owner)["ring_share"] < 0.8
 
     # the client's event stream never broke: the gateway resumed it on another worker, and the
     # session's fresh QR (its browser died with the worker) arrives on the same stream
@@ -486,7 +483,7 @@ async def test_gateway_process_answers_without_workers_and_stops_on_sigterm(
                 assert resp.status == 200 and (await resp.json())["workers"]["up"] == 0
             async with http.get(url + "/health/cluster") as resp:  # open: a dev key is set
                 view = await _json(resp, 200)
-            assert view["status"] == "down" and _worker(view, dead_worker)["status"] == "down"
+            assert view["status"] == "down" and cluster_worker(view, dead_worker)["status"] == "down"
             headers = {"Authorization": "Bearer dev-key"}
             async with http.post(url + "/v1/sessions", json={}, headers=headers) as resp:
                 error = await _json(resp, 503)

@@ -171,6 +171,27 @@ def dispatcher(pool: asyncpg.Pool, http: aiohttp.ClientSession, **options: Any) 
     return WebhookDispatcher(pool, http, worker_name=options.pop("worker_name", "w-test"), **options)
 
 
+async def running(
+    pool: asyncpg.Pool, http: aiohttp.ClientSession, **options: Any
+) -> tuple[WebhookDispatcher, asyncio.Task[None]]:
+    """A dispatcher whose run() loop has started and is idle (listening, nothing to do)."""
+    d = dispatcher(pool, http, **options)
+    task = asyncio.create_task(d.run())
+    try:
+        await asyncio.wait_for(d.idle.wait(), LOSS_S)
+    except BaseException:
+        await d.close()
+        raise
+    return d, task
+
+
+async def claim(pool: asyncpg.Pool, outbox_id: int) -> tuple[str, int, str | None]:
+    """An outbox row's delivery state: (state, attempts, claimed_by)."""
+    row = await pool.fetchrow("SELECT state, attempts, claimed_by FROM outbox WHERE id = $1", outbox_id)
+    assert row is not None
+    return row["state"], row["attempts"], row["claimed_by"]
+
+
 def assert_in_order(receiver: Receiver, sessions: list[str], per_session: int) -> None:
     assert receiver.bad == []
     assert receiver.order_violations == []
@@ -405,9 +426,7 @@ async def test_dispatcher_that_lost_its_claim_does_not_overwrite(
 
     assert await dispatcher(pool, http).deliver_due() == 1
 
-    row = await pool.fetchrow("SELECT state, attempts, claimed_by FROM outbox WHERE id = $1", event.id)
-    assert row is not None
-    assert (row["state"], row["attempts"], row["claimed_by"]) == ("pending", 0, "thief")
+    assert await claim(pool, event.id) == ("pending", 0, "thief")
     log = await outbox.delivery_log(pool, event.event_id)
     assert [(a["status_code"], a["worker"]) for a in log] == [(204, "w-test")]  # the attempt is still logged
 
@@ -419,9 +438,7 @@ async def test_run_wakes_on_notify_and_stops_cleanly(
     pool: asyncpg.Pool, http: aiohttp.ClientSession, aiohttp_server: AiohttpServer
 ) -> None:
     receiver = await Receiver(expect=1).start(aiohttp_server)
-    d = dispatcher(pool, http, idle_wait_s=30)
-    task = asyncio.create_task(d.run())
-    await asyncio.wait_for(d.idle.wait(), LOSS_S)  # listening, nothing to do, waiting up to 30 s
+    d, task = await running(pool, http, idle_wait_s=30)  # listening, nothing to do, waiting up to 30 s
     assert d.is_listening()
     with pytest.raises(DispatcherRunning):
         await d.run()
@@ -436,9 +453,7 @@ async def test_run_wakes_on_notify_and_stops_cleanly(
     assert not d.is_listening()  # the listener connection went back to the pool
 
     # close() stops a running loop the same way
-    again = dispatcher(pool, http, idle_wait_s=30)
-    task = asyncio.create_task(again.run())
-    await asyncio.wait_for(again.idle.wait(), LOSS_S)
+    again, task = await running(pool, http, idle_wait_s=30)
     await again.close()
     assert task.done() and not again.is_listening()
     with pytest.raises(DispatcherRunning):
@@ -449,10 +464,8 @@ async def test_run_listens_again_after_its_connection_is_killed(
     pool: asyncpg.Pool, http: aiohttp.ClientSession, aiohttp_server: AiohttpServer
 ) -> None:
     receiver = await Receiver(expect=1).start(aiohttp_server)
-    d = dispatcher(pool, http, idle_wait_s=30)
-    task = asyncio.create_task(d.run())
+    d, task = await running(pool, http, idle_wait_s=30)
     try:
-        await asyncio.wait_for(d.idle.wait(), LOSS_S)
         listener = d._listen_conn
         assert listener is not None
         killed = await pool.fetchval("SELECT pg_terminate_backend($1)", listener.get_server_pid())
@@ -475,9 +488,7 @@ async def test_cancel_during_a_post_hands_the_claim_back(
     await asyncio.wait_for(receiver.arrived.wait(), LOSS_S)  # the POST is in flight
     await d.close()
     assert task.cancelled()
-    row = await pool.fetchrow("SELECT state, attempts, claimed_by FROM outbox WHERE id = $1", event.id)
-    assert row is not None
-    assert (row["state"], row["attempts"], row["claimed_by"]) == ("pending", 0, None)
+    assert await claim(pool, event.id) == ("pending", 0, None)
     await drain(pool, dispatcher(pool, http, worker_name="w-next"))  # at once, not after claim_ttl_s
     assert [e for e, _, _ in receiver.accepted] == [event.event_id]
 
@@ -488,9 +499,7 @@ async def test_a_local_fault_does_not_burn_the_retry_budget(pool: asyncpg.Pool) 
     event = await add(pool, "s_l", "http://127.0.0.1:9/hook")
     with pytest.raises(RuntimeError):
         await dispatcher(pool, closed).deliver_due()
-    row = await pool.fetchrow("SELECT state, attempts, claimed_by FROM outbox WHERE id = $1", event.id)
-    assert row is not None
-    assert (row["state"], row["attempts"], row["claimed_by"]) == ("pending", 0, None)
+    assert await claim(pool, event.id) == ("pending", 0, None)
 
 
 async def test_unreachable_receiver_is_a_failed_attempt(

@@ -5,36 +5,26 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 import zxingcpp
 from PIL import Image, ImageOps
-from playwright.async_api import BrowserContext, Error, Frame, Page, Playwright, Route, async_playwright
+from playwright.async_api import BrowserContext, Error, Frame, Page, Playwright
 from pytest_aiohttp import AiohttpServer
 
 from simulator.app import create_app
+from tests.browser import ARGS, ORIGIN, forward_to, launch
+from tests.conftest import CHROMIUM
 
 pytestmark = pytest.mark.chromium
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-ARGS = [
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    *(["--no-sandbox"] if os.geteuid() == 0 else []),
-]
-ORIGIN = "https://web.whatsapp.com"
 PHONE = "15551234567"
 CODE_RE = re.compile(r"[123456789ABCDEFGHJKLMNPQRSTVWXYZ]{8}")
 QR_SEL = "div[data-ref] canvas"
@@ -105,39 +95,11 @@ async def sim(aiohttp_server: AiohttpServer) -> AsyncIterator[Sim]:
         yield Sim(str(server.make_url("")).rstrip("/"), http)
 
 
-@pytest.fixture
-async def pw() -> AsyncIterator[Playwright]:
-    async with async_playwright() as playwright:
-        yield playwright
-
-
-def forward_to(base: str) -> Callable[[Route], Awaitable[None]]:
-    """Route handler: https://web.whatsapp.com/<path+query> -> <base>/<path+query>."""
-
-    async def handle(route: Route) -> None:
-        parts = urlsplit(route.request.url)
-        target = base + parts.path + (f"?{parts.query}" if parts.query else "")
-        try:
-            response = await route.fetch(url=target, timeout=30_000)
-            await route.fulfill(response=response)
-        except Error:
-            with suppress(Error):
-                await route.abort()
-
-    return handle
-
-
 @asynccontextmanager
 async def persistent(
     pw: Playwright, sim: Sim, profile_dir: Path
 ) -> AsyncIterator[tuple[BrowserContext, Page]]:
-    ctx = await pw.chromium.launch_persistent_context(
-        user_data_dir=str(profile_dir),
-        executable_path=CHROMIUM,
-        args=ARGS,
-        headless=True,
-        service_workers="block",
-    )
+    ctx = await launch(pw, profile_dir, service_workers="block")
     try:
         await ctx.add_init_script(WATCH_QR)
         await ctx.route(f"{ORIGIN}/**", forward_to(sim.base))
@@ -294,7 +256,7 @@ async def test_storage_state_copy_does_not_restore_login(sim: Sim, pw: Playwrigh
     databases = cast(list[dict[str, Any]], origin_state.get("indexedDB", []))
     assert any(db["name"] == "wawc_db_enc" for db in databases)
 
-    browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
     try:
         ctx2 = await browser.new_context(storage_state=state, service_workers="block")
         await ctx2.route(f"{ORIGIN}/**", forward_to(sim.base))

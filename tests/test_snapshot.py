@@ -12,24 +12,20 @@ import base64
 import contextlib
 import io
 import lzma
-import os
 import secrets
 import shutil
 import tarfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from playwright.async_api import Page, Playwright, Route, async_playwright
+from playwright.async_api import Page, Playwright, Route
 
-import simulator.app
 from shared.errors import SettingsError, SnapshotInvalid
+from tests.browser import ORIGIN, forward_to, launch
+from tests.conftest import Sim
 from worker.snapshot import (
     IDB_BLOBS,
     IDB_LEVELDB,
@@ -44,9 +40,6 @@ from worker.snapshot import (
 
 pytestmark = pytest.mark.chromium
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-ARGS = ["--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync"]
-ORIGIN = "https://web.whatsapp.com"
 PHONE = "15550001111"
 SESSION = "sess_snapshot_test"
 KEY = secrets.token_bytes(32)
@@ -62,75 +55,23 @@ new MutationObserver(() => {
 }).observe(document, { childList: true, subtree: true, attributes: true });
 """
 
-AiohttpServer = Callable[[web.Application], Awaitable[TestServer]]
-
-
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _chromium_on(root: Path) -> list[int]:
-    """Pids of processes whose ``--user-data-dir`` lies under ``root``."""
-    prefix = str(root.resolve()) + os.sep
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
-                args = fh.read().split(b"\0")
-        except OSError:
-            continue
-        for arg in args:
-            if arg.startswith(b"--user-data-dir=") and arg.split(b"=", 1)[1].decode().startswith(prefix):
-                pids.append(int(entry.name))
-                break
-    return pids
-
-
 @pytest.fixture(autouse=True)
-def _no_leftovers(tmp_path: Path) -> Iterator[None]:
-    """After each test: no Chromium on this test's profiles, no profile lock, no restore temp dir."""
+def _no_restore_leftovers(tmp_path: Path) -> Iterator[None]:
+    """After each test: no restore temp dir (conftest checks for Chromium and profile locks)."""
     yield
-    assert not _chromium_on(tmp_path), f"Chromium left running: {_chromium_on(tmp_path)}"
-    assert not list(tmp_path.rglob("Singleton*")), "profile locks left behind"
     assert not list(tmp_path.rglob("*.restore-*")), "restore temp dirs left behind"
 
 
-@pytest.fixture
-async def pw() -> AsyncIterator[Playwright]:
-    async with async_playwright() as playwright:
-        yield playwright
-
-
-@pytest.fixture
-async def sim_server(aiohttp_server: AiohttpServer) -> TestServer:
-    return await aiohttp_server(simulator.app.create_app("instant"))
-
-
-def sim_url(server: TestServer) -> str:
-    return str(server.make_url("")).rstrip("/")
-
-
 @contextlib.asynccontextmanager
-async def whatsapp(pw: Playwright, profile: Path, server: TestServer) -> AsyncIterator[Page]:
+async def whatsapp(pw: Playwright, profile: Path, sim: Sim) -> AsyncIterator[Page]:
     """Chromium on ``profile`` with WhatsApp's origin routed to the simulator, page opened."""
-    base = sim_url(server)
-
-    async def forward(route: Route) -> None:
-        url = urlsplit(route.request.url)
-        resp = await route.fetch(url=base + url.path + (f"?{url.query}" if url.query else ""), timeout=60_000)
-        await route.fulfill(response=resp)
-
-    context = await pw.chromium.launch_persistent_context(
-        user_data_dir=str(profile),
-        executable_path=CHROMIUM,
-        headless=True,
-        args=ARGS + (["--no-sandbox"] if os.geteuid() == 0 else []),
-        service_workers="block",
-    )
+    context = await launch(pw, profile, service_workers="block")
     try:
         await context.add_init_script(QR_WATCH)
-        await context.route(f"{ORIGIN}/**", forward)
+        await context.route(f"{ORIGIN}/**", forward_to(sim.url, timeout_ms=60_000))
         page = context.pages[0] if context.pages else await context.new_page()
         await page.goto(f"{ORIGIN}/")
         yield page
@@ -139,29 +80,12 @@ async def whatsapp(pw: Playwright, profile: Path, server: TestServer) -> AsyncIt
         await context.close()
 
 
-async def scan(server: TestServer, qr: str) -> None:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{sim_url(server)}/phone/scan", json={"qr": qr, "phone": PHONE}) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
-
-
-async def devices(server: TestServer) -> list[object]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"{sim_url(server)}/phone/devices", params={"phone": PHONE}) as resp,
-    ):
-        found: list[object] = (await resp.json())["devices"]
-        return found
-
-
-async def link(pw: Playwright, profile: Path, server: TestServer) -> None:
+async def link(pw: Playwright, profile: Path, sim: Sim) -> None:
     """A real QR link: read the QR, scan it with the simulated phone, wait for the chat list."""
-    async with whatsapp(pw, profile, server) as page:
+    async with whatsapp(pw, profile, sim) as page:
         raw = await page.locator(QR).get_attribute("data-ref")
         assert raw
-        await scan(server, raw)
+        await sim.scan(raw, PHONE)
         await page.wait_for_selector("#pane-side")
         assert await page.evaluate(ME_USER) == PHONE
         with pytest.raises(SnapshotInvalid, match="still runs"):
@@ -224,10 +148,10 @@ def assert_untouched(target: Path, *, existed: bool) -> None:
 
 
 async def test_snapshot_restores_the_login_into_an_empty_profile(
-    pw: Playwright, sim_server: TestServer, tmp_path: Path
+    pw: Playwright, sim: Sim, tmp_path: Path
 ) -> None:
     source = tmp_path / "worker-a" / "profile"
-    await link(pw, source, sim_server)
+    await link(pw, source, sim)
 
     started = time.perf_counter()
     blob = await pack_profile_async(source, key=KEY, session_id=SESSION)
@@ -262,7 +186,7 @@ async def test_snapshot_restores_the_login_into_an_empty_profile(
     assert not (target / IDB_BLOBS).exists()  # the simulator stores no large values
 
     started = time.perf_counter()
-    async with whatsapp(pw, target, sim_server) as page:
+    async with whatsapp(pw, target, sim) as page:
         await page.wait_for_selector("#pane-side")
         await page.wait_for_function("window.require('WAWebSocketModel').Socket.hasSynced === true")
         print(f"restored profile: chat list {(time.perf_counter() - started) * 1000:.0f} ms after launch")
@@ -271,17 +195,15 @@ async def test_snapshot_restores_the_login_into_an_empty_profile(
         assert await page.locator("div[data-ref]").count() == 0
         assert "post_logout" not in page.url
         assert await page.evaluate("localStorage.getItem('WANoiseInfo')") is not None
-    assert len(await devices(sim_server)) == 1, "the restore must reuse the linked device, not link another"
+    assert len(await sim.devices(PHONE)) == 1, "the restore must reuse the linked device, not link another"
 
 
 # ---------------------------------------------------------------------------------------- 2. tampering
 
 
-async def test_tampered_or_foreign_snapshots_are_refused(
-    pw: Playwright, sim_server: TestServer, tmp_path: Path
-) -> None:
+async def test_tampered_or_foreign_snapshots_are_refused(pw: Playwright, sim: Sim, tmp_path: Path) -> None:
     source = tmp_path / "profile"
-    await link(pw, source, sim_server)
+    await link(pw, source, sim)
     blob = pack_profile(source, key=KEY, session_id=SESSION)
 
     bad: dict[str, tuple[bytes, bytes, str]] = {}
@@ -425,9 +347,7 @@ def test_pack_and_unpack_need_a_32_byte_key(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------- 5. no login
 
 
-async def test_profiles_without_a_login_are_not_packed(
-    pw: Playwright, sim_server: TestServer, tmp_path: Path
-) -> None:
+async def test_profiles_without_a_login_are_not_packed(pw: Playwright, tmp_path: Path) -> None:
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     with pytest.raises(SnapshotInvalid, match="nothing to snapshot"):
@@ -437,12 +357,7 @@ async def test_profiles_without_a_login_are_not_packed(
 
     # a real Chromium profile that never opened WhatsApp Web
     blank = tmp_path / "blank"
-    context = await pw.chromium.launch_persistent_context(
-        user_data_dir=str(blank),
-        executable_path=CHROMIUM,
-        headless=True,
-        args=ARGS + (["--no-sandbox"] if os.geteuid() == 0 else []),
-    )
+    context = await launch(pw, blank)
     try:
         page = context.pages[0] if context.pages else await context.new_page()
         await page.goto("about:blank")
@@ -499,13 +414,7 @@ READ_BIG = """async () => {
 @contextlib.asynccontextmanager
 async def static_origin(pw: Playwright, profile: Path) -> AsyncIterator[Page]:
     """Chromium on ``profile`` with WhatsApp's origin answered by a tiny page (storage only)."""
-    context = await pw.chromium.launch_persistent_context(
-        user_data_dir=str(profile),
-        executable_path=CHROMIUM,
-        headless=True,
-        args=ARGS + (["--no-sandbox"] if os.geteuid() == 0 else []),
-        service_workers="block",
-    )
+    context = await launch(pw, profile, service_workers="block")
     try:
 
         async def serve(route: Route) -> None:

@@ -11,7 +11,7 @@ import pytest
 import zxingcpp
 from PIL import Image, ImageOps
 
-from tests.conftest import Sim, WorkerFactory, create, events, get_json, manager_of
+from tests.conftest import Sim, WorkerFactory, create, events, get_json, link_id, manager_of
 from worker import whatsapp_web as wa
 from worker.keys import POOL
 
@@ -26,16 +26,8 @@ def decode(png: bytes) -> list[str]:
 
 
 async def link(client: Any, sim: Sim, phone: str = PHONE, **body: Any) -> dict[str, Any]:
-    """Create a session, scan its QR from the phone, and wait until it is ready."""
-    created = await create(client, **body)
-    stream = await events(client, created["id"])
-    try:
-        qr = (await stream.until("qr"))["qr"]
-        await sim.scan(qr, phone)
-        await stream.until("session_ready")
-    finally:
-        stream.close()
-    return await get_json(client, f"/v1/sessions/{created['id']}")
+    """Create a session, scan its QR from the phone, wait until it is ready; the session."""
+    return await get_json(client, f"/v1/sessions/{await link_id(client, sim, phone, **body)}")
 
 
 async def test_add_account_end_to_end(sim: Sim, start_worker: WorkerFactory) -> None:

@@ -18,10 +18,6 @@ pytestmark = pytest.mark.chromium
 PHONE = "5511987654321"
 
 
-async def first_event(http: aiohttp.ClientSession, url: str, kind: str) -> dict[str, Any]:
-    return await sse_until(await http.get(url), kind)
-
-
 async def test_sigkill_then_restart_restores_without_qr_and_reaps(
     tmp_path: Path, sim: Sim, pg_pool: Any, pg_dsn: str, redis_prefix: str
 ) -> None:
@@ -31,10 +27,9 @@ async def test_sigkill_then_restart_restores_without_qr_and_reaps(
     async with aiohttp.ClientSession() as http:
         async with http.post(first.url + "/v1/sessions", json={"label": "k"}) as resp:
             sid = (await resp.json())["id"]
-        qr = await asyncio.wait_for(first_event(http, f"{first.url}/v1/sessions/{sid}/events", "qr"), WAIT_S)
-        ready = asyncio.ensure_future(
-            first_event(http, f"{first.url}/v1/sessions/{sid}/events", "session_ready")
-        )
+        events = f"{first.url}/v1/sessions/{sid}/events"
+        qr = await sse_until(await http.get(events), "qr")
+        ready = asyncio.ensure_future(sse_until(await http.get(events), "session_ready"))
         await sim.scan(qr["qr"], PHONE)
         assert (await asyncio.wait_for(ready, WAIT_S))["phone_number"] == PHONE
 
@@ -45,9 +40,7 @@ async def test_sigkill_then_restart_restores_without_qr_and_reaps(
         async with http.get(f"{second.url}/v1/sessions/{sid}") as resp:
             status = (await resp.json())["status"]
         if status != "ready":
-            await asyncio.wait_for(
-                first_event(http, f"{second.url}/v1/sessions/{sid}/events", "session_ready"), WAIT_S
-            )
+            await sse_until(await http.get(f"{second.url}/v1/sessions/{sid}/events"), "session_ready")
         async with http.get(f"{second.url}/v1/sessions/{sid}") as resp:
             session = await resp.json()
         assert session["status"] == "ready" and session["phone_number"] == PHONE
@@ -56,12 +49,7 @@ async def test_sigkill_then_restart_restores_without_qr_and_reaps(
         assert len(await sim.devices(PHONE)) == 1  # the same linked device, no new scan
         # exactly one browser runs on the session's profile: whatever the killed worker left is gone
         profiles = tmp_path / "var" / f"worker-{port}" / "profiles"
-        groups = {
-            p.pgid
-            for p in chromium._processes()
-            if (chromium._user_data_dir(p) or "").startswith(str(profiles.resolve()))
-        }
-        assert len(groups) == 1
+        assert len(chromium.groups_under(profiles)) == 1
 
         assert await second.stop(signal.SIGTERM) == 0
     assert any("shutdown ◆" in line for line in second.log), "".join(second.log)

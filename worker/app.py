@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +23,7 @@ from shared import store as store_mod
 from shared.outbox import WebhookDispatcher
 from shared.redis_keys import Keys
 from shared.settings import Settings
-from shared.web import error_middleware
+from shared.web import DEFAULT_WORKSPACE, error_middleware, serve_until_signalled
 from worker import chromium
 from worker.browser import BrowserLauncher
 from worker.durable import Durable
@@ -37,7 +36,6 @@ from worker.keys import (
     LAUNCHER,
     MANAGER,
     NAME,
-    PLAYWRIGHT,
     POOL,
     PSS,
     QUEUE,
@@ -49,7 +47,7 @@ from worker.keys import (
 )
 from worker.membership import Heartbeat
 from worker.qr_queue import QrQueue
-from worker.routes import DEFAULT_WORKSPACE, add_routes, auth_middleware
+from worker.routes import add_routes, auth_middleware
 from worker.sessions import SessionManager, close_with_deadline
 from worker.warm_pool import WarmPool
 
@@ -95,7 +93,6 @@ async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
     if killed or locks:
         log.info("start: reaped %d orphan browser group(s), %d stale lock(s)", killed, locks)
     pw = await asyncio.wait_for(async_playwright().start(), 60)
-    app[PLAYWRIGHT] = pw
     app[LAUNCHER] = BrowserLauncher(settings, pw, app[HTTP])
     try:
         yield
@@ -226,25 +223,13 @@ def create_app(settings: Settings) -> web.Application:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down in order within the deadline."""
-    runner = web.AppRunner(
+    await serve_until_signalled(
         create_app(settings),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_deadline_s,
+        host=settings.host,
+        port=settings.worker_port,
+        shutdown_timeout_s=settings.shutdown_deadline_s,
+        stopping="stopping: no new sessions; ending browsers",
     )
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        site = web.TCPSite(runner, settings.host, settings.worker_port, reuse_address=True)
-        await site.start()
-        log.info("ready on http://%s:%d", settings.host, settings.worker_port)
-        await stop.wait()
-        log.info("stopping: no new sessions; ending browsers (deadline %.0fs)", settings.shutdown_deadline_s)
-    finally:
-        await runner.cleanup()
 
 
 def main(settings: Settings | None = None) -> None:

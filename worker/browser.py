@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,11 +42,9 @@ class BrowserSlot:
         self.context: BrowserContext | None = None
         self.page: Page | None = None
         self.pid: int | None = None
-        self.started_at = time.monotonic()
         self.last_qr: str | None = None
         self.last_qr_ttl_ms: int | None = None
         self.socket_state: str | None = None
-        self.wa_version: str | None = None
         self.first_qr = asyncio.Event()
         self.hooked = asyncio.Event()
         self.dead = asyncio.Event()
@@ -84,7 +81,6 @@ class BrowserSlot:
         elif kind == "state":
             self.socket_state = str(data)
         elif kind == "hooked" and isinstance(data, dict):
-            self.wa_version = str(data.get("version"))
             self.hooked.set()
         elif kind in {"crashed", "closed"}:
             self.dead.set()
@@ -161,16 +157,13 @@ class BrowserSlot:
         return code
 
     async def refresh_qr(self) -> None:
-        await self._evaluate(wa.REFRESH_QR_SCRIPT)
+        await self._evaluate(wa.REFRESH_QR_SCRIPT, wa.QR_RELOAD_BUTTON)
 
     async def takeover(self) -> None:
         await self._evaluate(wa.TAKEOVER_SCRIPT)
 
     async def logout(self) -> None:
         await self._evaluate(wa.LOGOUT_SCRIPT)
-
-    def memory_bytes(self) -> int:
-        return chromium.pss_by_group({self.pid})[self.pid] if self.pid else 0
 
     async def close(self) -> None:
         """End the browser and its whole process group; the profile directory stays."""
@@ -229,8 +222,9 @@ class BrowserLauncher:
             raise BrowserError(f"Chromium did not start: {exc.message}") from exc
         self.launched_total += 1
         slot.context = context
-        slot.pid = chromium.browser_pid_for_profile(profile_dir)
         try:
+            # walks /proc: off the event loop; inside the try so a cancel here still closes Chromium
+            slot.pid = await asyncio.to_thread(chromium.browser_pid_for_profile, profile_dir)
             context.set_default_timeout(timeout_ms)
             await context.expose_binding(wa.BINDING_NAME, slot._on_binding)
             if settings.target == "simulator":

@@ -134,6 +134,19 @@ def remove_profile_locks(profile_dir: Path) -> int:
     return removed
 
 
+def processes_under(root: Path) -> list[Proc]:
+    """Processes (Chromium's) whose ``--user-data-dir`` lies inside ``root``."""
+    prefix = str(root.resolve()) + os.sep
+    return [p for p in _processes() if (_user_data_dir(p) or "").startswith(prefix)]
+
+
+def groups_under(root: Path) -> set[int]:
+    """Process groups of the Chromium running on a profile inside ``root``, never our own group."""
+    groups = {p.pgid for p in processes_under(root)}
+    groups.discard(os.getpgid(0))
+    return groups
+
+
 def reap(profiles_root: Path) -> tuple[int, int]:
     """Kill every Chromium running on a profile under ``profiles_root`` and drop stale locks.
 
@@ -141,10 +154,7 @@ def reap(profiles_root: Path) -> tuple[int, int]:
     touched, so several workers (and anything else on the machine) are left alone. Returns
     ``(process groups killed, lock files removed)``.
     """
-    root = str(profiles_root.resolve()) + os.sep
-    groups = {p.pgid for p in _processes() if (_user_data_dir(p) or "").startswith(root)}
-    groups.discard(os.getpgid(0))
-    killed = sum(kill_group(g) for g in groups)
+    killed = sum(kill_group(g) for g in groups_under(profiles_root))
     locks = 0
     if profiles_root.is_dir():
         for profile in profiles_root.iterdir():

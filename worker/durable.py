@@ -16,6 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from shared.heartbeats import scan_heartbeats
 from shared.leases import Leases
 from shared.redis_keys import Keys
 from shared.store import Store
@@ -73,18 +74,7 @@ class Durable:
 
     async def live_workers(self) -> dict[str, dict[str, Any]] | None:
         """Heartbeats of the workers alive now (name → heartbeat), None when Redis cannot say."""
-
-        async def scan() -> dict[str, dict[str, Any]]:
-            found: dict[str, dict[str, Any]] = {}
-            keys = [k async for k in self.redis.scan_iter(match=self.keys.workers_pattern(), count=200)]
-            if keys:
-                for raw in await self.redis.mget(keys):
-                    if raw:
-                        beat = orjson.loads(raw)
-                        found[str(beat["name"])] = beat
-            return found
-
-        return await self._redis("membership", scan())
+        return await self._redis("membership", scan_heartbeats(self.redis, self.keys))
 
     async def acquire_or_take(self, session_id: str, *, floor: int) -> int | None:
         """Like :meth:`acquire`, but a lease whose holder has no heartbeat any more is taken at once

@@ -9,7 +9,6 @@ import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
-from playwright.async_api import Playwright
 
 from shared.outbox import WebhookDispatcher
 from shared.settings import Settings
@@ -30,7 +29,6 @@ DB = web.AppKey("db", asyncpg.Pool)
 STORE = web.AppKey("store", Store)
 REDIS = web.AppKey("redis", aioredis.Redis)
 DURABLE = web.AppKey("durable", Durable)
-PLAYWRIGHT = web.AppKey("playwright", Playwright)
 LAUNCHER = web.AppKey("launcher", BrowserLauncher)
 QUEUE = web.AppKey("queue", QrQueue)
 POOL = web.AppKey("pool", WarmPool)

@@ -17,15 +17,19 @@ from shared.errors import BadRequest, InvalidState, Unauthorized
 from shared.ids import check_session_id, normalize_phone
 from shared.models import ENDED, SessionStatus
 from shared.settings import Settings
-from shared.web import check_keys, json_response, optional_str, read_json_object
+from shared.web import (
+    DEFAULT_WORKSPACE,
+    DRIVER_HEADER,
+    WORKSPACE_HEADER,
+    check_keys,
+    json_response,
+    optional_str,
+    read_json_object,
+)
 from worker import qr_image, sse
 from worker.keys import DISPATCHER, MANAGER, POOL, PSS, QUEUE, REMOTE_STREAMS, SETTINGS, STARTED_AT
 from worker.session import Session
 from worker.sessions import SessionManager
-
-# on a view of a session this worker does not drive: the worker named as its driver (the gateway
-# then reads the lease again and, when that worker is up, asks it instead)
-DRIVER_HEADER = "X-Walink-Driver"
 
 
 def _driver_headers(manager: SessionManager, sid: str, body: dict[str, Any]) -> dict[str, str]:
@@ -37,8 +41,6 @@ def _driver_headers(manager: SessionManager, sid: str, body: dict[str, Any]) -> 
     return {DRIVER_HEADER: str(driver)}
 
 
-DEFAULT_WORKSPACE = "default"
-WORKSPACE_HEADER = "X-Walink-Workspace"
 PUBLIC_PATHS = frozenset({"/", "/health", "/metrics", "/dashboard/config"})
 
 
@@ -157,15 +159,23 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     manager = request.app[MANAGER]
     sid = _session_id(request)
     keepalive_s = request.app[SETTINGS].sse_keepalive_s
-    session = manager.local(sid, _workspace(request))
+    workspace = _workspace(request)
+    session = manager.local(sid, workspace)
     if session is not None:
         session.touch()
         manager.wake_soon(session)  # a request for a hibernated session wakes it
-        return await sse.stream_local(request, session, manager.store.pool, keepalive_s=keepalive_s)
-    body = await manager.describe(sid, _workspace(request))
-    session = manager.local(sid)
-    if session is not None:  # woken here
-        return await sse.stream_local(request, session, manager.store.pool, keepalive_s=keepalive_s)
+    else:
+        body = await manager.describe(sid, workspace)
+        session = manager.local(sid)  # taken over here; else not driven by this worker
+        if session is None:
+            return await _stream_remote(request, manager, sid, body, keepalive_s)
+    return await sse.stream_local(request, session, manager.store.pool, keepalive_s=keepalive_s)
+
+
+async def _stream_remote(
+    request: web.Request, manager: SessionManager, sid: str, body: dict[str, Any], keepalive_s: float
+) -> web.StreamResponse:
+    """The events of a session another worker drives (Redis pub/sub, the outbox as the record)."""
     durable = manager.durable
     driver = _driver_headers(manager, sid, body)
     task = asyncio.current_task()

@@ -58,7 +58,6 @@ class Session:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     op_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    committed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     logout_requested: bool = False
     last_used: float = field(default_factory=time.monotonic, repr=False)
     # taken over from Postgres and not yet driven: the first ``_resume`` claims it (only one may)
@@ -111,8 +110,6 @@ class Session:
             except asyncio.QueueFull:
                 # a stalled reader: drop it; it reconnects with Last-Event-ID and misses nothing
                 self.subscribers.discard(queue)
-        fired, self.committed = self.committed, asyncio.Event()
-        fired.set()
 
     def subscribe(self) -> asyncio.Queue[SessionEvent | None]:
         queue: asyncio.Queue[SessionEvent | None] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)

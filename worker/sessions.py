@@ -502,7 +502,7 @@ class SessionManager:
             await self.durable.cache_put(session.public(self.name))
             for event in committed:
                 session.deliver(event)
-            await self.durable.publish(session.id, [{**e.to_dict(), "type": e.type} for e in committed])
+            await self.durable.publish(session.id, [e.to_dict() for e in committed])
         for other in replaced:
             self._replaced(other, by=session.id)
 
@@ -530,9 +530,7 @@ class SessionManager:
         """Move to an ended state, tell subscribers, and let the browser and profile go."""
         if session.ended or not session.can_move_to(status):
             return
-        self._disarm(session)
-        self._cancel_idle(session)
-        self._restoring.discard(session.id)
+        self._stand_down(session)
         was_linking = session.status in LINKING and session.id not in self._restoring
         session.transition(status, reason)
         if was_linking:  # the success rate is about linkings, not about sessions ending later
@@ -557,13 +555,9 @@ class SessionManager:
             return
         log.warning("%s: no longer ours (%s); letting go", session.id, reason.value)
         self._cancel_work(session)
-        self._disarm(session)
-        self._cancel_idle(session)
-        self._restoring.discard(session.id)
-        self.keeper.drop(session.id)
-        self.sessions.pop(session.id, None)
+        self._stand_down(session)
         session.pending.clear()
-        session.close_subscribers()
+        self._forget(session)
         self._spawn(session, self._end_browser(session, wipe=True), cancel_on_end=False)
 
     def _lease_lost(self, session_id: str) -> None:
@@ -629,9 +623,7 @@ class SessionManager:
 
     async def delete(self, session: Session) -> None:
         self._cancel_work(session)
-        self._disarm(session)
-        self._cancel_idle(session)
-        self._restoring.discard(session.id)
+        self._stand_down(session)
         was_linked = session.status == S.READY
         if session.status != S.DELETED:
             session.transition(S.DELETED, Reason.DELETED)
@@ -641,9 +633,7 @@ class SessionManager:
             await self.store.delete_snapshot(session.id)
         await self.durable.release(session.id)
         await self.durable.cache_drop(session.id)
-        self.keeper.drop(session.id)
-        session.close_subscribers()
-        self.sessions.pop(session.id, None)
+        self._forget(session)
 
     # ------------------------------------------------------------------ hibernation
     def _arm_idle(self, session: Session) -> None:
@@ -663,9 +653,7 @@ class SessionManager:
         self._spawn(session, self._quietly(self.hibernate(session, Reason.IDLE)), cancel_on_end=False)
 
     def _cancel_idle(self, session: Session) -> None:
-        timer = self._idle_timers.pop(session.id, None)
-        if timer is not None:
-            timer.cancel()
+        _cancel_timer(self._idle_timers, session.id)
 
     async def _enforce_capacity(self) -> None:
         """Keep at most ``max_active_sessions`` browsers of ready sessions: hibernate the LRU ones."""
@@ -686,11 +674,7 @@ class SessionManager:
             await self._end_browser(session, wipe=False)
             profile = self.launcher.profile_dir(session.profile_id)
             if self.snapshot_key is not None:
-                blob = await snapshot.pack_profile_async(
-                    profile, key=self.snapshot_key, session_id=session.id
-                )
-                await self.store.put_snapshot(session.id, blob, token=session.fencing_token)
-                session.timings["snapshot_bytes"] = len(blob)
+                session.timings["snapshot_bytes"] = await self._store_snapshot(session)
             session.timings["hibernate_ms"] = int((time.monotonic() - started) * 1000)
             session.transition(S.HIBERNATED, reason)
             await self._write(session)
@@ -711,12 +695,7 @@ class SessionManager:
                 session.fencing_token = token
                 self.keeper.hold(session.id, token)
             session.needs_resume = False  # woken here: nothing else to resume
-            session.transition(S.STARTING, Reason.WAKE)
-            session.mark("requested_at_ms")
-            if not await self._profile_or_fail(session):
-                return
-            self._restore(session)
-            await self._write(session)
+            await self._begin_restore(session, Reason.WAKE)
 
     def wake_soon(self, session: Session) -> None:
         if session.status == S.HIBERNATED and not self.closing:
@@ -729,16 +708,33 @@ class SessionManager:
         await asyncio.sleep(self.settings.live_snapshot_delay_s)
         if session.status != S.READY or session.slot is None or self.snapshot_key is None:
             return
-        profile = self.launcher.profile_dir(session.profile_id)
         try:
-            blob = await snapshot.pack_live_profile_async(
-                profile, key=self.snapshot_key, session_id=session.id
-            )
-            await self.store.put_snapshot(session.id, blob, token=session.fencing_token)
+            size = await self._store_snapshot(session, live=True)
         except (WalinkError, OSError, *DB_ERRORS) as exc:
             log.warning("%s: live snapshot failed: %s", session.id, exc)
             return
-        session.timings["live_snapshot_bytes"] = len(blob)
+        session.timings["live_snapshot_bytes"] = size
+
+    async def _store_snapshot(self, session: Session, *, live: bool = False) -> int:
+        """Pack the session's profile (``live``: under a running Chromium) and store it, fenced by
+        the session's lease token; the answer is the snapshot's size in bytes."""
+        assert self.snapshot_key is not None  # callers check: snapshots are enabled
+        pack = snapshot.pack_live_profile_async if live else snapshot.pack_profile_async
+        profile = self.launcher.profile_dir(session.profile_id)
+        blob = await pack(profile, key=self.snapshot_key, session_id=session.id)
+        await self.store.put_snapshot(session.id, blob, token=session.fencing_token)
+        return len(blob)
+
+    async def _begin_restore(self, session: Session, reason: Reason) -> bool:
+        """Start bringing a linked session back from its profile (restored from its snapshot if
+        need be); False when that cannot be had and the session ended ``failed`` instead."""
+        session.transition(S.STARTING, reason)  # no-op (no event) when already starting
+        session.mark("requested_at_ms")
+        if not await self._profile_or_fail(session):
+            return False
+        self._restore(session)
+        await self._write(session)
+        return True
 
     async def _profile_or_fail(self, session: Session) -> bool:
         """The session's profile on disk (from its snapshot if need be); if it cannot be had, the
@@ -791,14 +787,7 @@ class SessionManager:
         if session.status == S.READY or (
             session.status in {S.STARTING, S.AUTHENTICATED} and session.phone_number
         ):
-            if session.status != S.STARTING:
-                session.transition(S.STARTING, Reason.RESTORING)
-            session.mark("requested_at_ms")
-            if not await self._profile_or_fail(session):
-                return 0
-            self._restore(session)
-            await self._write(session)
-            return 1
+            return 1 if await self._begin_restore(session, Reason.RESTORING) else 0
         shutil.rmtree(self.launcher.profile_dir(session.profile_id), ignore_errors=True)
         session.profile_id = new_profile_id()
         self._reset_link_state(session)
@@ -863,11 +852,7 @@ class SessionManager:
         """Leave the session ready for another worker: a fresh snapshot, then the lease freed."""
         with contextlib.suppress(WalinkError, *DB_ERRORS):
             if session.status == S.READY and self.snapshot_key is not None:
-                profile = self.launcher.profile_dir(session.profile_id)
-                blob = await snapshot.pack_profile_async(
-                    profile, key=self.snapshot_key, session_id=session.id
-                )
-                await self.store.put_snapshot(session.id, blob, token=session.fencing_token)
+                await self._store_snapshot(session)
         await self.durable.release(session.id)
 
     async def settle(self) -> None:
@@ -942,9 +927,25 @@ class SessionManager:
         self._timers[session.id] = asyncio.get_running_loop().call_later(timeout_s, fire)
 
     def _disarm(self, session: Session) -> None:
-        timer = self._timers.pop(session.id, None)
-        if timer is not None:
-            timer.cancel()
+        _cancel_timer(self._timers, session.id)
+
+    def _stand_down(self, session: Session) -> None:
+        """No deadline, no idle timer, no restore in progress: the session is ending or let go."""
+        self._disarm(session)
+        self._cancel_idle(session)
+        self._restoring.discard(session.id)
+
+    def _forget(self, session: Session) -> None:
+        """No longer driven here: its lease not renewed, out of the table, its streams ended."""
+        self.keeper.drop(session.id)
+        self.sessions.pop(session.id, None)
+        session.close_subscribers()
+
+
+def _cancel_timer(table: dict[str, asyncio.TimerHandle], session_id: str) -> None:
+    timer = table.pop(session_id, None)
+    if timer is not None:
+        timer.cancel()
 
 
 def _has_files(directory: Path) -> bool:

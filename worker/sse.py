@@ -51,6 +51,16 @@ def present(events: list[SessionEvent], status: str | None) -> list[SessionEvent
     return sorted(latest_status + latest_qr, key=lambda e: e.seq)
 
 
+async def events_after(
+    pool: Any, session_id: str, after_seq: int, *, limit: int | None = None
+) -> list[SessionEvent]:
+    """The session's committed events with ``seq > after_seq``, from the outbox (its default page
+    size unless ``limit`` is given)."""
+    page = {} if limit is None else {"limit": limit}
+    rows = await outbox.session_events_after(pool, session_id=session_id, after_seq=after_seq, **page)
+    return [e.session_event() for e in rows]
+
+
 async def _open(request: web.Request, headers: dict[str, str] | None = None) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
@@ -77,12 +87,7 @@ async def stream_local(
             backlog = present(list(session.events), session.status.value)
         else:
             memory = session.backlog_after(after)
-            if memory is None:
-                memory = [
-                    e.session_event()
-                    for e in await outbox.session_events_after(pool, session_id=session.id, after_seq=after)
-                ]
-            backlog = memory
+            backlog = memory if memory is not None else await events_after(pool, session.id, after)
         sent = after or 0
         for event in backlog:
             await response.write(frame(event))
@@ -158,14 +163,11 @@ async def stream_remote(
     after = last_event_id(request)
     try:
         if after is None:
-            history = await outbox.session_events_after(pool, session_id=session_id, after_seq=0, limit=5000)
-            backlog = present([e.session_event() for e in history], status)
+            history = await events_after(pool, session_id, 0, limit=5000)
+            backlog = present(history, status)
             sent = history[-1].seq if history else 0
         else:
-            backlog = [
-                e.session_event()
-                for e in await outbox.session_events_after(pool, session_id=session_id, after_seq=after)
-            ]
+            backlog = await events_after(pool, session_id, after)
             sent = after
         for event in backlog:
             await response.write(frame(event))
@@ -178,17 +180,17 @@ async def stream_remote(
                     continue
                 quiet_s = 0.0
                 # the record: anything pub/sub did not bring
-                for ev in await outbox.session_events_after(pool, session_id=session_id, after_seq=sent):
-                    await response.write(frame(ev.session_event()))
+                for ev in await events_after(pool, session_id, sent):
+                    await response.write(frame(ev))
                     sent = ev.seq
                 await response.write(b": keepalive\n\n")
                 continue
             if item.seq <= sent:
                 continue
             if item.seq > sent + 1:  # a gap: fill it from the outbox first
-                for ev in await outbox.session_events_after(pool, session_id=session_id, after_seq=sent):
+                for ev in await events_after(pool, session_id, sent):
                     if ev.seq < item.seq:
-                        await response.write(frame(ev.session_event()))
+                        await response.write(frame(ev))
             await response.write(frame(item))
             sent = item.seq
     except ConnectionResetError:

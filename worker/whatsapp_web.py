@@ -28,9 +28,7 @@ ROUTE_PATTERN = ORIGIN + "/**"
 QR_CONTAINER = "div[data-ref]"
 QR_CANVAS = "div[data-ref] canvas"
 QR_RELOAD_BUTTON = "div[data-ref] button"
-LOGGED_IN = "#pane-side"
 PASSKEY_PROMPT = '[data-testid="passkey-prompt"]'
-PAIRING_CODE_CELLS = '[data-testid="link-with-phone-number-code-cells"]'
 
 BINDING_NAME = "__walinkEmit"
 
@@ -43,7 +41,6 @@ STATE_UNPAIRED_IDLE = "UNPAIRED_IDLE"
 STATE_PAIRING = "PAIRING"
 STATE_CONNECTED = "CONNECTED"
 STATE_CONFLICT = "CONFLICT"
-STATE_OPENING = "OPENING"
 
 # Default QR ref lifetimes when the page does not say (Baileys/whatsmeow/WAHA: 60 s, then 20 s)
 QR_FIRST_TTL_MS = 60_000
@@ -126,8 +123,8 @@ async (phone) => {
 # "Click to reload QR code" (the overlay button WhatsApp shows when a batch of refs ran out);
 # Cmd.refreshQR is only a fallback: whatsapp-web.js reports it gone from recent builds.
 REFRESH_QR_SCRIPT = """
-() => {
-  const button = document.querySelector('div[data-ref] button');
+(reloadSelector) => {
+  const button = document.querySelector(reloadSelector);
   if (button) { button.click(); return 'button'; }
   const Cmd = window.require('WAWebCmd').Cmd;
   if (typeof Cmd.refreshQR === 'function') { Cmd.refreshQR(); return 'cmd'; }
