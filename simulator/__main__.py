@@ -1,4 +1,4 @@
-"""``python -m simulator [--host 127.0.0.1] [--port 3100] [--profile instant|realistic]``."""
+"""``python -m simulator [--host 127.0.0.1] [--port 3100] [--profile strict|instant|realistic]``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 
 from simulator.app import create_app
-from simulator.profiles import PROFILES
+from simulator.profiles import DEFAULT_PROFILE, PROFILES
 
 log = logging.getLogger("simulator")
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3100)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="instant")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("simulator listening on http://%s:%d (profile %s)", args.host, args.port, args.profile)

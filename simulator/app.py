@@ -9,7 +9,7 @@ from aiohttp import web
 from simulator import page_api, phone_api
 from simulator.httputil import MAX_BODY_BYTES, api_middleware
 from simulator.keys import STATE
-from simulator.profiles import PROFILES
+from simulator.profiles import DEFAULT_PROFILE, PROFILES
 from simulator.state import SimState
 
 _ASSETS = {
@@ -53,7 +53,7 @@ async def favicon(_request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def create_app(profile: str = "instant") -> web.Application:
+def create_app(profile: str = DEFAULT_PROFILE) -> web.Application:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     app = web.Application(

@@ -20,6 +20,16 @@ class Client:
     platform: str = ""
     batch_id: int = 0
     """Id of the live ref batch; refs of older batches are superseded."""
+    batch_refs: list[str] = field(default_factory=list)
+    """The refs of the live batch (an ADV refresh re-renders them with the new secret)."""
+    retired_adv: set[str] = field(default_factory=set)
+    """ADV secrets replaced by ``companion_reg_refresh``: a QR carrying one gets "Couldn't link device"."""
+    adv_refreshed_batch: int = -1
+    """The batch whose first scan was already refused (``adv_refresh: first_scan``)."""
+    conn_id: str = ""
+    """The page instance (one browser tab) that last spoke for this device."""
+    sticky_state: str | None = None
+    """A socket state the page enters again on every boot (e.g. a build the server keeps refusing)."""
     seq: int = 0
     waiters: int = 0
     last_seen: float = field(default_factory=time.monotonic)

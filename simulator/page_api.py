@@ -38,15 +38,41 @@ async def pair_device(request: web.Request) -> web.Response:
         _qr_part(body, "identity_pub"),
         _qr_part(body, "adv_secret"),
         _qr_part(body, "platform", 8),
+        _conn_id(body),
     )
     # ~15 ms of CPU per QR (segno's mask selection): keep the event loop free for long-polls meanwhile
     matrices = await asyncio.to_thread(qr_matrices, texts)
     return json_response(state.commit_batch(client, refs, texts, matrices))
 
 
+def _conn_id(body: dict[str, Any]) -> str:
+    """The page instance (one tab/browser) speaking; optional for older callers."""
+    value = body.get("conn_id", "")
+    if not isinstance(value, str) or len(value) > 64:
+        raise SimError(400, "invalid_request", "'conn_id' must be a string of at most 64 characters")
+    return value
+
+
 async def login(request: web.Request) -> web.Response:
     body = await read_json(request)
-    return json_response(request.app[STATE].login(req_str(body, "device_id", 64)))
+    return json_response(request.app[STATE].login(req_str(body, "device_id", 64), _conn_id(body)))
+
+
+async def adv_secret(request: web.Request) -> web.Response:
+    """The page answered ``companion_reg_refresh`` with a new ADV secret: the live batch's QR texts."""
+    body = await read_json(request)
+    state = request.app[STATE]
+    _client, texts = state.refresh_adv(
+        check_device_id(req_str(body, "device_id", 64)), _qr_part(body, "adv_secret")
+    )
+    matrices = await asyncio.to_thread(qr_matrices, texts)
+    return json_response({"qrs": [{"text": t, "matrix": m} for t, m in zip(texts, matrices, strict=True)]})
+
+
+async def takeover(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    device_id = check_device_id(req_str(body, "device_id", 64))
+    return json_response(request.app[STATE].takeover(device_id, req_str(body, "conn_id", 64)))
 
 
 async def pair_code(request: web.Request) -> web.Response:
@@ -75,6 +101,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/sim/api/boot", boot)
     app.router.add_post("/sim/api/pair-device", pair_device)
     app.router.add_post("/sim/api/login", login)
+    app.router.add_post("/sim/api/adv-secret", adv_secret)
+    app.router.add_post("/sim/api/takeover", takeover)
     app.router.add_post("/sim/api/pair-code", pair_code)
     app.router.add_post("/sim/api/unpair", unpair)
     app.router.add_get("/sim/api/poll", poll)

@@ -37,6 +37,25 @@ async def conflict(request: web.Request) -> web.Response:
     return json_response({"conflicted": request.app[STATE].conflict(req_str(body, "phone", 32))})
 
 
+async def socket_state(request: web.Request) -> web.Response:
+    """Force a socket state on pages (``TIMEOUT``, ``OPENING``, ``DEPRECATED_VERSION``, …)."""
+    body = await read_json(request)
+    duration = body.get("duration_ms", 1000)
+    if isinstance(duration, bool) or not isinstance(duration, int) or not 0 <= duration <= 3_600_000:
+        raise SimError(400, "invalid_request", "'duration_ms' must be an integer in [0, 3600000]")
+    sticky = body.get("sticky", False)
+    if not isinstance(sticky, bool):
+        raise SimError(400, "invalid_request", "'sticky' must be a boolean")
+    count = request.app[STATE].force_state(
+        opt_str(body, "phone", 32),
+        opt_str(body, "device_id", 64),
+        req_str(body, "state", 32),
+        duration,
+        sticky,
+    )
+    return json_response({"forced": count})
+
+
 async def passkey(request: web.Request) -> web.Response:
     body = await read_json(request)
     return json_response({"confirmed": request.app[STATE].confirm_passkey(req_str(body, "phone", 32))})
@@ -83,4 +102,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/profile", get_profile)
     app.router.add_post("/admin/profile", set_profile)
     app.router.add_post("/admin/reset", reset)
+    app.router.add_post("/admin/socket-state", socket_state)
     app.router.add_get("/admin/state", admin_state)

@@ -16,6 +16,8 @@ from simulator.qr import full_text, new_ref, parse_qr
 
 MAX_DEVICES_PER_PHONE = 4
 CODE_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTVWXYZ"
+FORCIBLE_STATES = ("TIMEOUT", "OPENING", "DEPRECATED_VERSION", "TOS_BLOCK", "PROXYBLOCK", "CONFLICT")
+"""Socket states the admin API can force on a page (``POST /admin/socket-state``)."""
 REF_GRACE_S = 0.25
 """A ref stays scannable this long (at most a quarter of its window) past its end: the page's timers
 start when the batch reaches it, a little after the server opened the windows."""
@@ -100,6 +102,8 @@ class SimState:
         self.devices: dict[str, LinkedDevice] = {}
         self.last_index: dict[str, int] = {}
         self.pending_passkey: dict[str, str] = {}
+        self.live_conn: dict[str, str] = {}
+        """device id -> the page instance holding its one live connection (``conflict: strict``)."""
         self._last_gc = time.monotonic()
 
     # ----- pages -------------------------------------------------------------------------------------
@@ -111,14 +115,23 @@ class SimState:
         return client
 
     def begin_batch(
-        self, device_id: str, noise_pub: str, identity_pub: str, adv_secret: str, platform: str
+        self,
+        device_id: str,
+        noise_pub: str,
+        identity_pub: str,
+        adv_secret: str,
+        platform: str,
+        conn_id: str = "",
     ) -> tuple[Client, list[str], list[str]]:
         """Refs and QR texts of a page's next batch (call :meth:`commit_batch` once the matrices exist)."""
         self._maybe_gc()
         client = self.client(device_id)
         self._ensure_unlinked(device_id)
+        if client.adv_secret and client.adv_secret != adv_secret:
+            client.retired_adv.add(client.adv_secret)
         client.noise_pub, client.identity_pub = noise_pub, identity_pub
         client.adv_secret, client.platform = adv_secret, platform
+        client.conn_id = conn_id or client.conn_id
         refs = [new_ref() for _ in range(self.profile.refs_per_batch)]
         return client, refs, [full_text(ref, noise_pub, identity_pub, adv_secret, platform) for ref in refs]
 
@@ -129,6 +142,7 @@ class SimState:
         # checked again: another request may have linked the page while the matrices were drawn
         self._ensure_unlinked(client.device_id)
         client.batch_id += 1
+        client.batch_refs = list(refs)
         prof = self.profile
         first_s, next_s = prof.qr_first_ms / 1000, prof.qr_next_ms / 1000
         start = time.monotonic()
@@ -144,18 +158,54 @@ class SimState:
             "seq": client.seq,
         }
 
-    def login(self, device_id: str) -> dict[str, Any]:
+    def refresh_adv(self, device_id: str, adv_secret: str) -> tuple[Client, list[str]]:
+        """``companion_reg_refresh`` answered: the page made a new ADV secret; the live batch's refs
+        stay, and their QR texts now carry the new secret (the old one is retired)."""
+        client = self.client(device_id)
+        self._ensure_unlinked(device_id)
+        if adv_secret != client.adv_secret:
+            client.retired_adv.add(client.adv_secret)
+            client.adv_secret = adv_secret
+        texts = [
+            full_text(ref, client.noise_pub, client.identity_pub, adv_secret, client.platform)
+            for ref in client.batch_refs
+        ]
+        return client, texts
+
+    def login(self, device_id: str, conn_id: str = "") -> dict[str, Any]:
         client = self.client(device_id)
         device = self.devices.get(device_id)
         if device is None:
             return {"linked": False, "seq": client.seq}
+        seq = client.seq
+        self._go_live(client, conn_id)
         return {
             "linked": True,
             "phone": device.phone,
             "push_name": device.push_name,
             "device_index": device.device_index,
-            "seq": client.seq,
+            "seq": seq,
+            "socket_state": client.sticky_state,
         }
+
+    def takeover(self, device_id: str, conn_id: str) -> dict[str, Any]:
+        """ "Use Here": this page takes the device's one live connection back."""
+        client = self.client(device_id)
+        if device_id not in self.devices:
+            raise SimError(409, "not_linked", "this device is not linked")
+        self._go_live(client, conn_id)
+        return {"ok": True}
+
+    def _go_live(self, client: Client, conn_id: str) -> None:
+        """With ``conflict: strict`` a device has one live connection: the page that held it gets
+        ``conflict`` (its socket goes ``CONFLICT``)."""
+        if not conn_id:
+            return
+        client.conn_id = conn_id
+        previous = self.live_conn.get(client.device_id)
+        self.live_conn[client.device_id] = conn_id
+        if self.profile.conflict == "strict" and previous and previous != conn_id:
+            client.push("conflict", conn_id=previous)
 
     def request_pair_code(self, device_id: str, phone: str) -> str:
         digits = check_phone(phone)
@@ -180,6 +230,7 @@ class SimState:
     def unpair(self, device_id: str) -> bool:
         """The page logged itself out (``Socket.logout()``)."""
         self.pending_passkey.pop(device_id, None)
+        self.live_conn.pop(device_id, None)
         return self.devices.pop(device_id, None) is not None
 
     # ----- phone -------------------------------------------------------------------------------------
@@ -190,15 +241,25 @@ class SimState:
         client = self.clients.get(entry.device_id) if entry else None
         if scanned is None or entry is None or client is None:
             raise SimError(404, "unknown_qr", "this QR code is not a known WhatsApp Web code")
-        keys = (scanned.noise_pub, scanned.identity_pub, scanned.adv_secret)
         platform_ok = scanned.platform is None or scanned.platform == client.platform
-        if keys != (client.noise_pub, client.identity_pub, client.adv_secret) or not platform_ok:
+        page_keys = (client.noise_pub, client.identity_pub)
+        if (scanned.noise_pub, scanned.identity_pub) != page_keys or not platform_ok:
+            raise SimError(404, "unknown_qr", "this QR code's keys do not match the page that showed it")
+        if scanned.adv_secret in client.retired_adv:
+            raise SimError(409, "couldnt_link_device", "Couldn't link device: this QR's secret was retired")
+        if scanned.adv_secret != client.adv_secret:
             raise SimError(404, "unknown_qr", "this QR code's keys do not match the page that showed it")
         self._ensure_unlinked(entry.device_id)
         now = time.monotonic()
         grace = min(REF_GRACE_S, (entry.valid_until - entry.valid_from) / 4)
         if entry.batch_id != client.batch_id or not entry.valid_from <= now <= entry.valid_until + grace:
             raise SimError(410, "qr_expired", "this QR code is not (or no longer) valid")
+        if self.profile.adv_refresh == "first_scan" and client.adv_refreshed_batch != client.batch_id:
+            # the server answers the first scan of a batch with companion_reg_refresh: the page makes
+            # a new ADV secret and re-renders the same ref; the phone shows "Couldn't link device"
+            client.adv_refreshed_batch = client.batch_id
+            client.push("companion_reg_refresh")
+            raise SimError(409, "couldnt_link_device", "Couldn't link device: the QR's secret was refreshed")
         return self._link(client, digits, push_name)
 
     def pair(self, code: str, phone: str) -> dict[str, Any]:
@@ -223,6 +284,8 @@ class SimState:
         name = push_name or f"User {phone[-4:]}"
         if not fail:
             self.last_index[phone] = index
+            if client.conn_id:
+                self.live_conn[client.device_id] = client.conn_id
             self.devices[client.device_id] = LinkedDevice(
                 client.device_id, phone, name, index, _utc_now_iso(), client.platform
             )
@@ -252,10 +315,32 @@ class SimState:
             raise SimError(404, "not_linked", "no such linked device for this phone")
         for device in targets:
             del self.devices[device.device_id]
+            self.live_conn.pop(device.device_id, None)
             self.pending_passkey.pop(device.device_id, None)
             client = self.clients.get(device.device_id)
             if client is not None:
                 client.push("logout", reason="user_initiated")
+        return len(targets)
+
+    def force_state(
+        self, phone: str | None, device_id: str | None, state: str, duration_ms: int, sticky: bool
+    ) -> int:
+        """Push a socket state onto pages: of a phone's linked devices, or of one device (linked or not)."""
+        if state not in FORCIBLE_STATES:
+            raise SimError(400, "invalid_request", f"state must be one of {', '.join(FORCIBLE_STATES)}")
+        if device_id is not None:
+            if check_device_id(device_id) not in self.clients:
+                raise SimError(404, "unknown_device", "no page with this device id")
+            targets = [self.clients[device_id]]
+        elif phone is not None:
+            targets = [self.client(d.device_id) for d in self.phone_devices(check_phone(phone))]
+            if not targets:
+                raise SimError(404, "not_linked", "this phone has no linked devices")
+        else:
+            raise SimError(400, "invalid_request", "name a 'phone' or a 'device_id'")
+        for client in targets:
+            client.sticky_state = state if sticky else None
+            client.push("socket_state", state=state, duration_ms=duration_ms)
         return len(targets)
 
     def conflict(self, phone: str) -> int:
@@ -295,11 +380,13 @@ class SimState:
         self.devices.clear()
         self.last_index.clear()
         self.pending_passkey.clear()
+        self.live_conn.clear()
 
     def summary(self) -> dict[str, int]:
         return {
             "clients": len(self.clients),
             "linked_devices": len(self.devices),
+            "live_connections": len(self.live_conn),
             "pending_polls": sum(c.waiters for c in self.clients.values()),
         }
 

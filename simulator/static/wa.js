@@ -211,7 +211,8 @@
     3: "You have been logged out. To log back in, you will need to verify your phone number.",
   };
   const sim = {
-    profile: { load_ms: 0, ready_delay_ms: 50, resume_ms: 0, jitter_ms: 0, me_module: true },
+    profile: { load_ms: 0, sync_ms: 50, resume_ms: 0, jitter_ms: 0, me_module: true },
+    connId: toHex(rand(8)), // this page instance: a device has one live connection (conflict "strict")
     mode: "boot", // boot | qr | phone_entry | code | pairing | passkey | syncing | main | conflict | logout
     creds: null,
     seq: 0,
@@ -221,7 +222,11 @@
     progress: 0,
     banner: null,
     batch: null,
-    batchGen: 0,
+    reqGen: 0, // bumped to drop a pair-device request in flight
+    pendingBatch: null, // refs that arrived while another screen showed (shown by initializeQRLinking)
+    refIndex: 0,
+    mainLoaded: false,
+    encKey: null,
     qrTimers: new Set(),
     timers: new Set(),
     pollAbort: null,
@@ -246,17 +251,23 @@
     for (const id of set) clearTimeout(id);
     set.clear();
   }
+  /** A profile delay: a fixed value (± jitter_ms) or a [min, max] range drawn uniformly. */
   function jittered(ms) {
+    if (Array.isArray(ms)) return Math.round(ms[0] + Math.random() * (ms[1] - ms[0]));
     const j = sim.profile.jitter_ms || 0;
-    return Math.max(0, Math.round(ms + (Math.random() * 2 - 1) * j));
+    return Math.max(0, Math.round((ms || 0) + (Math.random() * 2 - 1) * j));
   }
 
   // ---------------------------------------------------------------- WhatsApp modules
   const Socket = new Model({ state: "UNLAUNCHED", stream: "DISCONNECTED", hasSynced: false });
-  Socket.takeover = function takeover() {
+  Socket.takeover = async function takeover() {
     if (this.state !== "CONFLICT") throw new Error("Takeover called without conflict!");
+    this.set({ state: "OPENING", stream: "CONNECTING" });
+    await apiRetry("POST", "/sim/api/takeover", { device_id: sim.creds.device_id, conn_id: sim.connId });
     this.set({ state: "CONNECTED", stream: "CONNECTED" });
+    Stream.set({ mode: "MAIN", displayInfo: "NORMAL" });
     showMain();
+    if (!sim.mainLoaded) finishSync();
   };
   Socket.logout = function logout(reason) {
     return userLogout(reason ?? "user_initiated");
@@ -273,17 +284,27 @@
     pushname: undefined,
   });
 
+  // WAWebStreamModel: wa-js reads `mode` (QR, SYNCING, MAIN, CONFLICT, ...) and `displayInfo`.
+  const Stream = new Model({ mode: "QR", displayInfo: "OPENING", available: false, clientExpired: false });
+
+  // No Cmd.refreshQR: the reload goes through the backend event bus to WAWebLaunchSocketUtils.
   const Cmd = new Emitter();
-  Cmd.refreshQR = function refreshQR() {
-    if (sim.mode === "qr") return requestBatch();
-    return undefined;
+  const LaunchSocketUtils = {
+    refreshQR() {
+      if (sim.linked) return undefined;
+      return requestBatch();
+    },
   };
+  const BackendEventBus = { triggerRefreshQR: () => LaunchSocketUtils.refreshQR() };
+  const advSecretEventEmitter = new Emitter();
 
   const OfflineMessageHandler = { getOfflineDeliveryProgress: () => sim.progress };
 
   const AltDeviceLinkingApi = {
     setPairingType(type) {
       sim.pairingType = type;
+      // no more refs are issued for the QR while a phone-number link is set up
+      if (type === "ALT_DEVICE_LINKING") stopQr();
     },
     async initializeAltDeviceLinking() {
       await credsReady;
@@ -300,28 +321,49 @@
       showCodeScreen(String(phone), code);
       return code;
     },
+    /** Back to the QR screen; the refs come from LaunchSocketUtils.refreshQR() (either order). */
     initializeQRLinking() {
       sim.pairingType = "QR";
-      if (!sim.linked && ["code", "phone_entry", "qr"].includes(sim.mode)) startQr();
+      if (sim.linked || !["code", "phone_entry", "qr"].includes(sim.mode)) return;
+      stopQr(false);
+      sim.mode = "qr";
+      renderQrScreen();
+      if (sim.pendingBatch) startBatch(sim.pendingBatch);
     },
   };
 
   const keyPair = (pair) => ({ pubKey: b64ToBuffer(pair.pub), privKey: b64ToBuffer(pair.priv) });
 
-  __d("WAWebSocketModel", () => ({ Socket }));
-  __d("WAWebConnModel", () => ({ Conn }));
-  __d("WAWebCmd", () => ({ Cmd }));
-  __d("WAWebOfflineHandler", () => ({ OfflineMessageHandler }));
-  __d("WAWebAltDeviceLinkingApi", () => AltDeviceLinkingApi);
-  __d("WABase64", () => ({ encodeB64, decodeB64 }));
-  __d("WAWebCompanionRegClientUtils", () => ({ DEVICE_PLATFORM }));
-  __d("WAWebAdvSignatureApi", () => ({
+  // Core modules are there when Debug.VERSION is; the linking ones come `lazy_modules_ms` later
+  // (requireDeferred): until then require() throws `Requiring unknown module "…"`.
+  function defineCoreModules() {
+    __d("WAWebSocketModel", () => ({ Socket }));
+    __d("WAWebConnModel", () => ({ Conn }));
+    __d("WAWebStreamModel", () => ({ Stream }));
+    __d("WAWebCmd", () => ({ Cmd }));
+    __d("WABase64", () => ({ encodeB64, decodeB64 }));
+    __d("WAWebLaunchSocketUtils", () => LaunchSocketUtils);
+    __d("WAWebMiscBrowserUtils", () => ({
+      info: () => ({ name: "Chrome", os: "Linux", version: navigator.userAgent.match(/Chrome\/([\d.]+)/)?.[1] }),
+    }));
+  }
+  const lazyModules = [];
+  const lazy = (name, factory) => lazyModules.push([name, factory]);
+  lazy("WAWebOfflineHandler", () => ({ OfflineMessageHandler }));
+  lazy("WAWebAltDeviceLinkingApi", () => AltDeviceLinkingApi);
+  lazy("WAWebCompanionRegClientUtils", () => ({ DEVICE_PLATFORM }));
+  lazy("WAWebUserPrefsMultiDevice", () => ({ advSecretEventEmitter }));
+  lazy("WAWebAdvSignatureApi", () => ({
     async getADVSecretKey() {
       const creds = await credsReady;
-      return creds.adv_secret;
+      // a phone-number link has no QR secret (whatsapp-web.js's QR strings ending in "null")
+      return sim.pairingType === "ALT_DEVICE_LINKING" ? null : creds.adv_secret;
+    },
+    generateADVSecretKey() {
+      return encodeB64(rand(32));
     },
   }));
-  __d("WAWebUserPrefsInfoStore", () => ({
+  lazy("WAWebUserPrefsInfoStore", () => ({
     waNoiseInfo: {
       async get() {
         const creds = await credsReady;
@@ -329,7 +371,7 @@
       },
     },
   }));
-  __d("WAWebSignalStoreApi", () => ({
+  lazy("WAWebSignalStoreApi", () => ({
     waSignalStore: {
       async getRegistrationInfo() {
         const creds = await credsReady;
@@ -337,13 +379,13 @@
       },
     },
   }));
-  __d("WAWebUserPrefsMeUser", () => ({
+  lazy("WAWebUserPrefsMeUser", () => ({
     getMaybeMePnUser: () => (sim.profile.me_module ? sim.me : null),
     getMaybeMeLidUser: () => (sim.profile.me_module ? sim.meLid : null),
   }));
-  __d("WAWebMiscBrowserUtils", () => ({
-    info: () => ({ name: "Chrome", os: "Linux", version: navigator.userAgent.match(/Chrome\/([\d.]+)/)?.[1] }),
-  }));
+  function defineLazyModules() {
+    for (const [name, factory] of lazyModules) __d(name, factory);
+  }
 
   // ---------------------------------------------------------------- persistence (IndexedDB + localStorage)
   const IDB_NAME = "wawc_db_enc";
@@ -409,6 +451,14 @@
     };
     const key = await crypto.subtle.generateKey({ name: "AES-GCM", length: 256 }, false, ["encrypt", "decrypt"]);
     await idbRun("readwrite", (store) => store.put({ id: KEY_ID, key }));
+    sim.encKey = key;
+    await saveCreds(creds);
+    return creds;
+  }
+
+  /** WANoiseInfo = AES-GCM(creds) under the non-extractable key, WebEncKeySalt as additional data. */
+  async function saveCreds(creds) {
+    const key = sim.encKey;
     const salt = rand(32);
     const iv = rand(12);
     const plain = new TextEncoder().encode(JSON.stringify(creds));
@@ -418,7 +468,6 @@
     blob.set(ct, iv.length);
     localStorage.setItem("WebEncKeySalt", encodeB64(salt));
     localStorage.setItem("WANoiseInfo", encodeB64(blob));
-    return creds;
   }
 
   /** {status: "none"} | {status: "ok", creds} | {status: "fatal", error} */
@@ -435,6 +484,7 @@
         row.key,
         blob.subarray(12),
       );
+      sim.encKey = row.key;
       return { status: "ok", creds: JSON.parse(new TextDecoder().decode(plain)) };
     } catch (error) {
       console.warn("WANoiseInfo could not be decrypted:", error);
@@ -604,6 +654,7 @@
   function showConflict() {
     sim.mode = "conflict";
     Socket.state = "CONFLICT";
+    Stream.set({ mode: "CONFLICT" });
     render(
       h(
         "div",
@@ -657,9 +708,13 @@
   }
 
   // ---------------------------------------------------------------- QR linking
-  function stopQr() {
-    sim.batchGen++;
+  /** Stop showing refs (rotation timers); `cancel` also drops a batch in flight or waiting. */
+  function stopQr(cancel = true) {
     clearTimers(sim.qrTimers);
+    if (cancel) {
+      sim.reqGen++;
+      sim.pendingBatch = null;
+    }
   }
 
   function startQr() {
@@ -670,10 +725,11 @@
     return requestBatch();
   }
 
+  /** A new batch of refs from the server (WAWebLaunchSocketUtils.refreshQR). It is shown at once on
+   * the QR screen, or kept until initializeQRLinking() brings the QR screen back. */
   async function requestBatch() {
-    const gen = ++sim.batchGen;
-    clearTimers(sim.qrTimers);
-    const alive = () => gen === sim.batchGen && sim.mode === "qr";
+    const gen = ++sim.reqGen;
+    const alive = () => gen === sim.reqGen && !sim.linked && !sim.loggingOut;
     const creds = sim.creds;
     let batch;
     try {
@@ -686,6 +742,7 @@
           identity_pub: creds.identity.pub,
           adv_secret: creds.adv_secret,
           platform: DEVICE_PLATFORM,
+          conn_id: sim.connId,
         },
         alive,
       );
@@ -694,14 +751,23 @@
       return;
     }
     if (!alive()) return;
+    if (sim.mode === "qr" && sim.pairingType === "QR") startBatch(batch);
+    else sim.pendingBatch = batch;
+  }
+
+  function startBatch(batch) {
+    clearTimers(sim.qrTimers);
+    sim.pendingBatch = null;
     sim.batch = batch;
     Socket.set({ state: "UNPAIRED", stream: "DISCONNECTED" });
+    Stream.set({ mode: "QR", displayInfo: "NORMAL" });
     showRef(0);
     const n = batch.refs.length;
+    const live = () => sim.batch === batch && sim.mode === "qr";
     for (let i = 1; i < n; i++) {
-      later(batch.ttl_first_ms + (i - 1) * batch.ttl_next_ms, () => alive() && showRef(i), sim.qrTimers);
+      later(batch.ttl_first_ms + (i - 1) * batch.ttl_next_ms, () => live() && showRef(i), sim.qrTimers);
     }
-    later(batch.ttl_first_ms + (n - 1) * batch.ttl_next_ms, () => alive() && qrIdle(), sim.qrTimers);
+    later(batch.ttl_first_ms + (n - 1) * batch.ttl_next_ms, () => live() && qrIdle(), sim.qrTimers);
   }
 
   function fullQr(ref) {
@@ -709,7 +775,25 @@
     return [ref, c.noise.pub, c.identity.pub, c.adv_secret, DEVICE_PLATFORM].join(",");
   }
 
+  /** A new ref: Conn `change:ref`, then the QR is drawn (WAWebLinkDeviceQrcode). */
   function showRef(i) {
+    sim.refIndex = i;
+    const ttl = i === 0 ? sim.batch.ttl_first_ms : sim.batch.ttl_next_ms;
+    Conn.set({ refTTL: ttl, ref: sim.batch.refs[i] });
+    renderRef();
+    if (sim.profile.adv_refresh === "timer") {
+      const batch = sim.batch;
+      later(
+        sim.profile.adv_refresh_ms,
+        () => sim.batch === batch && sim.refIndex === i && onAdvRefresh(),
+        sim.qrTimers,
+      );
+    }
+  }
+
+  /** Draw the current ref with the current ADV secret into div[data-ref] (same div and canvas). */
+  function renderRef() {
+    const i = sim.refIndex;
     const ref = sim.batch.refs[i];
     const { text, matrix } = sim.batch.qrs[i];
     if (text !== fullQr(ref)) console.error("QR text mismatch between page and server");
@@ -720,9 +804,35 @@
     drawMatrix(canvas, matrix);
     box.setAttribute("data-ref", text);
     box.removeAttribute("title");
-    const ttl = i === 0 ? sim.batch.ttl_first_ms : sim.batch.ttl_next_ms;
-    Conn.set({ refTTL: ttl, ref });
   }
+
+  /** companion_reg_refresh (WAWebHandleCompanionReqRefreshNotification): a new ADV secret, the
+   * advSecretEventEmitter 'change', and the same ref drawn again with it. No Conn change:ref. */
+  async function onAdvRefresh() {
+    const batch = sim.batch;
+    if (sim.linked || sim.mode !== "qr" || !batch || sim.pairingType !== "QR") return;
+    const secret = encodeB64(rand(32));
+    let answer;
+    try {
+      answer = await apiRetry(
+        "POST",
+        "/sim/api/adv-secret",
+        { device_id: sim.creds.device_id, adv_secret: secret },
+        () => sim.batch === batch && !sim.linked,
+      );
+    } catch (err) {
+      console.error("adv-secret failed", err);
+      return;
+    }
+    if (sim.batch !== batch || sim.linked) return;
+    sim.creds.adv_secret = secret;
+    batch.qrs = answer.qrs;
+    saveCreds(sim.creds).catch((err) => console.error("saving the new ADV secret failed", err));
+    advSecretEventEmitter.trigger("change");
+  }
+  advSecretEventEmitter.on("change", () => {
+    if (sim.mode === "qr" && sim.batch && Socket.state === "UNPAIRED") renderRef();
+  });
 
   function qrIdle() {
     Socket.state = "UNPAIRED_IDLE";
@@ -731,7 +841,7 @@
     if (box.querySelector(":scope > span")) return;
     const button = h(
       "button",
-      { type: "button", "data-testid": "refresh-large", onclick: () => Cmd.refreshQR() },
+      { type: "button", "data-testid": "refresh-large", onclick: () => BackendEventBus.triggerRefreshQR() },
       "Click to reload QR code",
     );
     box.append(h("span", {}, button));
@@ -779,13 +889,16 @@
           role: "button",
           "data-testid": "link-device-qrcode-alt-linking-hint",
           text: "Log in with QR code",
-          onclick: () => AltDeviceLinkingApi.initializeQRLinking(),
+          onclick: () => {
+            AltDeviceLinkingApi.initializeQRLinking();
+            LaunchSocketUtils.refreshQR();
+          },
         }),
       ),
     );
     // Like WhatsApp: a new code every pair_code_ttl_ms, at most MAX_CODE_REFRESHES times, then "Code expired".
-    const gen = sim.batchGen;
-    const alive = () => gen === sim.batchGen && sim.mode === "code";
+    const gen = sim.reqGen;
+    const alive = () => gen === sim.reqGen && sim.mode === "code";
     later(
       sim.profile.pair_code_ttl_ms || 195000,
       async () => {
@@ -811,14 +924,24 @@
   }
 
   // ---------------------------------------------------------------- linking, sync, resume
-  function setMe(linked) {
-    sim.linked = linked;
-    sim.me = new Wid(String(linked.phone), "c.us");
+  function lidOf(linked) {
     let hash = 7;
     for (const ch of `${linked.phone}:${sim.creds.device_id}`) hash = (hash * 31 + ch.charCodeAt(0)) >>> 0;
-    sim.meLid = new Wid(`2${String(hash).padStart(14, "0")}`, "lid");
-    Conn.set({ pushname: linked.push_name, wid: sim.me, platform: "android", connected: true, id: "1" });
+    return new Wid(`2${String(hash).padStart(14, "0")}`, "lid");
+  }
+
+  /** The LID is known at pairing success; with `lid`, Conn.wid holds it until the phone number is. */
+  function setLid(linked) {
+    sim.meLid = lidOf(linked);
+    Conn.set({ pushname: linked.push_name, wid: sim.meLid, platform: "android", connected: true, id: "1" });
+  }
+
+  /** The phone number: getMaybeMePnUser(), last-wid-md, then Conn.wid. */
+  function setMe(linked) {
+    sim.meLid = sim.meLid || lidOf(linked);
+    sim.me = new Wid(String(linked.phone), "c.us");
     localStorage.setItem("last-wid-md", JSON.stringify(`${linked.phone}:${linked.device_index}@c.us`));
+    Conn.set({ pushname: linked.push_name, wid: sim.me, platform: "android", connected: true, id: "1" });
   }
 
   function onPaired(ev) {
@@ -827,54 +950,116 @@
     stopQr();
     sim.mode = "pairing";
     Socket.set({ state: "PAIRING", stream: "DISCONNECTED" });
+    Stream.set({ displayInfo: "PAIRING" });
     const linked = { phone: ev.phone, push_name: ev.push_name, device_index: ev.device_index };
     if (ev.fail) {
       sim.progress = 0;
       renderLoading();
-      later(jittered(sim.profile.ready_delay_ms) / 2, () => logoutFlow(1));
+      later(jittered(sim.profile.sync_ms) / 2, () => logoutFlow(1));
       return;
     }
     sim.pendingLink = linked;
     if (ev.passkey) showPasskey();
-    else startSync();
+    else later(jittered(sim.profile.pairing_ms), () => sim.mode === "pairing" && startSync());
   }
 
+  /** Pairing success: CONNECTED; the LID now (with `lid`), the phone number `me_pn_delay_ms` later,
+   * and the history sync over `sync_ms`. */
   function startSync() {
     const linked = sim.pendingLink;
+    sim.linked = linked;
     sim.mode = "syncing";
     sim.progress = 0;
-    Socket.set({ state: "CONNECTED", stream: "SYNCING" });
     renderLoading();
+    if (sim.profile.lid) setLid(linked);
+    Socket.set({ state: "CONNECTED", stream: "SYNCING" });
+    Stream.set({ mode: "SYNCING", displayInfo: "SYNCING" });
+    later(sim.profile.me_pn_delay_ms || 0, () => sim.loggingOut || setMe(linked));
     Cmd.trigger("offline_progress_update_from_bridge");
-    const total = jittered(sim.profile.ready_delay_ms);
+    const total = jittered(sim.profile.sync_ms);
     const steps = Math.max(1, Math.min(20, Math.floor(total / 50)));
     for (let i = 1; i <= steps; i++) {
       later((total * i) / steps, () => {
         if (sim.mode !== "syncing") return;
         setProgress((100 * i) / steps);
-        if (i === steps) finishSync(linked);
+        if (i === steps) finishSync();
       });
     }
   }
 
-  function finishSync(linked) {
-    setMe(linked);
+  /** History sync done: main_loaded and Stream MAIN (what wa-js waits for), and hasSynced as the
+   * profile's `sync_signal` says (late or never on the 2026 page). */
+  function finishSync() {
     Socket.stream = "CONNECTED";
-    Socket.hasSynced = true;
-    showMain();
+    if (sim.mode === "syncing") showMain();
+    if (!sim.mainLoaded) {
+      sim.mainLoaded = true;
+      Stream.set({ mode: "MAIN", displayInfo: "NORMAL", available: true });
+      Cmd.trigger("main_loaded");
+    }
+    const signal = sim.profile.sync_signal || "normal";
+    const synced = (value) => () => sim.loggingOut || Socket.set({ hasSynced: value });
+    if (signal === "normal") synced(true)();
+    else if (signal === "late") later(sim.profile.late_sync_ms || 0, synced(true));
+    else if (signal === "flap") {
+      synced(true)();
+      later(10, synced(false));
+      later(sim.profile.late_sync_ms || 0, synced(true));
+    }
   }
 
   function resume(login) {
     const linked = { phone: login.phone, push_name: login.push_name, device_index: login.device_index };
+    sim.linked = linked;
     Socket.set({ state: "CONNECTED", stream: "RESUMING" });
+    Stream.set({ mode: "SYNCING", displayInfo: "RESUMING" });
+    if (sim.profile.lid) setLid(linked);
     setMe(linked);
     showMain();
+    if (login.socket_state) forceState(login.socket_state, 0);
     later(jittered(sim.profile.resume_ms), () => {
-      if (sim.loggingOut) return;
+      if (sim.loggingOut || sim.mode !== "main") return;
       setProgress(100);
-      Socket.stream = "CONNECTED";
-      Socket.hasSynced = true;
+      finishSync();
     });
+  }
+
+  // ---------------------------------------------------------------- forced socket states
+  const BLOCK_TEXTS = {
+    DEPRECATED_VERSION: "This version of WhatsApp Web is no longer supported. Reload the page to update.",
+    TOS_BLOCK: "WhatsApp has updated its terms. Log in on your phone to continue.",
+    PROXYBLOCK: "WhatsApp Web can't connect through this network or proxy.",
+  };
+
+  /** A state the server (the admin API) puts the page in: TIMEOUT and OPENING come back to the
+   * previous state after `duration_ms`; the blocking ones stay until the page is reloaded. */
+  function forceState(state, durationMs) {
+    if (state === "CONFLICT") {
+      if (sim.linked) showConflict();
+      return;
+    }
+    if (state === "TIMEOUT" || state === "OPENING") {
+      const previous = Socket.state;
+      Socket.set({ state });
+      Stream.set({ displayInfo: state === "TIMEOUT" ? "TIMEOUT" : "CONNECTING" });
+      later(durationMs, () => {
+        if (Socket.state !== state || sim.loggingOut) return;
+        Socket.set({ state: previous });
+        Stream.set({ displayInfo: "NORMAL" });
+      });
+      return;
+    }
+    stopQr();
+    sim.mode = "blocked";
+    Socket.set({ state });
+    Stream.set({ mode: state });
+    render(
+      h(
+        "div",
+        { class: "center-screen", "data-testid": `blocked-${state.toLowerCase()}` },
+        h("p", { text: BLOCK_TEXTS[state] || state }),
+      ),
+    );
   }
 
   // ---------------------------------------------------------------- logout
@@ -918,7 +1103,15 @@
         logoutFlow(ev.reason ?? "user_initiated");
         break;
       case "conflict":
-        if (sim.mode === "main") showConflict();
+        // with conflict "strict" the event names the page whose connection was replaced
+        if (ev.conn_id && ev.conn_id !== sim.connId) break;
+        if (sim.linked && ["main", "syncing"].includes(sim.mode)) showConflict();
+        break;
+      case "companion_reg_refresh":
+        onAdvRefresh();
+        break;
+      case "socket_state":
+        forceState(ev.state, ev.duration_ms ?? 1000);
         break;
       case "passkey_ok":
         if (sim.mode === "passkey") startSync();
@@ -990,7 +1183,10 @@
     const info = await apiRetry("GET", "/sim/api/boot");
     sim.profile = info.profile;
     Socket.state = "OPENING";
+    defineCoreModules();
     window.Debug = { VERSION: info.version };
+    if (sim.profile.lazy_modules_ms > 0) setTimeout(defineLazyModules, sim.profile.lazy_modules_ms);
+    else defineLazyModules();
     allocateHeap(sim.profile.heap_mb || 0);
     await splash(jittered(sim.profile.load_ms));
 
@@ -1003,7 +1199,7 @@
       pollLoop();
       return startQr();
     }
-    const login = await apiRetry("POST", "/sim/api/login", { device_id: sim.creds.device_id });
+    const login = await apiRetry("POST", "/sim/api/login", { device_id: sim.creds.device_id, conn_id: sim.connId });
     sim.seq = login.seq ?? 0;
     pollLoop();
     if (login.linked) return resume(login);
