@@ -1,0 +1,51 @@
+"""What the parts of the session manager share: the worker's services, the table of sessions
+driven here, the flags and timer tables they all read, and the errors they raise and catch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from shared.errors import Conflict
+from shared.leases import LeaseKeeper
+from shared.settings import Settings
+from shared.store import Store
+from worker.browser import BrowserLauncher
+from worker.durable import Durable
+from worker.qr_queue import QrQueue
+from worker.session import Session
+from worker.tasks import Tasks, Timers
+from worker.warm_pool import WarmPool
+
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class NotOwner(Conflict):
+    code = "not_owner"
+
+
+@dataclass(eq=False)
+class Context:
+    settings: Settings
+    launcher: BrowserLauncher
+    queue: QrQueue
+    pool: WarmPool
+    durable: Durable
+    name: str
+    keeper: LeaseKeeper
+    snapshot_key: bytes | None
+    # the sessions this worker drives
+    sessions: dict[str, Session] = field(default_factory=dict)
+    # no new work: the worker is shutting down
+    closing: bool = False
+    # sessions whose browser is coming back on their profile (a restore, not a fresh link)
+    restoring: set[str] = field(default_factory=set)
+    tasks: Tasks = field(default_factory=Tasks)
+    # a linking step's deadline (see :mod:`worker.linking`), the idle check of a ready session
+    deadlines: Timers = field(default_factory=Timers)
+    idle_timers: Timers = field(default_factory=Timers)
+
+    @property
+    def store(self) -> Store:
+        return self.durable.store

@@ -1,0 +1,187 @@
+"""Hibernation: a ready session that is idle (or beyond the worker's capacity, least recently used
+first) closes its browser and keeps its login as an encrypted snapshot in Postgres; any request
+wakes it, on any worker, from its profile or that snapshot. Snapshots are also taken shortly
+after ready (for a worker that dies without a goodbye) and when a worker hands its sessions over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from shared.errors import SnapshotInvalid, WalinkError
+from shared.models import Reason, SessionStatus
+from worker import snapshot
+from worker.commits import Commits
+from worker.context import DB_ERRORS, Context, NotOwner
+from worker.ending import Ending
+from worker.session import Session
+
+log = logging.getLogger("walink.sessions")
+
+S = SessionStatus
+
+
+class Hibernation:
+    def __init__(
+        self, ctx: Context, ending: Ending, commits: Commits, *, restore: Callable[[Session], None]
+    ) -> None:
+        """``restore`` starts the session's browser on its profile (see :mod:`worker.linking`)."""
+        self._ctx = ctx
+        self._ending = ending
+        self._commits = commits
+        self._restore = restore
+
+    # ------------------------------------------------------------------ idle and capacity
+    def after_ready(self, session: Session) -> None:
+        """A session just became ready: its idle clock, the capacity check, its live snapshot."""
+        self.arm_idle(session)
+        self._ctx.tasks.spawn(session, self._enforce_capacity(), cancel_on_end=False)
+        if self._ctx.snapshot_key is not None:
+            self._ctx.tasks.spawn(session, self._live_snapshot(session))
+
+    def arm_idle(self, session: Session) -> None:
+        self.cancel_idle(session)
+        remaining_s = session.last_used + self._ctx.settings.idle_timeout_s - time.monotonic()
+        self._ctx.idle_timers.call_later(session.id, max(0.0, remaining_s), self._idle_check, session)
+
+    def _idle_check(self, session: Session) -> None:
+        ctx = self._ctx
+        ctx.idle_timers.fired(session.id)
+        if session.status != S.READY or ctx.sessions.get(session.id) is not session:
+            return
+        if time.monotonic() - session.last_used < ctx.settings.idle_timeout_s:
+            self.arm_idle(session)  # used since the timer was set
+            return
+        ctx.tasks.spawn(session, ctx.tasks.quietly(self.hibernate(session, Reason.IDLE)), cancel_on_end=False)
+
+    def cancel_idle(self, session: Session) -> None:
+        self._ctx.idle_timers.cancel(session.id)
+
+    async def _enforce_capacity(self) -> None:
+        """Keep at most ``max_active_sessions`` browsers of ready sessions: hibernate the LRU ones."""
+        ctx = self._ctx
+        active = [s for s in ctx.sessions.values() if s.status == S.READY and s.slot is not None]
+        excess = len(active) - ctx.settings.max_active_sessions
+        if excess <= 0:
+            return
+        for session in sorted(active, key=lambda s: s.last_used)[:excess]:
+            await ctx.tasks.quietly(self.hibernate(session, Reason.LRU))
+
+    # ------------------------------------------------------------------ hibernate / wake
+    async def hibernate(self, session: Session, reason: Reason = Reason.IDLE) -> None:
+        """Close the browser, keep the login: an encrypted snapshot goes to Postgres, the lease is freed."""
+        ctx = self._ctx
+        async with session.op_lock:
+            if session.status != S.READY:
+                return
+            self.cancel_idle(session)
+            started = time.monotonic()
+            await self._ending.end_browser(session, wipe=False)
+            profile = ctx.launcher.profile_dir(session.profile_id)
+            if ctx.snapshot_key is not None:
+                session.timings["snapshot_bytes"] = await self.store_snapshot(session)
+            session.timings["hibernate_ms"] = int((time.monotonic() - started) * 1000)
+            session.transition(S.HIBERNATED, reason)
+            await self._commits.write(session)
+            if ctx.snapshot_key is not None:
+                shutil.rmtree(profile, ignore_errors=True)  # the snapshot is the profile now
+            await ctx.durable.release(session.id)
+            ctx.keeper.drop(session.id)
+
+    async def wake(self, session: Session) -> None:
+        """Bring a hibernated session back to ready on this worker, from its snapshot if needed."""
+        ctx = self._ctx
+        async with session.op_lock:
+            if session.status != S.HIBERNATED:
+                return
+            if session.id not in ctx.keeper.held:
+                token = await ctx.durable.acquire(session.id, floor=session.fencing_token)
+                if token is None:
+                    raise NotOwner(f"session {session.id} is driven by another worker")
+                session.fencing_token = token
+                ctx.keeper.hold(session.id, token)
+            session.needs_resume = False  # woken here: nothing else to resume
+            await self.begin_restore(session, Reason.WAKE)
+
+    def wake_soon(self, session: Session) -> None:
+        if session.status == S.HIBERNATED and not self._ctx.closing:
+            self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(self.wake(session)), cancel_on_end=False)
+
+    async def begin_restore(self, session: Session, reason: Reason) -> bool:
+        """Start bringing a linked session back from its profile (restored from its snapshot if
+        need be); False when that cannot be had and the session ended ``failed`` instead."""
+        session.transition(S.STARTING, reason)  # no-op (no event) when already starting
+        session.mark("requested_at_ms")
+        if not await self._profile_or_fail(session):
+            return False
+        self._restore(session)
+        await self._commits.write(session)
+        return True
+
+    async def handover(self, session: Session) -> None:
+        """Leave the session ready for another worker: a fresh snapshot, then the lease freed."""
+        with contextlib.suppress(WalinkError, *DB_ERRORS):
+            if session.status == S.READY and self._ctx.snapshot_key is not None:
+                await self.store_snapshot(session)
+        await self._ctx.durable.release(session.id)
+
+    # ------------------------------------------------------------------ snapshots
+    async def _live_snapshot(self, session: Session) -> None:
+        """Shortly after ready, snapshot the live profile so any worker can restore the session if
+        this one dies without a goodbye. Not at once: Chromium commits localStorage (where WhatsApp
+        keeps WANoiseInfo) to disk in batches up to ~5 s late; a copy taken sooner shows a QR."""
+        await asyncio.sleep(self._ctx.settings.live_snapshot_delay_s)
+        if session.status != S.READY or session.slot is None or self._ctx.snapshot_key is None:
+            return
+        try:
+            size = await self.store_snapshot(session, live=True)
+        except (WalinkError, OSError, *DB_ERRORS) as exc:
+            log.warning("%s: live snapshot failed: %s", session.id, exc)
+            return
+        session.timings["live_snapshot_bytes"] = size
+
+    async def store_snapshot(self, session: Session, *, live: bool = False) -> int:
+        """Pack the session's profile (``live``: under a running Chromium) and store it, fenced by
+        the session's lease token; the answer is the snapshot's size in bytes."""
+        ctx = self._ctx
+        assert ctx.snapshot_key is not None  # callers check: snapshots are enabled
+        pack = snapshot.pack_live_profile_async if live else snapshot.pack_profile_async
+        profile = ctx.launcher.profile_dir(session.profile_id)
+        blob = await pack(profile, key=ctx.snapshot_key, session_id=session.id)
+        await ctx.store.put_snapshot(session.id, blob, token=session.fencing_token)
+        return len(blob)
+
+    async def _profile_or_fail(self, session: Session) -> bool:
+        """The session's profile on disk (from its snapshot if need be); if it cannot be had, the
+        session ends ``failed``/``client_fatal`` (committed) and the answer is False."""
+        try:
+            await self.materialize_profile(session)
+        except SnapshotInvalid as exc:
+            log.error("%s: cannot restore: %s", session.id, exc)
+            self._ending.end(session, S.FAILED, Reason.CLIENT_FATAL)
+            await self._commits.write(session)
+            return False
+        return True
+
+    async def materialize_profile(self, session: Session) -> None:
+        ctx = self._ctx
+        profile: Path = ctx.launcher.profile_dir(session.profile_id)
+        if _has_files(profile):
+            return
+        if ctx.snapshot_key is None:
+            raise SnapshotInvalid("no local profile and snapshots are disabled (WALINK_SNAPSHOT_KEY unset)")
+        blob = await ctx.store.get_snapshot(session.id)
+        if blob is None:
+            raise SnapshotInvalid(f"no snapshot stored for {session.id}")
+        shutil.rmtree(profile, ignore_errors=True)
+        await snapshot.unpack_profile_async(blob, profile, key=ctx.snapshot_key, session_id=session.id)
+
+
+def _has_files(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())

@@ -1,0 +1,314 @@
+"""Linking: a session's browser is started (a warm one, a queued cold start, or its own profile
+for a restore) and its page events (see :mod:`worker.whatsapp_web`) are turned into state
+transitions; nothing waits on a timer for the page to do something. A linking step that must
+end in time has a deadline, not a poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from functools import partial
+from typing import Any
+
+from shared import metrics
+from shared.errors import BrowserError, InvalidState, SnapshotInvalid, Unavailable
+from shared.ids import new_profile_id
+from shared.models import LINKING, EventType, Reason, SessionStatus, now_ms
+from worker import qr_queue
+from worker import whatsapp_web as wa
+from worker.browser import BrowserSlot
+from worker.commits import Commits
+from worker.context import Context
+from worker.ending import Ending
+from worker.hibernation import Hibernation
+from worker.session import Session
+
+log = logging.getLogger("walink.sessions")
+
+S = SessionStatus
+MAX_CRASH_RESTARTS = 3
+
+
+class Linking:
+    def __init__(self, ctx: Context, ending: Ending, commits: Commits, hibernation: Hibernation) -> None:
+        self._ctx = ctx
+        self._ending = ending
+        self._commits = commits
+        self._hibernation = hibernation
+        self.qr_times_ms: deque[int] = deque(maxlen=1000)
+        self.phone_times_ms: deque[int] = deque(maxlen=1000)
+        self._crash_restarts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ starting a browser
+    def start_link(self, session: Session) -> None:
+        """A fresh link: a warm browser when there is one (instant QR), else a queued cold start."""
+        slot = self._ctx.pool.take()
+        if slot is not None:
+            session.profile_id = slot.profile_id
+            self._adopt(session, slot)
+            if slot.last_qr and slot.socket_state == wa.STATE_UNPAIRED:
+                self._on_qr(session, {"qr": slot.last_qr, "ttl_ms": slot.last_qr_ttl_ms}, Reason.WARM_POOL)
+        else:
+            self._ctx.tasks.spawn(session, self._cold_start(session))
+
+    async def restart(self, session: Session) -> Session:
+        ctx = self._ctx
+        if ctx.closing:
+            raise Unavailable("this worker is shutting down; retry on another worker")
+        if session.status == S.HIBERNATED:
+            await self._hibernation.wake(session)
+            return session
+        keep_profile = session.status == S.READY or (
+            session.status in {S.STARTING, S.AUTHENTICATED} and session.id in ctx.restoring
+        )
+        ctx.tasks.cancel_work(session)
+        await self._ending.end_browser(session, wipe=not keep_profile)
+        self.reset_link_state(session)
+        session.transition(S.STARTING, Reason.RESTART)
+        session.mark("requested_at_ms")
+        if keep_profile:
+            self.restore(session)
+        else:
+            session.phone_number = None
+            session.push_name = None
+            session.profile_id = new_profile_id()
+            self.start_link(session)
+        self._commits.flush(session)
+        return session
+
+    def restore(self, session: Session) -> None:
+        """Start the session's browser on its own profile (a linked session coming back)."""
+        self._ctx.restoring.add(session.id)
+        self._ctx.tasks.spawn(session, self._cold_start(session))
+
+    def reset_link_state(self, session: Session) -> None:
+        session.batches_used = 0
+        session.qr_in_batch = 0
+        session.pairing_code = None
+        session.logout_requested = False
+
+    async def _cold_start(self, session: Session) -> None:
+        ctx = self._ctx
+        try:
+            if session.id in ctx.restoring:
+                await self._hibernation.materialize_profile(session)
+            async with ctx.queue.slot(qr_queue.USER):
+                if not self._still_starting(session):
+                    return
+                slot = await ctx.launcher.launch(session.profile_id)
+                if not self._still_starting(session):
+                    await slot.close()
+                    return
+                self._adopt(session, slot)
+                session.timings["browser_started_ms"] = now_ms() - session.timings["requested_at_ms"]
+                # hold the queue place until the page shows something: loading it is the heavy part
+                await asyncio.wait_for(self._left_starting(session, slot), ctx.settings.start_timeout_s)
+        except TimeoutError:
+            self.fail(session, Reason.START_TIMEOUT)
+        except BrowserError as exc:
+            log.warning("%s: %s", session.id, exc)
+            self.fail(session, Reason.BROWSER_LAUNCH_FAILED)
+        except SnapshotInvalid as exc:
+            log.error("%s: cannot restore: %s", session.id, exc)
+            self.fail(session, Reason.CLIENT_FATAL)
+
+    def _still_starting(self, session: Session) -> bool:
+        ctx = self._ctx
+        return session.status == S.STARTING and not ctx.closing and ctx.sessions.get(session.id) is session
+
+    @staticmethod
+    async def _left_starting(session: Session, slot: BrowserSlot) -> None:
+        while session.status == S.STARTING and not slot.dead.is_set():
+            changed = session.changed
+            waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(slot.dead.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+    def _adopt(self, session: Session, slot: BrowserSlot) -> None:
+        session.slot = slot
+        slot.set_sink(partial(self._on_page_event, session, slot))
+
+    # ------------------------------------------------------------------ page events
+    def _on_page_event(self, session: Session, slot: BrowserSlot, kind: str, data: Any) -> None:
+        if session.slot is not slot:
+            return  # a browser we already let go of
+        try:
+            handler = self._handlers.get(kind)
+            if handler is not None:
+                handler(self, session, data)
+        except InvalidState as exc:
+            log.debug("%s: ignoring page event %s: %s", session.id, kind, exc)
+        self._commits.flush(session)
+
+    def _on_qr(self, session: Session, data: Any, reason: Reason = Reason.QR_SHOWN) -> None:
+        if session.status not in {S.STARTING, S.QR} or not isinstance(data, dict) or not data.get("qr"):
+            return
+        qr = str(data["qr"])
+        session.qr_count += 1
+        session.qr_in_batch += 1
+        ttl = data.get("ttl_ms")
+        ttl_ms = (
+            int(ttl)
+            if isinstance(ttl, int | float) and ttl > 0
+            else (wa.QR_FIRST_TTL_MS if session.qr_in_batch == 1 else wa.QR_NEXT_TTL_MS)
+        )
+        at = now_ms()
+        if session.status == S.STARTING:
+            if reason == Reason.QR_SHOWN:
+                reason = Reason.COLD_START
+            session.transition(S.QR, reason)
+            elapsed = at - session.timings.get("requested_at_ms", at)
+            session.timings["qr_at_ms"] = at
+            session.timings["qr_ms"] = elapsed
+            self.qr_times_ms.append(elapsed)
+            metrics.QR_SECONDS.labels("warm_pool" if reason == Reason.WARM_POOL else "cold").observe(
+                elapsed / 1000
+            )
+        session.qr = qr
+        session.qr_expires_at_ms = at + ttl_ms
+        session.publish(
+            EventType.QR, {"qr": qr, "expires_at_ms": session.qr_expires_at_ms, "n": session.qr_count}
+        )
+
+    def _on_state(self, session: Session, data: Any) -> None:
+        state = str(data)
+        if state == wa.STATE_UNPAIRED_IDLE and session.status == S.QR:
+            self._on_batch_end(session)
+        elif state == wa.STATE_PAIRING and session.status == S.QR:
+            session.mark("scanned_at_ms")
+        elif state == wa.STATE_CONNECTED and session.status in {S.STARTING, S.QR, S.PASSKEY_REQUIRED}:
+            self._authenticated(session)
+        elif state == wa.STATE_CONFLICT and session.status == S.READY:
+            if self._ctx.settings.takeover_on_conflict and session.slot is not None:
+                log.info("%s: WhatsApp is open elsewhere; taking over", session.id)
+                self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(session.slot.takeover()))
+            else:
+                self._ending.end(session, S.LOGGED_OUT, Reason.CONFLICT)
+
+    def _authenticated(self, session: Session) -> None:
+        restoring = session.id in self._ctx.restoring
+        session.transition(S.AUTHENTICATED, Reason.RESTORED if restoring else Reason.SCANNED)
+        session.mark("authenticated_at_ms")
+        session.publish(EventType.SESSION_AUTHENTICATED, {"restored": restoring})
+        self._arm(session, self._ctx.settings.link_timeout_s, S.AUTHENTICATED, Reason.LINK_TIMEOUT)
+
+    def _on_passkey(self, session: Session, _data: Any) -> None:
+        if session.status in {S.QR, S.AUTHENTICATED}:
+            session.transition(S.PASSKEY_REQUIRED, Reason.PASSKEY)
+            self._arm(
+                session, self._ctx.settings.passkey_timeout_s, S.PASSKEY_REQUIRED, Reason.PASSKEY_TIMEOUT
+            )
+
+    def _on_ready(self, session: Session, data: Any) -> None:
+        if session.status == S.READY or session.ended:
+            return  # hasSynced fires more than once (whatsapp-web.js #5801)
+        if not isinstance(data, dict) or not data.get("phone"):
+            self.fail(session, Reason.PHONE_UNAVAILABLE)
+            return
+        if session.status in {S.STARTING, S.QR, S.PASSKEY_REQUIRED}:
+            self._authenticated(session)
+        restoring = session.id in self._ctx.restoring
+        self._ctx.restoring.discard(session.id)
+        session.phone_number = str(data["phone"])
+        session.push_name = str(data["push_name"]) if data.get("push_name") else None
+        session.phone_method = str(data.get("method") or "")
+        at = session.mark("ready_at_ms")
+        if restoring:
+            elapsed = at - session.timings.get("requested_at_ms", at)
+            session.timings["restore_ms"] = elapsed
+            metrics.WAKE_SECONDS.observe(elapsed / 1000)
+        else:
+            elapsed = at - session.timings.get("authenticated_at_ms", at)
+            session.timings["phone_extraction_ms"] = elapsed
+            self.phone_times_ms.append(elapsed)
+            metrics.PHONE_SECONDS.observe(elapsed / 1000)
+            metrics.LINKS.labels("linked", Reason.SYNCED.value).inc()
+        session.transition(S.READY, Reason.RESTORED if restoring else Reason.SYNCED)
+        session.touch()  # becoming ready is a use: the idle clock starts here
+        self._disarm(session)
+        session.publish(
+            EventType.SESSION_READY,
+            {"phone_number": session.phone_number, "push_name": session.push_name, "restored": restoring},
+        )
+        self._hibernation.after_ready(session)
+
+    def _on_logged_out(self, session: Session, data: Any) -> None:
+        if session.ended or not isinstance(data, wa.LogoutNotice):
+            return
+        if session.logout_requested:
+            self._ending.end(session, S.LOGGED_OUT, Reason.API_LOGOUT)
+        elif data.is_failure:
+            self._ending.end(session, S.FAILED, Reason(data.reason))
+        else:
+            self._ending.end(session, S.LOGGED_OUT, Reason(data.reason))
+
+    def _on_browser_gone(self, session: Session, _data: Any) -> None:
+        if session.ended or self._ctx.closing:
+            return
+        if session.status == S.READY:
+            count = self._crash_restarts.get(session.id, 0) + 1
+            self._crash_restarts[session.id] = count
+            if count <= MAX_CRASH_RESTARTS:
+                log.warning("%s: browser died; restoring it from its profile (%d)", session.id, count)
+                self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(self.restart(session)))
+                return
+        self.fail(session, Reason.BROWSER_CRASHED)
+
+    def _on_hook_timeout(self, session: Session, _data: Any) -> None:
+        if session.status in LINKING:
+            self.fail(session, Reason.START_TIMEOUT)
+
+    _handlers = {
+        "qr": _on_qr,
+        "state": _on_state,
+        "passkey": _on_passkey,
+        "ready": _on_ready,
+        "logged_out": _on_logged_out,
+        "crashed": _on_browser_gone,
+        "closed": _on_browser_gone,
+        "hook_timeout": _on_hook_timeout,
+    }
+
+    def _on_batch_end(self, session: Session) -> None:
+        session.batches_used += 1
+        if session.batches_used < self._ctx.settings.qr_batches and session.slot is not None:
+            session.qr_in_batch = 0
+            self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(session.slot.refresh_qr()))
+        else:
+            self._ending.end(session, S.EXPIRED, Reason.QR_TIMEOUT)
+
+    # ------------------------------------------------------------------ deadlines, failure
+    def _arm(self, session: Session, timeout_s: float, status: SessionStatus, reason: Reason) -> None:
+        """Fail the session if it is still in ``status`` after ``timeout_s`` (a deadline, not a poll)."""
+        self._disarm(session)
+        mark = len(session.history)
+
+        def fire() -> None:
+            self._ctx.deadlines.fired(session.id)
+            if session.status == status and len(session.history) == mark:
+                self.fail(session, reason)
+
+        self._ctx.deadlines.call_later(session.id, timeout_s, fire)
+
+    def _disarm(self, session: Session) -> None:
+        self._ctx.deadlines.cancel(session.id)
+
+    def fail(self, session: Session, reason: Reason) -> None:
+        if not session.ended:
+            self._ending.end(session, S.FAILED, reason)
+            self._commits.flush(session)
+
+    # ------------------------------------------------------------------ pairing code
+    async def pairing_code(self, session: Session, phone: str) -> str:
+        if session.status != S.QR or session.slot is None:
+            raise InvalidState(
+                f"a pairing code needs a session waiting for its link; this one is {session.status}"
+            )
+        code = (await session.slot.request_pairing_code(phone)).upper().replace("-", "")
+        session.pairing_code = f"{code[:4]}-{code[4:]}" if len(code) == 8 else code
+        return session.pairing_code

@@ -1,0 +1,130 @@
+"""Take-over: this worker becomes the driver of sessions known only to Postgres — its own after a
+restart, those whose worker died or drained (when this worker is their place on the ring of live
+workers), and any a request reaches here — under a fresh lease and fencing token, and resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from typing import Any
+
+from uhashring import HashRing
+
+from shared import metrics
+from shared.errors import Unavailable
+from shared.ids import new_profile_id
+from shared.models import ENDED, Reason, SessionStatus
+from worker.commits import Commits
+from worker.context import DB_ERRORS, Context, NotOwner
+from worker.hibernation import Hibernation
+from worker.linking import Linking
+from worker.session import Session
+
+log = logging.getLogger("walink.sessions")
+
+S = SessionStatus
+
+
+class TakeOver:
+    def __init__(self, ctx: Context, linking: Linking, hibernation: Hibernation, commits: Commits) -> None:
+        self._ctx = ctx
+        self._linking = linking
+        self._hibernation = hibernation
+        self._commits = commits
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    async def take_over(self, rec: dict[str, Any]) -> Session:
+        """Become the driver of a session known only to Postgres (lease + fencing token)."""
+        ctx = self._ctx
+        sid = rec["id"]
+        lock = self._loading.setdefault(sid, asyncio.Lock())
+        async with lock:
+            session = ctx.sessions.get(sid)
+            if session is not None:
+                return session
+            if ctx.closing:
+                raise Unavailable("this worker is shutting down; retry on another worker")
+            token = await ctx.durable.acquire_or_take(sid, floor=int(rec.get("fencing_token") or 0))
+            if token is None:
+                owner = await ctx.durable.lease_owner(sid)
+                raise NotOwner(f"session {sid} is driven by {owner or 'another worker'}")
+            session = Session.from_record(rec)
+            session.fencing_token = token
+            session.needs_resume = True
+            ctx.sessions[sid] = session
+            ctx.keeper.hold(sid, token)
+            return session
+
+    async def resume(self, session: Session) -> int:
+        """Drive a session just taken over: restore a linked one without a QR (1), give a linking
+        one a fresh QR (0). Only the first call after a take-over acts: a request and the orphan
+        watcher may both reach a session taken over a moment ago."""
+        if not session.needs_resume:
+            return 0
+        session.needs_resume = False
+        if session.slot is not None or session.ended or session.status == S.HIBERNATED:
+            return 0
+        if session.status == S.READY or (
+            session.status in {S.STARTING, S.AUTHENTICATED} and session.phone_number
+        ):
+            return 1 if await self._hibernation.begin_restore(session, Reason.RESTORING) else 0
+        shutil.rmtree(self._ctx.launcher.profile_dir(session.profile_id), ignore_errors=True)
+        session.profile_id = new_profile_id()
+        self._linking.reset_link_state(session)
+        if session.status != S.STARTING:
+            session.transition(S.STARTING, Reason.RESTART)
+        session.mark("requested_at_ms")
+        self._linking.start_link(session)
+        await self._commits.write(session)
+        return 0
+
+    async def restore_all(self) -> int:
+        """Take back this worker's sessions: ``ready`` ones come back from their profiles (or
+        snapshots) without a QR; linkings whose QR died with the process get a fresh QR."""
+        restored = 0
+        for rec in await self._ctx.store.sessions_owned_by(self._ctx.name):
+            if S(rec["status"]) in ENDED or rec["status"] == S.HIBERNATED:
+                continue
+            try:
+                session = await self.take_over(rec)
+            except NotOwner:
+                continue
+            restored += await self.resume(session)
+        return restored
+
+    async def adopt_orphans(self) -> int:
+        """Take over sessions whose owner is gone (no heartbeat) or drained (lease released), when
+        this worker is their place on the ring of live workers. Returns how many were adopted."""
+        ctx = self._ctx
+        if ctx.closing:
+            return 0
+        live = await ctx.durable.live_workers()
+        if live is None:
+            return 0
+        serving = sorted(name for name, beat in live.items() if not beat.get("draining"))
+        if ctx.name not in serving:
+            return 0
+        ring = HashRing(nodes=serving)
+        adopted = 0
+        for rec in await ctx.store.orphans(set(serving)):
+            if rec["id"] in ctx.sessions or ring.get_node(rec["id"]) != ctx.name:
+                continue
+            try:
+                session = await self.take_over(rec)
+            except (NotOwner, Unavailable):
+                continue
+            metrics.ADOPTED.labels(rec["status"]).inc()
+            log.info("%s: adopted from %s (%s)", rec["id"], rec.get("owner"), rec["status"])
+            await self.resume(session)
+            adopted += 1
+        return adopted
+
+    async def watch_orphans(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)  # the membership period
+            try:
+                await self.adopt_orphans()
+            except DB_ERRORS as exc:
+                log.warning("orphan check failed: %s", exc)
