@@ -124,6 +124,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
 get_qr = _forwarding(_session_answer, "/qr", idempotent=True)
 pairing_code = _forwarding(_session_answer, "/pairing-code", idempotent=False)
+cancel_pairing_code = _forwarding(_session_answer, "/pairing-code", idempotent=False)
 restart_session = _forwarding(_session_answer, "/restart", idempotent=False)
 logout_session = _forwarding(_session_answer, "/logout", idempotent=False)
 
@@ -219,6 +220,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/sessions/{session_id}/qr", get_qr, name="v1.sessions.qr")
     r.add_get("/v1/sessions/{session_id}/events", session_events, name="v1.sessions.events")
     r.add_post("/v1/sessions/{session_id}/pairing-code", pairing_code, name="v1.sessions.pairing_code")
+    r.add_delete(
+        "/v1/sessions/{session_id}/pairing-code", cancel_pairing_code, name="v1.sessions.cancel_pairing_code"
+    )
     r.add_post("/v1/sessions/{session_id}/restart", restart_session, name="v1.sessions.restart")
     r.add_post("/v1/sessions/{session_id}/logout", logout_session, name="v1.sessions.logout")
     r.add_get("/v1/accounts", list_accounts, name="v1.accounts")

@@ -183,6 +183,15 @@ def document() -> dict[str, Any]:
                 },
                 errors=(400, 401, 404, 409, 502, 503),
             ),
+            "delete": _op(
+                "Back to the QR",
+                "Leaves the pairing code: WhatsApp Web shows a QR again, sent as the session's next `qr` "
+                "event (and `GET …/qr`). While a code is active no QR is published. 409 when no code is "
+                "active.",
+                {"202": _json(_ref("Created"), "Going back to the QR")},
+                params=[SESSION_ID],
+                errors=(401, 404, 409, 502, 503),
+            ),
         },
         "/v1/sessions/{session_id}/restart": {
             "post": _op(
@@ -402,6 +411,14 @@ SCHEMAS: dict[str, Any] = {
             "reason": {"type": "string"},
             "phone_number": {"type": ["string", "null"]},
             "push_name": {"type": ["string", "null"]},
+            "lid": {
+                "type": ["string", "null"],
+                "description": "WhatsApp's own id of the account (`…@lid`); never a phone number",
+            },
+            "synced": {
+                "type": "boolean",
+                "description": "The history sync is done (`session_synced`); `ready` never waits for it",
+            },
             "is_primary": {"type": "boolean"},
             "label": {"type": ["string", "null"]},
             "metadata": {"type": "object"},
@@ -461,6 +478,7 @@ SCHEMAS: dict[str, Any] = {
             "qr": {"type": "string", "description": "qr events"},
             "phone_number": {"type": "string", "description": "session_ready"},
             "push_name": {"type": "string"},
+            "signal": {"type": "string", "description": "session_synced: main_loaded|stream_main|hasSynced"},
         },
     },
     "Account": {

@@ -42,7 +42,7 @@ WEBHOOK_EVENTS = frozenset(EventType) - {EventType.STATUS}
 
 _SESSION_COLUMNS = (
     "id, workspace_id, status, session_status, reason, phone_number, push_name, is_primary, label, "
-    "metadata, webhook_url, history, timings, profile_id, owner, fencing_token, last_seq, "
+    "metadata, webhook_url, history, timings, profile_id, owner, fencing_token, last_seq, lid, synced, "
     "deleted_at IS NOT NULL AS deleted"
 )
 
@@ -91,6 +91,8 @@ def _column_values(rec: dict[str, Any]) -> dict[str, Any]:
         "label": rec.get("label"),
         "metadata": _json(rec.get("metadata") or {}),
         "webhook_url": rec.get("webhook_url"),
+        "lid": rec.get("lid"),
+        "synced": bool(rec.get("synced")),
     }
 
 
@@ -287,7 +289,7 @@ class Store:
         done = await conn.fetchval(
             "UPDATE whatsapp_accounts SET session_status = $2, status = $3, reason = $4, phone_number = $5,"
             " push_name = $6, history = $7, timings = $8, profile_id = $9, owner = $10, fencing_token = $11,"
-            " label = $12, metadata = $13, webhook_url = $14, updated_at = now(),"
+            " label = $12, metadata = $13, webhook_url = $14, lid = $16, synced = $17, updated_at = now(),"
             " deleted_at = CASE WHEN $15 THEN coalesce(deleted_at, now()) ELSE deleted_at END"
             " WHERE id = $1 AND fencing_token <= $11 RETURNING true",
             rec["id"],
@@ -305,6 +307,8 @@ class Store:
             values["metadata"],
             values["webhook_url"],
             deleted,
+            values["lid"],
+            values["synced"],
         )
         if done:
             return

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_QUEUED_EVENTS = 256
+CONN_LINGER_S = 3.0
+"""A page instance counts as connected this long after its last long-poll ended (between polls)."""
 
 
 @dataclass(eq=False)
@@ -30,6 +32,8 @@ class Client:
     """The page instance (one browser tab) that last spoke for this device."""
     sticky_state: str | None = None
     """A socket state the page enters again on every boot (e.g. a build the server keeps refusing)."""
+    conn_polls: dict[str, int] = field(default_factory=dict)
+    conn_seen: dict[str, float] = field(default_factory=dict)
     seq: int = 0
     waiters: int = 0
     last_seen: float = field(default_factory=time.monotonic)
@@ -53,14 +57,25 @@ class Client:
             after = 0
         return [event for event in self.events if event["seq"] > after]
 
-    async def wait_events(self, after: int, max_wait_s: float) -> list[dict[str, Any]]:
+    def connected(self, conn_id: str) -> bool:
+        """Is this page instance still connected (a long-poll open, or one that just ended)?"""
+        if self.conn_polls.get(conn_id, 0) > 0:
+            return True
+        seen = self.conn_seen.get(conn_id)
+        return seen is not None and time.monotonic() - seen < CONN_LINGER_S
+
+    async def wait_events(self, after: int, max_wait_s: float, conn_id: str = "") -> list[dict[str, Any]]:
         """Long-poll: events with seq > after, waiting up to ``max_wait_s`` for the next push."""
         self.last_seen = time.monotonic()
+        if conn_id:
+            self.conn_seen[conn_id] = self.last_seen
         ready = self.events_after(after)
         if ready:
             return ready
         wake = self._wake
         self.waiters += 1
+        if conn_id:
+            self.conn_polls[conn_id] = self.conn_polls.get(conn_id, 0) + 1
         try:
             async with asyncio.timeout(max_wait_s):
                 await wake.wait()
@@ -69,4 +84,7 @@ class Client:
         finally:  # also runs when the handler is cancelled because the client went away
             self.waiters -= 1
             self.last_seen = time.monotonic()
+            if conn_id:
+                self.conn_polls[conn_id] -= 1
+                self.conn_seen[conn_id] = self.last_seen
         return self.events_after(after)

@@ -93,7 +93,10 @@ async def poll(request: web.Request) -> web.Response:
     raw_after = request.query.get("after", "0")
     if not (raw_after.isascii() and raw_after.isdigit()) or len(raw_after) > 18:
         raise SimError(400, "invalid_request", "'after' must be a non-negative integer")
-    events = await client.wait_events(int(raw_after), POLL_TIMEOUT_S)
+    conn_id = request.query.get("conn_id", "")
+    if len(conn_id) > 64:
+        raise SimError(400, "invalid_request", "'conn_id' must be at most 64 characters")
+    events = await client.wait_events(int(raw_after), POLL_TIMEOUT_S, conn_id)
     return json_response({"events": events})
 
 

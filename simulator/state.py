@@ -104,6 +104,10 @@ class SimState:
         self.pending_passkey: dict[str, str] = {}
         self.live_conn: dict[str, str] = {}
         """device id -> the page instance holding its one live connection (``conflict: strict``)."""
+        self.conflicts_sent = 0
+        """``conflict`` events pushed to pages (a takeover ping-pong shows here)."""
+        self.takeovers = 0
+        """"Use Here" (``Socket.takeover()``) calls that reached the server."""
         self._last_gc = time.monotonic()
 
     # ----- pages -------------------------------------------------------------------------------------
@@ -193,6 +197,7 @@ class SimState:
         client = self.client(device_id)
         if device_id not in self.devices:
             raise SimError(409, "not_linked", "this device is not linked")
+        self.takeovers += 1
         self._go_live(client, conn_id)
         return {"ok": True}
 
@@ -204,7 +209,10 @@ class SimState:
         client.conn_id = conn_id
         previous = self.live_conn.get(client.device_id)
         self.live_conn[client.device_id] = conn_id
-        if self.profile.conflict == "strict" and previous and previous != conn_id:
+        # a connection that is gone (its browser closed) is not knocked out: it is just replaced
+        live = previous is not None and previous != conn_id and client.connected(previous)
+        if self.profile.conflict == "strict" and live:
+            self.conflicts_sent += 1
             client.push("conflict", conn_id=previous)
 
     def request_pair_code(self, device_id: str, phone: str) -> str:
@@ -348,6 +356,7 @@ class SimState:
         if not targets:
             raise SimError(404, "not_linked", "this phone has no linked devices")
         for device in targets:
+            self.conflicts_sent += 1
             self.client(device.device_id).push("conflict")
         return len(targets)
 
@@ -381,12 +390,16 @@ class SimState:
         self.last_index.clear()
         self.pending_passkey.clear()
         self.live_conn.clear()
+        self.conflicts_sent = 0
+        self.takeovers = 0
 
     def summary(self) -> dict[str, int]:
         return {
             "clients": len(self.clients),
             "linked_devices": len(self.devices),
             "live_connections": len(self.live_conn),
+            "conflicts_sent": self.conflicts_sent,
+            "takeovers": self.takeovers,
             "pending_polls": sum(c.waiters for c in self.clients.values()),
         }
 

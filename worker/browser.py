@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class BrowserSlot:
         self.page: Page | None = None
         self.pid: int | None = None
         self.last_qr: str | None = None
+        self.last_qr_ref: str | None = None
         self.last_qr_ttl_ms: int | None = None
         self.socket_state: str | None = None
         self.first_qr = asyncio.Event()
@@ -56,6 +58,8 @@ class BrowserSlot:
         self._hook_needed = asyncio.Event()
         self._hook_task: asyncio.Task[None] | None = None
         self._hook_timeout_s = 30.0
+        self.requests: set[asyncio.Task[Any]] = set()
+        """The page's requests being forwarded (ended with the browser, as its sockets would be)."""
 
     # ----- who receives the page's events
     def set_sink(self, sink: PageEventSink | None) -> None:
@@ -74,6 +78,7 @@ class BrowserSlot:
     def _dispatch(self, kind: str, data: Any) -> None:
         if kind == "qr" and isinstance(data, dict):
             self.last_qr = str(data.get("qr") or "") or None
+            self.last_qr_ref = str(data.get("ref") or "") or None
             ttl = data.get("ttl_ms")
             self.last_qr_ttl_ms = int(ttl) if isinstance(ttl, int | float) else None
             if self.last_qr:
@@ -127,7 +132,14 @@ class BrowserSlot:
                 return
             try:
                 await page.wait_for_function(wa.MODULES_READY, timeout=self._hook_timeout_s * 1000)
-                await page.evaluate(wa.HOOK_SCRIPT, wa.PASSKEY_PROMPT)
+                await page.evaluate(
+                    wa.HOOK_SCRIPT,
+                    {
+                        "passkeySelector": wa.PASSKEY_PROMPT,
+                        "qrSelector": wa.QR_CONTAINER,
+                        "codeSelector": wa.PAIRING_CODE_CELLS,
+                    },
+                )
             except PlaywrightError as exc:
                 if self._closing or page.is_closed():
                     return
@@ -159,6 +171,20 @@ class BrowserSlot:
     async def refresh_qr(self) -> None:
         await self._evaluate(wa.REFRESH_QR_SCRIPT, wa.QR_RELOAD_BUTTON)
 
+    async def back_to_qr(self) -> None:
+        """Leave a pairing code for the QR (new refs, the QR screen)."""
+        await self._evaluate(wa.QR_LINKING_SCRIPT, timeout_s=30.0)
+
+    async def reload(self, timeout_s: float) -> None:
+        """Load WhatsApp Web again in this browser (the hook is installed again after it)."""
+        page = self.page
+        if page is None or self._closing:
+            raise BrowserError("the browser of this session is not running")
+        try:
+            await page.goto(wa.APP_URL, wait_until="commit", timeout=timeout_s * 1000)
+        except PlaywrightError as exc:
+            raise BrowserError(f"WhatsApp Web did not load again: {exc.message}") from exc
+
     async def takeover(self) -> None:
         await self._evaluate(wa.TAKEOVER_SCRIPT)
 
@@ -176,6 +202,8 @@ class BrowserSlot:
             self._hook_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._hook_task
+        for request in list(self.requests):
+            request.cancel()  # the page's long-poll ends with its browser, as a socket would
         if self.context is not None:
             with contextlib.suppress(PlaywrightError, TimeoutError):
                 await asyncio.wait_for(self.context.close(), self._close_timeout_s)
@@ -228,7 +256,7 @@ class BrowserLauncher:
             context.set_default_timeout(timeout_ms)
             await context.expose_binding(wa.BINDING_NAME, slot._on_binding)
             if settings.target == "simulator":
-                await context.route(wa.ROUTE_PATTERN, self._route_to_simulator)
+                await context.route(wa.ROUTE_PATTERN, partial(self._route_to_simulator, slot))
             else:
                 await context.route(lambda url: url == wa.APP_URL, self._route_cached_html)
             page = context.pages[0] if context.pages else await context.new_page()
@@ -246,8 +274,21 @@ class BrowserLauncher:
             raise
         return slot
 
-    async def _route_to_simulator(self, route: Route) -> None:
+    async def _route_to_simulator(self, slot: BrowserSlot, route: Route) -> None:
         """Serve ``https://web.whatsapp.com/**`` from the simulator: same origin, same storage keys."""
+        task = asyncio.current_task()
+        if task is None or slot.closing:
+            return
+        slot.requests.add(task)
+        try:
+            await self._forward(route)
+        except asyncio.CancelledError:
+            if not slot.closing:
+                raise
+        finally:
+            slot.requests.discard(task)
+
+    async def _forward(self, route: Route) -> None:
         request = route.request
         path = request.url[len(wa.ORIGIN) :] or "/"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}

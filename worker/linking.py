@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 from collections import deque
 from functools import partial
 from typing import Any
@@ -29,6 +31,14 @@ log = logging.getLogger("walink.sessions")
 
 S = SessionStatus
 MAX_CRASH_RESTARTS = 3
+MAX_TAKEOVERS = 3
+"""Takeovers of one session within ``TAKEOVER_WINDOW_S``; one more and it ends ``failed``/``conflict``
+(two browsers on one device would otherwise knock each other out for ever)."""
+TAKEOVER_WINDOW_S = 60.0
+MAX_VERSION_RELOADS = 1
+_PHONE_RE = re.compile(r"[0-9]{6,15}")
+_LID_RE = re.compile(r"[0-9]{1,20}@lid")
+_BLOCKED_REASONS = {wa.STATE_TOS_BLOCK: Reason.TOS_BLOCK, wa.STATE_PROXYBLOCK: Reason.PROXYBLOCK}
 
 
 class Linking:
@@ -49,7 +59,8 @@ class Linking:
             session.profile_id = slot.profile_id
             self._adopt(session, slot)
             if slot.last_qr and slot.socket_state == wa.STATE_UNPAIRED:
-                self._on_qr(session, {"qr": slot.last_qr, "ttl_ms": slot.last_qr_ttl_ms}, Reason.WARM_POOL)
+                warm = {"qr": slot.last_qr, "ref": slot.last_qr_ref, "ttl_ms": slot.last_qr_ttl_ms}
+                self._on_qr(session, warm, Reason.WARM_POOL)
         else:
             self._ctx.tasks.spawn(session, self._cold_start(session))
 
@@ -86,6 +97,7 @@ class Linking:
     def reset_link_state(self, session: Session) -> None:
         session.batches_used = 0
         session.qr_in_batch = 0
+        session.qr_ref = None
         session.pairing_code = None
         session.logout_requested = False
 
@@ -149,15 +161,24 @@ class Linking:
         if session.status not in {S.STARTING, S.QR} or not isinstance(data, dict) or not data.get("qr"):
             return
         qr = str(data["qr"])
+        ref = str(data.get("ref") or qr.split(",", 1)[0])
+        # the same ref drawn again with a new ADV secret (companion_reg_refresh): a new string to
+        # publish, but the ref's lifetime goes on
+        same_ref = session.status == S.QR and ref == session.qr_ref and session.qr_expires_at_ms is not None
         session.qr_count += 1
-        session.qr_in_batch += 1
-        ttl = data.get("ttl_ms")
-        ttl_ms = (
-            int(ttl)
-            if isinstance(ttl, int | float) and ttl > 0
-            else (wa.QR_FIRST_TTL_MS if session.qr_in_batch == 1 else wa.QR_NEXT_TTL_MS)
-        )
+        session.qr_ref = ref
+        session.pairing_code = None  # a QR on the page: no pairing code is active any more
         at = now_ms()
+        if same_ref and session.qr_expires_at_ms is not None:
+            ttl_ms = max(0, session.qr_expires_at_ms - at)
+        else:
+            session.qr_in_batch += 1
+            ttl = data.get("ttl_ms")
+            ttl_ms = (
+                int(ttl)
+                if isinstance(ttl, int | float) and ttl > 0
+                else (wa.QR_FIRST_TTL_MS if session.qr_in_batch == 1 else wa.QR_NEXT_TTL_MS)
+            )
         if session.status == S.STARTING:
             if reason == Reason.QR_SHOWN:
                 reason = Reason.COLD_START
@@ -177,18 +198,78 @@ class Linking:
 
     def _on_state(self, session: Session, data: Any) -> None:
         state = str(data)
+        linked = session.status in {S.AUTHENTICATED, S.READY, S.PASSKEY_REQUIRED}
         if state == wa.STATE_UNPAIRED_IDLE and session.status == S.QR:
             self._on_batch_end(session)
         elif state == wa.STATE_PAIRING and session.status == S.QR:
             session.mark("scanned_at_ms")
-        elif state == wa.STATE_CONNECTED and session.status in {S.STARTING, S.QR, S.PASSKEY_REQUIRED}:
-            self._authenticated(session)
-        elif state == wa.STATE_CONFLICT and session.status == S.READY:
-            if self._ctx.settings.takeover_on_conflict and session.slot is not None:
-                log.info("%s: WhatsApp is open elsewhere; taking over", session.id)
-                self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(session.slot.takeover()))
-            else:
-                self._ending.end(session, S.LOGGED_OUT, Reason.CONFLICT)
+        elif state == wa.STATE_CONNECTED:
+            session.connection = "connected"
+            if session.status in {S.STARTING, S.QR, S.PASSKEY_REQUIRED}:
+                self._authenticated(session)
+        elif state in wa.RECONNECTING_STATES and (linked or session.id in self._ctx.restoring):
+            if session.connection != "reconnecting":
+                log.info("%s: WhatsApp Web is reconnecting (%s)", session.id, state)
+            session.connection = "reconnecting"  # wait: the socket comes back by itself
+        elif state == wa.STATE_CONFLICT and (linked or session.id in self._ctx.restoring):
+            self._on_conflict(session)
+        elif state == wa.STATE_DEPRECATED_VERSION:
+            self._on_deprecated(session)
+        elif state in _BLOCKED_REASONS:
+            log.warning("%s: WhatsApp Web is blocked (%s)", session.id, state)
+            self.fail(session, _BLOCKED_REASONS[state])
+
+    def _on_conflict(self, session: Session) -> None:
+        """Another connection of this device (socket ``CONFLICT``). Take the device back only while
+        this worker holds the session's lease, and only a few times a minute."""
+        settings = self._ctx.settings
+        if not settings.takeover_on_conflict or session.slot is None:
+            self._ending.end(session, S.LOGGED_OUT, Reason.CONFLICT)
+            return
+        self._ctx.tasks.spawn(session, self._take_device_back(session, session.slot))
+
+    async def _take_device_back(self, session: Session, slot: BrowserSlot) -> None:
+        ctx = self._ctx
+        holder = await ctx.durable.lease_owner(session.id)
+        if session.slot is not slot or session.ended:
+            return
+        if holder != ctx.name:
+            # another worker drives this session now: its browser is the one to keep
+            log.warning("%s: open elsewhere and driven by %s; letting go", session.id, holder or "nobody")
+            self._ending.let_go(session, Reason.CONFLICT)
+            return
+        now = time.monotonic()
+        while session.takeovers and now - session.takeovers[0] > TAKEOVER_WINDOW_S:
+            session.takeovers.popleft()
+        if len(session.takeovers) >= MAX_TAKEOVERS:
+            log.error(
+                "%s: %d takeovers within %.0f s; giving up", session.id, MAX_TAKEOVERS, TAKEOVER_WINDOW_S
+            )
+            self.fail(session, Reason.CONFLICT)
+            return
+        session.takeovers.append(now)
+        log.info("%s: WhatsApp is open elsewhere; taking over (%d)", session.id, len(session.takeovers))
+        await ctx.tasks.quietly(slot.takeover())
+
+    def _on_deprecated(self, session: Session) -> None:
+        """The page's build is refused: drop any pinned build and load the live page once; if
+        that build is refused too, the session fails ``deprecated_version``."""
+        slot = session.slot
+        if slot is None or session.version_reloads >= MAX_VERSION_RELOADS:
+            self.fail(session, Reason.DEPRECATED_VERSION)
+            return
+        session.version_reloads += 1
+        self._ctx.launcher.web_cache.unpin()
+        log.warning("%s: WhatsApp Web's build is deprecated; reloading the live page", session.id)
+        self._ctx.tasks.spawn(session, self._reload(session, slot))
+
+    async def _reload(self, session: Session, slot: BrowserSlot) -> None:
+        try:
+            await slot.reload(self._ctx.settings.start_timeout_s)
+        except BrowserError as exc:
+            log.warning("%s: %s", session.id, exc)
+            if session.slot is slot:
+                self.fail(session, Reason.DEPRECATED_VERSION)
 
     def _authenticated(self, session: Session) -> None:
         restoring = session.id in self._ctx.restoring
@@ -204,17 +285,37 @@ class Linking:
                 session, self._ctx.settings.passkey_timeout_s, S.PASSKEY_REQUIRED, Reason.PASSKEY_TIMEOUT
             )
 
-    def _on_ready(self, session: Session, data: Any) -> None:
-        if session.status == S.READY or session.ended:
-            return  # hasSynced fires more than once (whatsapp-web.js #5801)
-        if not isinstance(data, dict) or not data.get("phone"):
-            self.fail(session, Reason.PHONE_UNAVAILABLE)
+    def _on_lid(self, session: Session, data: Any) -> None:
+        lid = str(data.get("lid") or "") if isinstance(data, dict) else ""
+        if _LID_RE.fullmatch(lid):
+            session.lid = lid
+
+    def _on_synced(self, session: Session, data: Any) -> None:
+        """The history sync is done: reported on its own; the link never waited for it."""
+        if session.synced or session.ended or session.status not in {S.AUTHENTICATED, S.READY}:
             return
+        session.synced = True
+        signal = str(data.get("signal") or "") if isinstance(data, dict) else ""
+        at = session.mark("synced_at_ms")
+        since = session.timings.get("authenticated_at_ms")
+        if since is not None:
+            session.timings["sync_ms"] = at - since
+        session.publish(EventType.SESSION_SYNCED, {"signal": signal})
+
+    def _on_me(self, session: Session, data: Any) -> None:
+        """The page knows the account's phone number: the link is done (``session_ready``)."""
+        if session.status == S.READY or session.ended:
+            return
+        phone = str(data.get("phone") or "") if isinstance(data, dict) else ""
+        if not _PHONE_RE.fullmatch(phone):
+            log.warning("%s: the page gave no usable phone number (%r)", session.id, data)
+            return  # a later event brings it; the link deadline ends a link that never gets one
+        self._on_lid(session, data)
         if session.status in {S.STARTING, S.QR, S.PASSKEY_REQUIRED}:
             self._authenticated(session)
         restoring = session.id in self._ctx.restoring
         self._ctx.restoring.discard(session.id)
-        session.phone_number = str(data["phone"])
+        session.phone_number = phone
         session.push_name = str(data["push_name"]) if data.get("push_name") else None
         session.phone_method = str(data.get("method") or "")
         at = session.mark("ready_at_ms")
@@ -227,8 +328,8 @@ class Linking:
             session.timings["phone_extraction_ms"] = elapsed
             self.phone_times_ms.append(elapsed)
             metrics.PHONE_SECONDS.observe(elapsed / 1000)
-            metrics.LINKS.labels("linked", Reason.SYNCED.value).inc()
-        session.transition(S.READY, Reason.RESTORED if restoring else Reason.SYNCED)
+            metrics.LINKS.labels("linked", Reason.LINKED.value).inc()
+        session.transition(S.READY, Reason.RESTORED if restoring else Reason.LINKED)
         session.touch()  # becoming ready is a use: the idle clock starts here
         self._disarm(session)
         session.publish(
@@ -259,6 +360,12 @@ class Linking:
                 return
         self.fail(session, Reason.BROWSER_CRASHED)
 
+    def _on_pairing_code(self, session: Session, data: Any) -> None:
+        """The page renewed the pairing code it shows."""
+        code = str(data.get("code") or "") if isinstance(data, dict) else ""
+        if session.status == S.QR and session.pairing_code and len(code) == 8:
+            session.pairing_code = f"{code[:4]}-{code[4:]}"
+
     def _on_hook_timeout(self, session: Session, _data: Any) -> None:
         if session.status in LINKING:
             self.fail(session, Reason.START_TIMEOUT)
@@ -267,7 +374,10 @@ class Linking:
         "qr": _on_qr,
         "state": _on_state,
         "passkey": _on_passkey,
-        "ready": _on_ready,
+        "me": _on_me,
+        "lid": _on_lid,
+        "synced": _on_synced,
+        "pairing_code": _on_pairing_code,
         "logged_out": _on_logged_out,
         "crashed": _on_browser_gone,
         "closed": _on_browser_gone,
@@ -310,5 +420,16 @@ class Linking:
                 f"a pairing code needs a session waiting for its link; this one is {session.status}"
             )
         code = (await session.slot.request_pairing_code(phone)).upper().replace("-", "")
+        # the page issues no QR from now on: the last one is no longer shown nor scannable
+        session.qr = None
+        session.qr_expires_at_ms = None
+        session.qr_ref = None
         session.pairing_code = f"{code[:4]}-{code[4:]}" if len(code) == 8 else code
         return session.pairing_code
+
+    async def back_to_qr(self, session: Session) -> None:
+        """Leave the pairing code for the QR; the new QR arrives as a ``qr`` event."""
+        if session.status != S.QR or session.slot is None or not session.pairing_code:
+            raise InvalidState(f"no pairing code is active on this session ({session.status})")
+        await session.slot.back_to_qr()
+        session.pairing_code = None

@@ -144,6 +144,8 @@ async def get_qr(request: web.Request) -> web.Response:
     session = await _session(request)
     fmt = _qr_format(request)
     if session.qr is None:
+        if session.pairing_code:
+            raise InvalidState("no QR while a pairing code is active (DELETE …/pairing-code to go back)")
         raise InvalidState(f"no QR to show: the session is {session.status.value}")
     headers = {"Cache-Control": "no-store"}
     if fmt == "png":
@@ -205,6 +207,13 @@ async def pairing_code(request: web.Request) -> web.Response:
     phone = normalize_phone(data.get("phone_number"))
     code = await request.app[MANAGER].pairing_code(session, phone)
     return json_response({"code": code, "phone_number": phone})
+
+
+async def cancel_pairing_code(request: web.Request) -> web.Response:
+    """Back from the pairing code to the QR: the session's next ``qr`` event carries the new QR."""
+    session = await _session(request)
+    await request.app[MANAGER].back_to_qr(session)
+    return json_response({"id": session.id, "status": session.status.value, **_links(session)}, status=202)
 
 
 async def restart_session(request: web.Request) -> web.Response:
@@ -372,6 +381,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/sessions/{session_id}/qr", get_qr)
     app.router.add_get("/v1/sessions/{session_id}/events", session_events)
     app.router.add_post("/v1/sessions/{session_id}/pairing-code", pairing_code)
+    app.router.add_delete("/v1/sessions/{session_id}/pairing-code", cancel_pairing_code)
     app.router.add_post("/v1/sessions/{session_id}/restart", restart_session)
     app.router.add_post("/v1/sessions/{session_id}/logout", logout_session)
     app.router.add_get("/v1/accounts", list_accounts)

@@ -38,6 +38,10 @@ class Session:
     phone_number: str | None = None
     push_name: str | None = None
     phone_method: str | None = None
+    lid: str | None = None
+    """WhatsApp's own id of the account (``…@lid``): kept, never taken for the phone number."""
+    synced: bool = False
+    """The history sync reported done (``main_loaded``, Stream ``MAIN`` or ``hasSynced``)."""
     is_primary: bool = False
     history: list[Transition] = field(default_factory=list)
     timings: dict[str, int] = field(default_factory=dict)
@@ -50,6 +54,11 @@ class Session:
     fencing_token: int = 0
     last_seq: int = 0
     # runtime only
+    qr_ref: str | None = field(default=None, repr=False)
+    connection: str = field(default="connected", repr=False)
+    """``connected`` or ``reconnecting`` (socket ``TIMEOUT``/``OPENING`` while linked)."""
+    takeovers: deque[float] = field(default_factory=lambda: deque(maxlen=8), repr=False)
+    version_reloads: int = field(default=0, repr=False)
     slot: BrowserSlot | None = field(default=None, repr=False)
     pending: list[NewEvent] = field(default_factory=list, repr=False)
     events: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=EVENT_BACKLOG), repr=False)
@@ -147,6 +156,8 @@ class Session:
             "reason": self.reason,
             "phone_number": self.phone_number,
             "push_name": self.push_name,
+            "lid": self.lid,
+            "synced": self.synced,
             "is_primary": self.is_primary,
             "label": self.label,
             "metadata": self.metadata,
@@ -169,6 +180,8 @@ class Session:
             "reason": self.reason,
             "phone_number": self.phone_number,
             "push_name": self.push_name,
+            "lid": self.lid,
+            "synced": self.synced,
             "history": [t.to_dict() for t in self.history],
             "timings": self.timings,
         }
@@ -186,6 +199,8 @@ class Session:
             reason=str(data.get("reason") or ""),
             phone_number=data.get("phone_number"),
             push_name=data.get("push_name"),
+            lid=data.get("lid"),
+            synced=bool(data.get("synced")),
             is_primary=bool(data.get("is_primary")),
             history=[Transition.from_dict(t) for t in data.get("history") or []],
             timings={str(k): int(v) for k, v in (data.get("timings") or {}).items()},

@@ -237,6 +237,9 @@ class SessionManager:
     async def pairing_code(self, session: Session, phone: str) -> str:
         return await self._linking.pairing_code(session, phone)
 
+    async def back_to_qr(self, session: Session) -> None:
+        await self._linking.back_to_qr(session)
+
     async def logout(self, session: Session) -> Session:
         if session.ended:
             raise InvalidState(f"session {session.id} is already {session.status}")
@@ -342,6 +345,9 @@ class SessionManager:
             "authenticated": sum(1 for s in self.sessions.values() if s.status in authenticated),
             "qr_scanning": by_status.get(S.QR.value, 0),
             "hibernated": by_status.get(S.HIBERNATED.value, 0),
+            "reconnecting": sum(
+                1 for s in self.sessions.values() if s.slot is not None and s.connection == "reconnecting"
+            ),
             "by_status": by_status,
         }
 

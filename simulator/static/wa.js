@@ -1041,7 +1041,7 @@
     if (state === "TIMEOUT" || state === "OPENING") {
       const previous = Socket.state;
       Socket.set({ state });
-      Stream.set({ displayInfo: state === "TIMEOUT" ? "TIMEOUT" : "CONNECTING" });
+      Stream.set({ displayInfo: "CONNECTING" });
       later(durationMs, () => {
         if (Socket.state !== state || sim.loggingOut) return;
         Socket.set({ state: previous });
@@ -1127,7 +1127,9 @@
     let wait = 250;
     while (!abort.signal.aborted) {
       try {
-        const url = `/sim/api/poll?device_id=${encodeURIComponent(sim.creds.device_id)}&after=${sim.seq}`;
+        const url =
+          `/sim/api/poll?device_id=${encodeURIComponent(sim.creds.device_id)}&after=${sim.seq}` +
+          `&conn_id=${sim.connId}`;
         const resp = await fetch(url, { cache: "no-store", signal: abort.signal });
         if (!resp.ok) throw new Error(`poll: HTTP ${resp.status}`);
         const { events } = await resp.json();
