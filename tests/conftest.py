@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -125,11 +126,23 @@ class Sim:
         assert resp.status == expect, (path, resp.status, data)
         return data
 
+    async def get(self, path: str) -> dict[str, Any]:
+        resp = await self.client.get(path)
+        data: dict[str, Any] = await resp.json()
+        assert resp.status == 200, (path, resp.status, data)
+        return data
+
     async def profile(self, **fields: Any) -> dict[str, Any]:
         return await self.post("/admin/profile", fields)
 
     async def scan(self, qr: str, phone: str, expect: int = 200, **extra: Any) -> dict[str, Any]:
         return await self.post("/phone/scan", {"qr": qr, "phone": phone, **extra}, expect)
+
+    async def scan_linking(
+        self, stream: EventStream, phone: str, qr: str | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        """Scan the QRs that walink publishes on ``stream`` until the phone links."""
+        return await scan_until_linked(self.url, stream.next_qr, phone, qr, **extra)
 
     async def devices(self, phone: str) -> list[dict[str, Any]]:
         resp = await self.client.get("/phone/devices", params={"phone": phone})
@@ -140,7 +153,7 @@ class Sim:
 
 @pytest.fixture
 async def sim(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient) -> Sim:
-    server = await aiohttp_server(create_simulator("instant"))
+    server = await aiohttp_server(create_simulator("strict"))
     client = await aiohttp_client(server)
     return Sim(server, client)
 
@@ -208,6 +221,25 @@ def no_leaked_chromium(tmp_path: Path) -> Any:
     assert not locks, f"profile locks left: {locks}"
 
 
+async def scan_until_linked(
+    sim_url: str, next_qr: Callable[[], Awaitable[str]], phone: str, qr: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Scan a QR as a user does: "Couldn't link device" (the page refreshed the QR's secret,
+    ``adv_refresh``) or an expired QR means scanning the next QR that walink publishes."""
+    qr = qr or await next_qr()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(4):
+            async with http.post(sim_url + "/phone/scan", json={"qr": qr, "phone": phone, **extra}) as resp:
+                data: dict[str, Any] = await resp.json()
+                status = resp.status
+            if status == 200:
+                return data
+            retry = (status, data["error"]["code"]) in {(409, "couldnt_link_device"), (410, "qr_expired")}
+            assert retry, (status, data)
+            qr = await next_qr()
+    raise AssertionError("the phone could not link after four scans")
+
+
 class EventStream:
     """Reads a session's SSE stream: ``await stream.until("status", status="ready")``."""
 
@@ -237,6 +269,10 @@ class EventStream:
                 event, data = await self.next()
                 if event == kind and all(data.get(k) == v for k, v in match.items()):
                     return data
+
+    async def next_qr(self) -> str:
+        """The QR of the stream's next ``qr`` event."""
+        return str((await self.until("qr"))["qr"])
 
     def close(self) -> None:
         self.resp.close()
@@ -279,7 +315,7 @@ async def link_id(client: TestClient[Any, Any], sim: Sim, phone: str, **body: An
     sid: str = (await create(client, **body))["id"]
     stream = await events(client, sid)
     try:
-        await sim.scan((await stream.until("qr"))["qr"], phone)
+        await sim.scan_linking(stream, phone)
         await stream.until("session_ready")
     finally:
         stream.close()

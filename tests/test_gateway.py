@@ -41,6 +41,7 @@ from tests.conftest import (
     EventStream,
     cluster_worker,
     free_port,
+    scan_until_linked,
 )
 
 pytestmark = [pytest.mark.chromium, pytest.mark.timeout(420)]  # real processes: slow on a busy box
@@ -241,12 +242,8 @@ async def _create(c: Cluster, who: str = "a", **body: Any) -> tuple[dict[str, An
     return created, resp.headers["X-Walink-Worker"]
 
 
-async def _scan(c: Cluster, qr: str, phone: str) -> None:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(c.sim_url + "/phone/scan", json={"qr": qr, "phone": phone}) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
+async def _scan(c: Cluster, stream: EventStream, phone: str, qr: str | None = None) -> None:
+    await scan_until_linked(c.sim_url, stream.next_qr, phone, qr)
 
 
 async def test_link_spread_and_tenancy_through_the_gateway(start_cluster: Callable[[int], Any]) -> None:
@@ -267,7 +264,7 @@ async def test_link_spread_and_tenancy_through_the_gateway(start_cluster: Callab
     assert (await png.read()).startswith(b"\x89PNG")
     svg = await gw.get(f"/v1/sessions/{sid}/qr?format=svg", headers=c.auth("a"))
     assert svg.headers["Content-Type"].startswith("image/svg+xml") and b"<svg" in await svg.read()
-    await _scan(c, qr, PHONE)
+    await _scan(c, stream, PHONE, qr)
     ready = await stream.until("session_ready")
     assert ready["phone_number"] == PHONE
     stream.close()
@@ -417,7 +414,7 @@ async def test_a_rolling_restart_loses_no_request(start_cluster: Callable[[int],
     created, owner = await _create(c, label="rolling")
     sid = created["id"]
     stream = await _events(c, sid)
-    await _scan(c, (await stream.until("qr"))["qr"], PHONE)
+    await _scan(c, stream, PHONE)
     await stream.until("session_ready")
     stream.close()
     answers: Counter[str] = Counter()

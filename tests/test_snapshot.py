@@ -25,7 +25,7 @@ from playwright.async_api import Page, Playwright, Route
 
 from shared.errors import SettingsError, SnapshotInvalid
 from tests.browser import ORIGIN, forward_to, launch
-from tests.conftest import Sim
+from tests.conftest import Sim, scan_until_linked
 from worker.snapshot import (
     IDB_BLOBS,
     IDB_LEVELDB,
@@ -83,11 +83,23 @@ async def whatsapp(pw: Playwright, profile: Path, sim: Sim) -> AsyncIterator[Pag
 async def link(pw: Playwright, profile: Path, sim: Sim) -> None:
     """A real QR link: read the QR, scan it with the simulated phone, wait for the chat list."""
     async with whatsapp(pw, profile, sim) as page:
-        raw = await page.locator(QR).get_attribute("data-ref")
-        assert raw
-        await sim.scan(raw, PHONE)
+        seen: list[str] = []
+
+        async def next_qr() -> str:
+            handle = await page.wait_for_function(
+                "seen => { const v = document.querySelector('div[data-ref]')?.getAttribute('data-ref');"
+                " return v && !seen.includes(v) ? v : null; }",
+                arg=seen,
+            )
+            raw = str(await handle.json_value())
+            seen.append(raw)
+            return raw
+
+        await scan_until_linked(sim.url, next_qr, PHONE)
         await page.wait_for_selector("#pane-side")
-        assert await page.evaluate(ME_USER) == PHONE
+        await page.wait_for_function(
+            f"() => {{ try {{ return {ME_USER} === '{PHONE}'; }} catch (e) {{ return false; }} }}"
+        )
         with pytest.raises(SnapshotInvalid, match="still runs"):
             pack_profile(profile, key=KEY, session_id=SESSION)  # a live profile is never packed
 
@@ -188,7 +200,10 @@ async def test_snapshot_restores_the_login_into_an_empty_profile(
     started = time.perf_counter()
     async with whatsapp(pw, target, sim) as page:
         await page.wait_for_selector("#pane-side")
-        await page.wait_for_function("window.require('WAWebSocketModel').Socket.hasSynced === true")
+        # logged in: the page knows the phone (its modules may be registered late: retry until then)
+        await page.wait_for_function(
+            f"() => {{ try {{ return {ME_USER} === '{PHONE}'; }} catch (e) {{ return false; }} }}"
+        )
         print(f"restored profile: chat list {(time.perf_counter() - started) * 1000:.0f} ms after launch")
         assert await page.evaluate(ME_USER) == PHONE
         assert await page.evaluate("window.__walinkSawQr") is False, "the restored profile showed a QR"

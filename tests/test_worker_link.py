@@ -52,7 +52,7 @@ async def test_add_account_end_to_end(sim: Sim, start_worker: WorkerFactory) -> 
     svg = await client.get(f"/v1/sessions/{sid}/qr?format=svg")
     assert svg.content_type == "image/svg+xml" and b"<svg" in await svg.read()
 
-    await sim.scan(raw, PHONE, push_name="Ana")
+    await sim.scan_linking(stream, PHONE, qr=raw, push_name="Ana")
     ready = await stream.until("session_ready")
     stream.close()
     assert ready["phone_number"] == PHONE and ready["push_name"] == "Ana"
@@ -61,7 +61,7 @@ async def test_add_account_end_to_end(sim: Sim, start_worker: WorkerFactory) -> 
     assert session["status"] == "ready" and session["phone_number"] == PHONE
     assert session["metadata"] == {"crm_id": 7} and session["label"] == "shop"
     assert [h["status"] for h in session["history"]] == ["starting", "qr", "authenticated", "ready"]
-    assert [h["reason"] for h in session["history"]][1:] == ["warm_pool", "scanned", "synced"]
+    assert [h["reason"] for h in session["history"]][1:] == ["warm_pool", "scanned", "linked"]
     assert {"qr_ms", "phone_extraction_ms", "ready_at_ms"} <= set(session["timings"])
     assert [d["push_name"] for d in await sim.devices(PHONE)] == ["Ana"]
     # a ready session has no QR to show
@@ -134,10 +134,7 @@ async def test_scan_within_second_batch_links(sim: Sim, start_worker: WorkerFact
     for _ in range(8):  # into the second batch
         qr = (await stream.until("qr"))["qr"]
     await sim.profile(qr_first_ms=60_000, qr_next_ms=20_000)
-    result = await sim.client.post("/phone/scan", json={"qr": qr, "phone": PHONE})
-    if result.status == 410:  # the ref rotated between our read and the scan: take the live one
-        qr = (await stream.until("qr"))["qr"]
-        await sim.scan(qr, PHONE)
+    await sim.scan_linking(stream, PHONE, qr=qr)
     await stream.until("session_ready")
     stream.close()
 
@@ -188,7 +185,7 @@ async def test_passkey_is_reported(sim: Sim, start_worker: WorkerFactory) -> Non
     client = await start_worker()
     sid = (await create(client))["id"]
     stream = await events(client, sid)
-    await sim.scan((await stream.until("qr"))["qr"], PHONE)
+    await sim.scan_linking(stream, PHONE)
     await stream.until("status", status="passkey_required")
     assert (await get_json(client, f"/v1/sessions/{sid}"))["status"] == "passkey_required"
     await sim.post("/phone/passkey", {"phone": PHONE})
@@ -201,7 +198,7 @@ async def test_failed_sync_is_a_failure_with_reason(sim: Sim, start_worker: Work
     client = await start_worker()
     sid = (await create(client))["id"]
     stream = await events(client, sid)
-    await sim.scan((await stream.until("qr"))["qr"], PHONE)
+    await sim.scan_linking(stream, PHONE)
     failed = await stream.until("session_failed")
     stream.close()
     assert failed["reason"] == "sync_failed"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import WAIT_S, Sim, WorkerProcess, free_port, sse_until
+from tests.conftest import EventStream, Sim, WorkerProcess, free_port, sse_until
 from worker import chromium
 
 pytestmark = pytest.mark.chromium
@@ -28,10 +27,12 @@ async def test_sigkill_then_restart_restores_without_qr_and_reaps(
         async with http.post(first.url + "/v1/sessions", json={"label": "k"}) as resp:
             sid = (await resp.json())["id"]
         events = f"{first.url}/v1/sessions/{sid}/events"
-        qr = await sse_until(await http.get(events), "qr")
-        ready = asyncio.ensure_future(sse_until(await http.get(events), "session_ready"))
-        await sim.scan(qr["qr"], PHONE)
-        assert (await asyncio.wait_for(ready, WAIT_S))["phone_number"] == PHONE
+        stream = EventStream(await http.get(events))
+        try:
+            await sim.scan_linking(stream, PHONE)
+            assert (await stream.until("session_ready"))["phone_number"] == PHONE
+        finally:
+            stream.close()
 
         assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
 
