@@ -8,6 +8,12 @@ What the Node (whatsapp-web.js) + Laravel system did for one "add account"
   this Chromium at the first new page — DESIGN.md), ``https://web.whatsapp.com/**`` routed to the
   simulator exactly as ``worker/browser.py`` does, ``goto https://web.whatsapp.com/``.
 * **The QR** is read when ``div[data-ref]`` carries a ref (``data-ref`` non-empty).
+* **A refused scan** (the 2026 page, ``strict``/``realistic``: 409 "Couldn't link device" on the
+  first scan of a batch, or 410 ``qr_expired``): the seed's page draws a new ``data-ref`` (the same
+  ref with a new ADV secret) and the phone scans that one, at most 4 scans in all
+  (:data:`load_tests.client.MAX_SCANS`). The new QR would reach the seed's client at its next 3 s
+  poll; that is counted (``refused_to_qr_at_client_s``), but the rescan is sent as soon as the page
+  has the new ref, so the timed scan → phone below starts at the scan that succeeded, as walink's.
 * **The phone** (``extractPhoneNumberSafely``): after the scan a FIXED 2.5 s wait, then
   ``getMaybeMePnUser()`` every 500 ms, at most 15 times. The 2.5 s are counted from the moment
   the phone's scan call returns — the seed learned of the scan a little later (whatsapp-web.js's
@@ -28,15 +34,14 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from playwright.async_api import BrowserContext, Page, Playwright, Route, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
+from load_tests.client import MAX_SCANS, Scan, ScanRefused
 from worker import chromium
 
 ORIGIN = "https://web.whatsapp.com"
@@ -60,6 +65,10 @@ CLIENT_POLL_S = 3.0
 TIMEOUT_MS = 60_000
 
 QR_SELECTOR = 'div[data-ref]:not([data-ref=""])'
+NEW_QR_SCRIPT = """old => {
+  const ref = document.querySelector('div[data-ref]')?.getAttribute('data-ref');
+  return ref && ref !== old ? ref : null;
+}"""
 LOGGED_IN_SELECTOR = "#pane-side"
 ME_SCRIPT = """() => {
   try {
@@ -71,8 +80,6 @@ ME_SCRIPT = """() => {
 _HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host", "upgrade"}
 )
-
-Scan = Callable[[str, str], Awaitable[Any]]
 
 
 class BaselineError(RuntimeError):
@@ -105,10 +112,14 @@ class QrSample:
 
 @dataclass(frozen=True)
 class PhoneSample:
-    available_s: float  # scan → phone extracted by the seed
-    at_client_s: float  # scan → phone on the client's screen
+    available_s: float  # the scan that succeeded → phone extracted by the seed
+    at_client_s: float  # the scan that succeeded → phone on the client's screen
     phase_s: float
-    attempts: int
+    attempts: int  # getMaybeMePnUser() calls
+    scans: int = 1  # scans it took (the refused ones and the one that succeeded)
+    refused_to_qr_s: tuple[float, ...] = ()  # a refused scan → the new data-ref on the seed's page
+    refused_to_qr_at_client_s: tuple[float, ...] = ()  # → the new QR at the seed's client (3 s poll)
+    refused: tuple[str, ...] = ()  # the refused scans' answers, e.g. "409 couldnt_link_device"
 
 
 @dataclass(frozen=True)
@@ -254,19 +265,62 @@ class SeedBaseline:
             await asyncio.sleep(RETRY_S)
         raise BaselineError(f"no phone after {FIXED_WAIT_S}s + {MAX_RETRIES} tries")
 
+    async def _next_qr(self, session: SeedSession, old: str) -> str:
+        """The page's next ``data-ref`` (a new ref, or the same ref with a new ADV secret)."""
+        if session.page is None:
+            raise BaselineError("the seed's browser is gone")
+        try:
+            handle = await session.page.wait_for_function(NEW_QR_SCRIPT, arg=old, timeout=TIMEOUT_MS)
+            qr = await handle.json_value()
+        except PlaywrightError as exc:
+            raise BaselineError(f"no new QR on the seed's page after a refused scan: {exc.message}") from exc
+        if not isinstance(qr, str) or not qr:
+            raise BaselineError("div[data-ref] without a ref")
+        session.qr = qr
+        return qr
+
     async def scan_to_phone(self, session: SeedSession, scan: Scan, phone: str) -> PhoneSample:
-        """The phone scans the QR; the seed extracts the phone; the client sees it at its next poll."""
+        """The phone scans the QR (the page's next QR again after "Couldn't link device" or an
+        expired QR); the seed extracts the phone; the client sees it at its next poll. Timed from
+        the scan that succeeded."""
         if session.qr is None:
             raise BaselineError("the session shows no QR")
         phase = self.rng.uniform(0, CLIENT_POLL_S)
-        t0 = time.perf_counter()
-        await scan(session.qr, phone)
+        qr = session.qr
+        refused: list[float] = []
+        refused_at_client: list[float] = []
+        codes: list[str] = []
+        scans = 0
+        while True:
+            scans += 1
+            t0 = time.perf_counter()
+            try:
+                await scan(qr, phone)
+                break
+            except ScanRefused as exc:
+                if not exc.rescan or scans >= MAX_SCANS:
+                    raise
+                codes.append(f"{exc.status} {exc.code}")
+                t_refused = time.perf_counter()
+                qr = await self._next_qr(session, qr)
+                shown = time.perf_counter() - t_refused
+                refused.append(shown)
+                refused_at_client.append(client_sees(shown, self.rng.uniform(0, CLIENT_POLL_S)))
         found, attempts = await self._extract_phone(session)
         available = time.perf_counter() - t0
         if found != phone:
             raise BaselineError(f"seed extracted {found}, expected {phone}")
         session.phone = found
-        return PhoneSample(available, client_sees(available, phase), phase, attempts)
+        return PhoneSample(
+            available,
+            client_sees(available, phase),
+            phase,
+            attempts,
+            scans,
+            tuple(refused),
+            tuple(refused_at_client),
+            tuple(codes),
+        )
 
     async def link(self, scan: Scan, phone: str) -> SeedSession:
         """A linked seed session (not timed): for memory and restore measurements."""

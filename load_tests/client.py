@@ -1,7 +1,12 @@
 """The benchmark's client side: the session API over HTTP, its SSE stream, a webhook receiver.
 
 This is how a SaaS backend talks to walink: ``POST /v1/sessions``, then the events stream
-(``qr``, ``session_ready``) — no polling. Every wait is bounded.
+(``qr``, ``session_ready``, ``session_synced``) — no polling. Every wait is bounded.
+
+The phone side is what a user does (``tests/conftest.py`` ``scan_until_linked``): a scan the phone
+refuses with "Couldn't link device" (409 ``couldnt_link_device``: the 2026 page refreshed the QR's
+ADV secret, ``adv_refresh``) or 410 ``qr_expired`` (the ref rotated) means scanning the next QR
+that walink publishes, a few times at most.
 """
 
 from __future__ import annotations
@@ -10,8 +15,8 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -31,10 +36,22 @@ class ClientError(RuntimeError):
 class SseEvent:
     event: str
     data: dict[str, Any]
+    at: float = field(default=0.0, compare=False)  # time.perf_counter() when the client read it
 
 
 def is_qr(ev: SseEvent) -> bool:
     return ev.event == "qr" and bool(ev.data.get("qr"))
+
+
+def is_new_qr(old: str) -> Callable[[SseEvent], bool]:
+    """A ``qr`` event with another string than ``old``: a new ref, or the same ref re-rendered with
+    a new ADV secret."""
+    return lambda ev: is_qr(ev) and str(ev.data["qr"]) != old
+
+
+def is_synced(ev: SseEvent) -> bool:
+    """``session_synced``: the history sync is done (it comes after ``session_ready``)."""
+    return ev.event == "session_synced"
 
 
 def is_ready(ev: SseEvent) -> bool:
@@ -85,7 +102,7 @@ class SseStream:
             elif line.startswith("data:"):
                 data = orjson.loads(line[5:].strip())
             elif line == "" and event is not None:
-                ev = SseEvent(event, data)
+                ev = SseEvent(event, data, time.perf_counter())
                 self.seen.append(ev)
                 return ev
 
@@ -102,8 +119,72 @@ class SseStream:
             last = [e.event for e in self.seen[-5:]]
             raise ClientError(f"no such event within {timeout_s:.0f}s (last: {last})") from None
 
+    async def seen_or_until(self, wanted: Callable[[SseEvent], bool], timeout_s: float) -> SseEvent:
+        """The first event already read that matches, else :meth:`until`."""
+        for ev in self.seen:
+            if wanted(ev):
+                return ev
+        return await self.until(wanted, timeout_s)
+
     def close(self) -> None:
         self.resp.close()
+
+
+# ---------------------------------------------------------------------------- the phone
+RESCAN = frozenset({(409, "couldnt_link_device"), (410, "qr_expired")})
+"""Answers of ``POST /phone/scan`` after which a user scans the next QR the page shows."""
+MAX_SCANS = 4
+
+
+class ScanRefused(ClientError):
+    """``POST /phone/scan`` did not answer 200."""
+
+    def __init__(self, status: int, code: str, message: str = "") -> None:
+        super().__init__(f"POST /phone/scan → {status} {code}: {message}"[:400])
+        self.status = status
+        self.code = code
+
+    @property
+    def rescan(self) -> bool:
+        """The phone says to scan the next QR: "Couldn't link device" or an expired QR."""
+        return (self.status, self.code) in RESCAN
+
+
+Scan = Callable[[str, str], Awaitable[Any]]
+"""``scan(qr, phone)``: the phone scans; raises :class:`ScanRefused` unless the scan is taken."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    at: float  # time.perf_counter() just before the scan that succeeded (the 200) was sent
+    qr: str  # the QR that linked
+    scans: int  # scans it took (1 when the page takes the first scan)
+    refused_to_qr_s: tuple[float, ...]  # each refused scan's answer → the next QR read on the stream
+    refused: tuple[str, ...] = ()  # the refused scans' answers, e.g. "409 couldnt_link_device"
+
+
+async def scan_until_linked(
+    scan: Scan, stream: SseStream, qr: str, phone: str, *, timeout_s: float = 60.0, max_scans: int = MAX_SCANS
+) -> Scanned:
+    """Scan ``qr`` with ``phone``; when the phone refuses it (:data:`RESCAN`), scan the next QR
+    that walink publishes on ``stream``; at most ``max_scans`` scans."""
+    to_qr: list[float] = []
+    refused: list[str] = []
+    for n in range(1, max_scans + 1):
+        t0 = time.perf_counter()
+        try:
+            await scan(qr, phone)
+        except ScanRefused as exc:
+            if not exc.rescan or n == max_scans:
+                raise
+            t_refused = time.perf_counter()
+            refused.append(f"{exc.status} {exc.code}")
+            ev = await stream.until(is_new_qr(qr), timeout_s)
+            to_qr.append(ev.at - t_refused)
+            qr = str(ev.data["qr"])
+            continue
+        return Scanned(t0, qr, n, tuple(to_qr), tuple(refused))
+    raise ClientError("max_scans must be at least 1")
 
 
 class Api:
@@ -200,17 +281,18 @@ async def wait_pool_full(api: Api, timeout_s: float) -> dict[str, Any]:
 
 async def link(
     api: Api,
-    scan: Callable[[str, str], Any],
+    scan: Scan,
     phone: str,
     *,
     timeout_s: float = 60.0,
     **body: Any,
 ) -> dict[str, Any]:
-    """Create a session, scan its QR with ``phone``, wait for ``session_ready``; the created body."""
+    """Create a session, scan its QR with ``phone`` (the next QR again when the phone says so),
+    wait for ``session_ready``; the created body."""
     created = await api.create(**body)
     async with api.stream(created["id"]) as stream:
         qr = await stream.until(is_qr, timeout_s)
-        await scan(str(qr.data["qr"]), phone)
+        await scan_until_linked(scan, stream, str(qr.data["qr"]), phone, timeout_s=timeout_s)
         ready = await stream.until(is_ready, timeout_s)
         if ready.event == "session_ready" and ready.data.get("phone_number") != phone:
             raise ClientError(f"session_ready with phone {ready.data.get('phone_number')}, expected {phone}")

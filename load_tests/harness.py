@@ -40,6 +40,7 @@ import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
+from load_tests.client import ScanRefused
 from shared import db
 from shared.store import Store
 from worker import chromium
@@ -531,7 +532,19 @@ class Harness:
         return await self.sim_post("/admin/profile", {"name": name, **overrides})
 
     async def scan(self, qr: str, phone: str) -> dict[str, Any]:
-        return await self.sim_post("/phone/scan", {"qr": qr, "phone": phone})
+        """The phone scans ``qr``: the 200 body, else :class:`ScanRefused` with the phone's error
+        (409 ``couldnt_link_device`` and 410 ``qr_expired`` mean: scan the next QR)."""
+        assert self.http is not None
+        async with self.http.post(
+            self.sim_url + "/phone/scan",
+            json={"qr": qr, "phone": phone},
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as resp:
+            data: dict[str, Any] = await resp.json(content_type=None)
+            if resp.status != 200:
+                error = data.get("error") or {}
+                raise ScanRefused(resp.status, str(error.get("code", "")), str(error.get("message", "")))
+            return data
 
     async def devices(self, phone: str) -> list[dict[str, Any]]:
         assert self.http is not None

@@ -11,7 +11,11 @@ Environment (``BENCH_*``, never ``WALINK_*``: walink's processes refuse unknown 
 * ``BENCH_SESSION_IDS`` — comma-separated ids of ready sessions that ``Reader`` users read;
 * ``BENCH_SIMULATOR_URL`` — the simulator (default ``http://127.0.0.1:3100``);
 * ``BENCH_LINK=1`` — ``AddAccount`` users also scan their QR with the simulated phone and wait
-  for ``ready`` (each one then costs a real Chromium on a worker until it is deleted).
+  for ``ready`` (each one then costs a real Chromium on a worker until it is deleted). As a user
+  does on the 2026 page (the simulator's default ``strict`` profile), a scan refused with 409
+  ``couldnt_link_device`` ("Couldn't link device": the page re-renders the same ref with a new
+  secret) or 410 ``qr_expired`` is followed by a scan of the next QR walink publishes
+  (``GET /v1/sessions/{id}/qr`` until it changes), at most 4 scans; those refusals are not errors.
 
 Users: ``Reader`` (weight 10) reads sessions and ``/health``; ``AddAccount`` (weight 1) creates a
 session, fetches its QR, optionally links it, then deletes it. Every loop is bounded.
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 
         def json(self) -> Any: ...
         def success(self) -> None: ...
+        def failure(self, exc: Any) -> None: ...
         def __enter__(self) -> _Response: ...
         def __exit__(self, *exc: object) -> None: ...
 
@@ -74,6 +79,9 @@ SIMULATOR_URL = os.environ.get("BENCH_SIMULATOR_URL", "http://127.0.0.1:3100").r
 LINK = os.environ.get("BENCH_LINK", "") == "1"
 QR_TRIES = 50  # every 0.2 s: a cold start on a busy worker
 READY_TRIES = 100  # every 0.2 s
+MAX_SCANS = 4
+# what the phone answers when the user should scan the next QR the page shows
+RESCAN = frozenset({(409, "couldnt_link_device"), (410, "qr_expired")})
 
 _phones = itertools.count(1)
 
@@ -84,6 +92,13 @@ def _headers() -> dict[str, str]:
 
 def _phone() -> str:
     return f"19{os.getpid() % 10_000:04d}{next(_phones):06d}"
+
+
+def _error_code(resp: _Response) -> str:
+    try:
+        return str(resp.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 class Reader(HttpUser):
@@ -121,24 +136,44 @@ class AddAccount(HttpUser):
         sid = str(resp.json()["id"])
         try:
             qr = self._qr(sid)
-            if qr is not None and LINK:
-                self.client.post(
-                    f"{SIMULATOR_URL}/phone/scan",
-                    json={"qr": qr, "phone": _phone()},
-                    name="simulator /phone/scan",
-                )
+            if qr is not None and LINK and self._scan(sid, qr, _phone()):
                 self._until_ready(sid)
         finally:
             self.client.delete(f"/v1/sessions/{sid}", headers=_headers(), name="/v1/sessions/[id] DELETE")
 
-    def _qr(self, sid: str) -> str | None:
+    def _scan(self, sid: str, qr: str | None, phone: str) -> bool:
+        """Scan as a user does: after "Couldn't link device" or an expired QR, scan the next QR
+        that walink publishes; True once the phone took a scan."""
+        for n in range(1, MAX_SCANS + 1):
+            if qr is None:
+                return False
+            with self.client.post(
+                f"{SIMULATOR_URL}/phone/scan",
+                json={"qr": qr, "phone": phone},
+                name="simulator /phone/scan",
+                catch_response=True,
+            ) as resp:
+                if resp.status_code == 200:
+                    return True
+                code = _error_code(resp)
+                if (resp.status_code, code) not in RESCAN or n == MAX_SCANS:
+                    resp.failure(f"{resp.status_code} {code or 'error'} after {n} scan(s)")
+                    return False
+                resp.success()  # the phone says to scan the new QR: what the user does next
+            qr = self._qr(sid, after=qr)
+        return False
+
+    def _qr(self, sid: str, after: str | None = None) -> str | None:
+        """The session's QR (one other than ``after``: the next one walink publishes)."""
         for _ in range(QR_TRIES):
             with self.client.get(
                 f"/v1/sessions/{sid}/qr", headers=_headers(), name="/v1/sessions/[id]/qr", catch_response=True
             ) as resp:
                 if resp.status_code == 200:
-                    return str(resp.json()["qr"])
-                if resp.status_code == 409:
+                    qr = str(resp.json()["qr"])
+                    if qr != after:
+                        return qr
+                elif resp.status_code == 409:
                     resp.success()  # "no QR yet": the browser is still starting; not an error
             time.sleep(0.2)  # Locust users are gevent greenlets: this yields
         return None
