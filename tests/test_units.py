@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from shared.settings import Settings
 from shared.web import error_middleware, read_json_object
 from worker import qr_image
 from worker import whatsapp_web as wa
+from worker.app import stop_loops
 from worker.qr_queue import BACKGROUND, USER, QrQueue
 from worker.session import Session
 
@@ -114,6 +116,30 @@ async def test_qr_queue_cancelled_waiter_gives_its_place_back() -> None:
     assert queue.active == 0
     await asyncio.wait_for(queue.acquire(), 1)
     assert queue.active == 1
+
+
+async def test_stop_loops_ends_a_loop_that_lost_its_cancel() -> None:
+    """A cancel that meets the reply of an ``asyncio.wait_for`` is lost on Python 3.11 (the reply
+    is returned): a loop cancelled once and then awaited would be waited for forever."""
+    loop = asyncio.get_running_loop()
+    replies: list[asyncio.Future[None]] = []
+
+    async def beat_forever() -> None:  # the shape of Heartbeat.run
+        while True:
+            reply: asyncio.Future[None] = loop.create_future()
+            replies.append(reply)
+            await asyncio.wait_for(reply, 10)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(beat_forever())
+    await asyncio.sleep(0)  # it waits for its first reply
+    task.cancel()
+    replies[0].set_result(None)  # which arrives with the cancel
+    await asyncio.sleep(0.01)
+    if sys.version_info < (3, 12):
+        assert not task.done() and len(replies) == 1  # the cancel was lost: it runs on
+    await asyncio.wait_for(stop_loops(task), 2)
+    assert task.cancelled()
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from tests.conftest import Sim, WorkerFactory, create, events, get_json, link_id, manager_of
 from worker import whatsapp_web as wa
-from worker.keys import POOL
+from worker.keys import HEARTBEAT, POOL
 
 pytestmark = pytest.mark.chromium
 
@@ -113,6 +113,64 @@ async def test_qr_rotates_then_expires(sim: Sim, start_worker: WorkerFactory, tm
     await asyncio.wait_for(manager.settle(), 30)
     assert manager.get(sid).slot is None
     assert not any((tmp_path / "var").glob("worker-*/profiles/" + manager.get(sid).profile_id))
+
+
+class ReplyWithTheCancel:
+    """The heartbeat's Redis, with one reply that arrives in the loop iteration in which the
+    shutdown cancels the heartbeat task. Python 3.11's ``asyncio.wait_for`` then returns that
+    reply instead of raising, the cancellation is lost and the heartbeat loop beats on. By chance
+    that is rare (reply and cancel must meet within a loop iteration or two, likelier on a loaded
+    machine); here it is certain."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.waiting = asyncio.Event()
+        self.reply: asyncio.Future[bool] | None = None
+
+    def set(self, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        if self.reply is not None or task is None or task.get_name() != "heartbeat":
+            return self.real.set(*args, **kwargs)  # the shutdown's drain beat, later beats
+        loop = asyncio.get_running_loop()
+        reply = self.reply = loop.create_future()
+        asked = task.cancelling()
+
+        def arrive_with_the_cancel() -> None:  # looks at every loop iteration until then
+            if reply.done():
+                return
+            if task.cancelling() > asked:
+                reply.set_result(True)
+            else:
+                loop.call_soon(arrive_with_the_cancel)
+
+        arrive_with_the_cancel()
+        self.waiting.set()
+        return reply
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        return self.real.delete(*args, **kwargs)
+
+
+async def test_shutdown_ends_a_heartbeat_that_lost_its_cancel(
+    start_worker: WorkerFactory, redis_client: Any
+) -> None:
+    client = await start_worker(redis_timeout_s=30.0)  # the held reply must not time out first
+    heartbeat = client.app[HEARTBEAT]
+    stand_in = ReplyWithTheCancel(heartbeat.redis)
+    heartbeat.redis = stand_in
+    await asyncio.wait_for(stand_in.waiting.wait(), 5)  # the heartbeat task awaits the held reply
+    closing = asyncio.ensure_future(client.close())
+    done, _ = await asyncio.wait({closing}, timeout=15)
+    if not done:  # unstick the shutdown so that the test ends, then fail
+        for task in asyncio.all_tasks():
+            if task.get_name() == "heartbeat":
+                task.cancel()
+        await closing
+    assert stand_in.reply is not None and stand_in.reply.result()  # the reply won: a cancel was lost
+    assert done, "the worker's shutdown still waited for its heartbeat task after 15 s"
+    await closing
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "heartbeat"]
+    assert await redis_client.exists(heartbeat.key) == 0  # it left: peers see the worker gone
 
 
 async def test_qr_reload_starts_a_new_batch(sim: Sim, start_worker: WorkerFactory) -> None:
