@@ -11,7 +11,6 @@ is the gateway or the machine starved, not one worker). The answers are kept for
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from gateway.breaker import STATE_VALUE, BreakerState
 from gateway.membership import Membership, Worker
 from gateway.ring import Ring
 from shared import metrics
+from shared.aio import stop_loops
 
 log = logging.getLogger("walink.gateway.health")
 
@@ -147,9 +147,7 @@ class HealthChecker:
 
 
 async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_loops(task)  # a single cancel can be lost on Python 3.11 (see stop_loops)
 
 
 def worker_view(worker: Worker, share: float, now: float) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from shared import metrics
+from shared.aio import stop_loops
 from shared.db import Conn
 from shared.errors import BadRequest, WalinkError
 from shared.models import SessionEvent, now_ms
@@ -646,8 +647,7 @@ class WebhookDispatcher:
         self._closed = True
         task = self._run_task
         if task is not None and task is not asyncio.current_task() and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
+            await stop_loops(task)
         await self._unlisten()
 
     # ----------------------------------------------------------------------------------------- operations

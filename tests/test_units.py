@@ -13,6 +13,7 @@ import zxingcpp
 from aiohttp import web
 from PIL import Image
 
+from shared.aio import stop_loops
 from shared.errors import InvalidPhoneNumber, InvalidSessionId, InvalidState, SettingsError
 from shared.ids import check_session_id, new_session_id, normalize_phone
 from shared.models import SessionStatus
@@ -20,7 +21,6 @@ from shared.settings import Settings
 from shared.web import error_middleware, read_json_object
 from worker import qr_image
 from worker import whatsapp_web as wa
-from worker.app import stop_loops
 from worker.qr_queue import BACKGROUND, USER, QrQueue
 from worker.session import Session
 

@@ -20,6 +20,7 @@ from playwright.async_api import async_playwright
 
 from shared import resources
 from shared import store as store_mod
+from shared.aio import stop_loops
 from shared.outbox import WebhookDispatcher
 from shared.redis_keys import Keys
 from shared.settings import Settings
@@ -52,32 +53,6 @@ from worker.sessions import SessionManager, close_with_deadline
 from worker.warm_pool import WarmPool
 
 log = logging.getLogger("walink.worker")
-
-
-async def stop_loops(*tasks: asyncio.Task[Any], deadline_s: float = 5.0) -> None:
-    """Cancel background loops and wait until they have ended, cancelling again while one runs on.
-
-    One ``cancel()`` can be lost: on Python 3.11 ``asyncio.wait_for`` returns its awaitable's
-    result instead of raising when that finishes in the loop iteration the cancellation arrives in
-    (CPython gh-86296). The heartbeat (``Heartbeat.beat``), the orphan watcher
-    (``Durable._redis``) and the lease keeper (redis-py's command send) all await one, and a
-    loop that lost its cancel runs on, so awaiting it once would wait forever. A loop still
-    running after ``deadline_s`` is logged and left behind: shutdown goes on."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + deadline_s
-    running = {task for task in tasks if not task.done()}
-    while running:
-        left = until - loop.time()
-        if left <= 0:
-            names = ", ".join(sorted(task.get_name() for task in running))
-            log.error("shutdown: %s ignored cancellation for %.0fs; left running", names, deadline_s)
-            return
-        for task in running:
-            task.cancel()
-        _, running = await asyncio.wait(running, timeout=min(0.1, left))
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("shutdown: %s had failed", task.get_name(), exc_info=task.exception())
 
 
 async def http_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ import aiohttp
 from playwright.async_api import BrowserContext, Frame, Page, Playwright, Route
 from playwright.async_api import Error as PlaywrightError
 
+from shared.aio import stop_loops
 from shared.errors import BrowserError, BrowserTimeout
 from shared.settings import Settings
 from worker import chromium
@@ -199,9 +200,7 @@ class BrowserSlot:
         self._closing = True
         self._sink = None
         if self._hook_task is not None:
-            self._hook_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._hook_task
+            await stop_loops(self._hook_task)
         for request in list(self.requests):
             request.cancel()  # the page's long-poll ends with its browser, as a socket would
         if self.context is not None:

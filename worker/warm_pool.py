@@ -13,6 +13,7 @@ import logging
 import shutil
 from collections import deque
 
+from shared.aio import stop_loops
 from shared.errors import WalinkError
 from shared.ids import new_profile_id
 from worker import qr_queue
@@ -137,13 +138,7 @@ class WarmPool:
     async def close(self) -> None:
         self._closed = True
         self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for task in list(self._fills):
-            task.cancel()
-        await asyncio.gather(*self._fills, return_exceptions=True)
+        await stop_loops(*([self._task] if self._task is not None else []), *self._fills)
         slots = list(self._ready)
         self._ready.clear()
         await asyncio.gather(*(s.close() for s in slots), return_exceptions=True)
