@@ -220,3 +220,16 @@ async def test_error_middleware_turns_errors_into_json(aiohttp_client: Any) -> N
         assert (await resp.json())["error"]["code"] == code
     resp = await client.get("/nowhere")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("phone", "lid", "expected"),
+    [
+        ("14155550123", None, ("14155550123", None)),
+        ("200000000000001@lid", "200000000000001@lid", (None, "200000000000001@lid")),
+        ("12345", "12345@c.us", (None, None)),  # too short for a phone; a c.us id is not a LID
+        (14155550123, "lid", (None, None)),
+    ],
+)
+def test_a_lid_is_never_a_phone_number(phone: object, lid: object, expected: tuple[object, object]) -> None:
+    assert (wa.phone_of(phone), wa.lid_of(lid)) == expected

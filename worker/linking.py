@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import deque
 from functools import partial
@@ -36,8 +35,6 @@ MAX_TAKEOVERS = 3
 (two browsers on one device would otherwise knock each other out for ever)."""
 TAKEOVER_WINDOW_S = 60.0
 MAX_VERSION_RELOADS = 1
-_PHONE_RE = re.compile(r"[0-9]{6,15}")
-_LID_RE = re.compile(r"[0-9]{1,20}@lid")
 _BLOCKED_REASONS = {wa.STATE_TOS_BLOCK: Reason.TOS_BLOCK, wa.STATE_PROXYBLOCK: Reason.PROXYBLOCK}
 
 
@@ -286,8 +283,8 @@ class Linking:
             )
 
     def _on_lid(self, session: Session, data: Any) -> None:
-        lid = str(data.get("lid") or "") if isinstance(data, dict) else ""
-        if _LID_RE.fullmatch(lid):
+        lid = wa.lid_of(data.get("lid")) if isinstance(data, dict) else None
+        if lid is not None:
             session.lid = lid
 
     def _on_synced(self, session: Session, data: Any) -> None:
@@ -306,8 +303,8 @@ class Linking:
         """The page knows the account's phone number: the link is done (``session_ready``)."""
         if session.status == S.READY or session.ended:
             return
-        phone = str(data.get("phone") or "") if isinstance(data, dict) else ""
-        if not _PHONE_RE.fullmatch(phone):
+        phone = wa.phone_of(data.get("phone")) if isinstance(data, dict) else None
+        if phone is None:
             log.warning("%s: the page gave no usable phone number (%r)", session.id, data)
             return  # a later event brings it; the link deadline ends a link that never gets one
         self._on_lid(session, data)

@@ -17,6 +17,7 @@ short retry while a late module is not registered yet.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -62,6 +63,19 @@ QR_NEXT_TTL_MS = 20_000
 # The phone number's server part (a LID is ``…@lid`` and is never a phone number)
 PHONE_SERVER = "c.us"
 LID_SERVER = "lid"
+_PHONE_DIGITS = re.compile(r"[0-9]{6,15}")
+_LID = re.compile(r"[0-9]{1,20}@" + LID_SERVER)
+
+
+def phone_of(value: object) -> str | None:
+    """The digits of a phone number the hook read from a ``c.us`` user, or None."""
+    return value if isinstance(value, str) and _PHONE_DIGITS.fullmatch(value) else None
+
+
+def lid_of(value: object) -> str | None:
+    """A LID (``<digits>@lid``) as the hook reports it, or None."""
+    return value if isinstance(value, str) and _LID.fullmatch(value) else None
+
 
 # Waits for a module that is registered late (``requireDeferred``): ``require`` throws
 # ``Requiring unknown module "X"`` until then; retried with a short backoff, other errors thrown.
