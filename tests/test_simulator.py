@@ -44,6 +44,13 @@ QR_FROM_MODULES = """async () => {
   ].join(',');
 }"""
 SOCKET_STATE = "() => window.require('WAWebSocketModel').Socket.state"
+# whatsapp-web.js requestPairingCode
+REQUEST_CODE = """async (phone) => {
+  const alt = window.require('WAWebAltDeviceLinkingApi');
+  alt.setPairingType('ALT_DEVICE_LINKING');
+  await alt.initializeAltDeviceLinking();
+  return await alt.startAltLinkingFlow(phone, true);
+}"""
 HAS_SYNCED = "() => window.require('WAWebSocketModel').Socket.hasSynced === true"
 ME_USER = "() => window.require('WAWebUserPrefsMeUser').getMaybeMePnUser()?.user ?? null"
 LAST_WID = "() => localStorage.getItem('last-wid-md')"
@@ -300,15 +307,7 @@ async def test_phone_logout_navigates_to_post_logout(sim: Sim, pw: Playwright, t
 async def test_pairing_code_links(sim: Sim, pw: Playwright, tmp_path: Path) -> None:
     async with persistent(pw, sim, tmp_path / "p") as (_ctx, page):
         await open_qr(page)
-        code = await page.evaluate(
-            """async (phone) => {
-              const alt = window.require('WAWebAltDeviceLinkingApi');
-              alt.setPairingType('ALT_DEVICE_LINKING');
-              await alt.initializeAltDeviceLinking();
-              return await alt.startAltLinkingFlow(phone, true);
-            }""",
-            PHONE,
-        )
+        code = await page.evaluate(REQUEST_CODE, PHONE)
         assert isinstance(code, str)
         assert CODE_RE.fullmatch(code)
         cells = page.locator('div[data-testid="link-with-phone-number-code-cells"]')

@@ -14,7 +14,16 @@ from playwright.async_api import Error, Page, Playwright
 
 from simulator.profiles import PROFILES
 from tests.browser import ORIGIN
-from tests.test_simulator import MAIN_SEL, PHONE, SOCKET_STATE, Sim, current_qr, open_qr, persistent
+from tests.test_simulator import (
+    MAIN_SEL,
+    PHONE,
+    REQUEST_CODE,
+    SOCKET_STATE,
+    Sim,
+    current_qr,
+    open_qr,
+    persistent,
+)
 from tests.test_simulator import sim as sim  # the fixture of the simulator's own tests
 
 pytestmark = pytest.mark.chromium
@@ -138,15 +147,7 @@ async def test_lazy_modules_no_cmd_refresh_and_alt_linking(sim: Sim, pw: Playwri
         first = await current_qr(page)  # the QR does not wait for the modules
         await page.wait_for_function(has_module("WAWebAltDeviceLinkingApi"))
         assert await page.evaluate("() => typeof window.require('WAWebCmd').Cmd.refreshQR") == "undefined"
-        code = await page.evaluate(
-            """async (phone) => {
-              const api = window.require('WAWebAltDeviceLinkingApi');
-              api.setPairingType('ALT_DEVICE_LINKING');
-              await api.initializeAltDeviceLinking();
-              return await api.startAltLinkingFlow(phone, true);
-            }""",
-            PHONE,
-        )
+        code = await page.evaluate(REQUEST_CODE, PHONE)
         assert len(code) == 8
         assert await page.evaluate("() => window.require('WAWebAdvSignatureApi').getADVSecretKey()") is None
         assert await page.evaluate(DATA_REF) is None

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import (
+    EventStream,
     Sim,
     WorkerFactory,
     WorkerProcess,
@@ -86,6 +87,16 @@ async def _link(sim: Sim, start_worker: WorkerFactory, behaviour: str, path: str
     return session
 
 
+async def adding_account(
+    sim: Sim, start_worker: WorkerFactory, **profile: Any
+) -> tuple[Any, str, EventStream]:
+    """``strict`` (plus ``profile``), a worker without a warm pool, a new session and its events."""
+    await sim.profile(name="strict", **profile)
+    client = await start_worker(warm_pool_size=0)
+    sid = (await create(client))["id"]
+    return client, sid, await events(client, sid)
+
+
 @pytest.mark.parametrize("path", ["qr", "code"])
 @pytest.mark.parametrize("behaviour", list(BEHAVIOURS))
 async def test_links_under_each_behaviour(
@@ -97,10 +108,7 @@ async def test_links_under_each_behaviour(
 async def test_a_refreshed_secret_is_published_and_the_old_string_fails(
     sim: Sim, start_worker: WorkerFactory
 ) -> None:
-    await sim.profile(name="strict")
-    client = await start_worker(warm_pool_size=0)
-    sid = (await create(client))["id"]
-    stream = await events(client, sid)
+    client, sid, stream = await adding_account(sim, start_worker)
     try:
         first = (await stream.until("qr"))["qr"]
         await sim.scan(first, PHONE, expect=409)  # "Couldn't link device": the page refreshes the secret
@@ -126,10 +134,8 @@ async def test_a_refreshed_secret_is_published_and_the_old_string_fails(
 
 
 async def test_the_lid_is_kept_apart_and_the_phone_waited_for(sim: Sim, start_worker: WorkerFactory) -> None:
-    await sim.profile(name="strict", me_pn_delay_ms=600, sync_ms=3000)  # the phone long before the sync
-    client = await start_worker(warm_pool_size=0)
-    sid = (await create(client))["id"]
-    stream = await events(client, sid)
+    # the phone long before the sync
+    client, sid, stream = await adding_account(sim, start_worker, me_pn_delay_ms=600, sync_ms=3000)
     try:
         await sim.scan_linking(stream, PHONE)
         await stream.until("session_authenticated")
@@ -149,10 +155,7 @@ async def test_the_lid_is_kept_apart_and_the_phone_waited_for(sim: Sim, start_wo
 
 
 async def test_pairing_code_back_to_qr_and_a_new_code(sim: Sim, start_worker: WorkerFactory) -> None:
-    await sim.profile(name="strict")
-    client = await start_worker(warm_pool_size=0)
-    sid = (await create(client))["id"]
-    stream = await events(client, sid)
+    client, sid, stream = await adding_account(sim, start_worker)
     try:
         first_qr = (await stream.until("qr"))["qr"]
         code1 = await client.post(f"/v1/sessions/{sid}/pairing-code", json={"phone_number": PHONE})
@@ -178,10 +181,7 @@ async def test_pairing_code_back_to_qr_and_a_new_code(sim: Sim, start_worker: Wo
 
 async def test_takeovers_are_bounded(sim: Sim, start_worker: WorkerFactory) -> None:
     """WhatsApp open elsewhere again and again: a few takeovers, then ``failed``/``conflict``."""
-    await sim.profile(name="strict")
-    client = await start_worker(warm_pool_size=0)
-    sid = (await create(client))["id"]
-    stream = await events(client, sid)
+    client, sid, stream = await adding_account(sim, start_worker)
     try:
         await sim.scan_linking(stream, PHONE)
         await stream.until("session_ready")

@@ -142,25 +142,28 @@ async ({passkeySelector, qrSelector, codeSelector}) => {
     passkeyShown = shown;
   };
 
-  const widOf = (wid) => (wid && wid.user ? {user: String(wid.user), server: String(wid.server)} : null);
-  const lid = () => {
+  // the user of WAWebUserPrefsMeUser's `getter` when its server is `server` (the module may be late)
+  const meUser = (getter, server) => {
     const mod = optional('WAWebUserPrefsMeUser');
     try {
-      const wid = widOf(mod && mod.getMaybeMeLidUser());
-      if (wid && wid.server === '"""
-    + LID_SERVER
-    + """') { return wid.user + '@' + wid.server; }
+      const wid = mod && mod[getter]();
+      if (wid && wid.user && String(wid.server) === server) { return String(wid.user); }
     } catch (e) { /* not known yet */ }
     return null;
   };
+  const lid = () => {
+    const user = meUser('getMaybeMeLidUser', '"""
+    + LID_SERVER
+    + """');
+    return user ? user + '@"""
+    + LID_SERVER
+    + """' : null;
+  };
   const phone = () => {
-    const mod = optional('WAWebUserPrefsMeUser');
-    try {
-      const wid = widOf(mod && mod.getMaybeMePnUser());
-      if (wid && wid.server === '"""
+    const user = meUser('getMaybeMePnUser', '"""
     + PHONE_SERVER
-    + """') { return {phone: wid.user, method: 'getMaybeMePnUser'}; }
-    } catch (e) { /* not known yet */ }
+    + """');
+    if (user) { return {phone: user, method: 'getMaybeMePnUser'}; }
     const raw = window.localStorage.getItem('last-wid-md');
     if (raw) {
       try {
