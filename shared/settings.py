@@ -46,6 +46,8 @@ class Settings:
     start_timeout_s: float = 45.0
     link_timeout_s: float = 120.0
     passkey_timeout_s: float = 300.0
+    # a pairing code nobody typed: WhatsApp renews it every ~3 min a few times, then shows "Code expired"
+    pairing_code_timeout_s: float = 1200.0
     takeover_on_conflict: bool = True
     restore_on_start: bool = True
     # --- gateway and membership

@@ -82,7 +82,7 @@ async def _link(sim: Sim, start_worker: WorkerFactory, behaviour: str, path: str
     assert [d["device_index"] for d in await sim.devices(PHONE)] == [1]
     print(
         f"FIDELITY {behaviour:24} {path:4} linked phone {session['timings'].get('phone_extraction_ms')} ms"
-        f" after pairing success, synced at ready: {session['synced']}"
+        f" after pairing success; synced when read back: {session['synced']}"
     )
     return session
 
@@ -321,3 +321,22 @@ async def test_a_conflict_with_the_lease_elsewhere_lets_go_without_a_takeover(
     assert manager.local(sid) is None
     assert (await sim.get("/admin/state"))["takeovers"] == before["takeovers"]
     assert len(await sim.devices(PHONE)) == 1  # the device stays linked for the other driver
+
+
+async def test_an_unused_pairing_code_expires(sim: Sim, start_worker: WorkerFactory) -> None:
+    """No QR batch runs out while a code is shown: the code's own deadline ends the linking."""
+    await sim.profile(name="strict")
+    client = await start_worker(warm_pool_size=0, pairing_code_timeout_s=1.0)
+    sid = (await create(client))["id"]
+    stream = await events(client, sid)
+    try:
+        await stream.until("qr")
+        resp = await client.post(f"/v1/sessions/{sid}/pairing-code", json={"phone_number": PHONE})
+        assert resp.status == 200
+        expired = await stream.until("status", status="expired")
+    finally:
+        stream.close()
+    assert expired["reason"] == "qr_timeout"
+    manager = manager_of(client)
+    await asyncio.wait_for(manager.settle(), 30)
+    assert manager.get(sid).slot is None

@@ -422,7 +422,22 @@ class Linking:
         session.qr_expires_at_ms = None
         session.qr_ref = None
         session.pairing_code = f"{code[:4]}-{code[4:]}" if len(code) == 8 else code
+        # no QR batch runs out while a code is shown: the code's own deadline ends an unused link
+        self._arm_expiry(session, self._ctx.settings.pairing_code_timeout_s)
         return session.pairing_code
+
+    def _arm_expiry(self, session: Session, timeout_s: float) -> None:
+        """End the linking ``expired``/``qr_timeout`` if it is still waiting after ``timeout_s``."""
+        self._disarm(session)
+        mark = len(session.history)
+
+        def fire() -> None:
+            self._ctx.deadlines.fired(session.id)
+            if session.status == S.QR and len(session.history) == mark:
+                self._ending.end(session, S.EXPIRED, Reason.QR_TIMEOUT)
+                self._commits.flush(session)
+
+        self._ctx.deadlines.call_later(session.id, timeout_s, fire)
 
     async def back_to_qr(self, session: Session) -> None:
         """Leave the pairing code for the QR; the new QR arrives as a ``qr`` event."""
@@ -430,3 +445,4 @@ class Linking:
             raise InvalidState(f"no pairing code is active on this session ({session.status})")
         await session.slot.back_to_qr()
         session.pairing_code = None
+        self._disarm(session)  # the QR batches have their own end again
