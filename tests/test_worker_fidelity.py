@@ -51,24 +51,25 @@ BEHAVIOURS: dict[str, dict[str, Any]] = {
 }
 
 
-async def _link(sim: Sim, start_worker: WorkerFactory, behaviour: str, path: str) -> dict[str, Any]:
-    overrides = dict(BEHAVIOURS[behaviour])
-    await sim.profile(**({"name": "instant"} | overrides))
-    client = await start_worker(warm_pool_size=0)  # a cold start: the page boots with this profile
+PATHS = {"qr": "14155550123", "code": "14155550124"}  # the phone that links by each path
+
+
+async def _link(sim: Sim, client: Any, behaviour: str, path: str) -> dict[str, Any]:
+    phone = PATHS[path]
     sid = (await create(client))["id"]
     stream = await events(client, sid)
     try:
         first = (await stream.until("qr"))["qr"]
         if path == "qr":
-            await sim.scan_linking(stream, PHONE, first)
+            await sim.scan_linking(stream, phone, first)
         else:
-            resp = await client.post(f"/v1/sessions/{sid}/pairing-code", json={"phone_number": PHONE})
+            resp = await client.post(f"/v1/sessions/{sid}/pairing-code", json={"phone_number": phone})
             body = await resp.json()
             assert resp.status == 200, body
             mark = len(stream.seen)
             qr = await client.get(f"/v1/sessions/{sid}/qr")
             assert qr.status == 409  # no QR while the code is active
-            await sim.post("/phone/pair", {"code": body["code"], "phone": PHONE})
+            await sim.post("/phone/pair", {"code": body["code"], "phone": phone})
         await stream.until("session_ready")
         if path == "code":  # nothing after the code was a QR, and never a string with a null part
             assert [kind for kind, _ in stream.seen[mark:] if kind == "qr"] == []
@@ -77,9 +78,9 @@ async def _link(sim: Sim, start_worker: WorkerFactory, behaviour: str, path: str
     finally:
         stream.close()
     session = await get_json(client, f"/v1/sessions/{sid}")
-    assert session["status"] == "ready" and session["phone_number"] == PHONE
+    assert session["status"] == "ready" and session["phone_number"] == phone
     assert session["lid"] is None or session["lid"].endswith("@lid")
-    assert [d["device_index"] for d in await sim.devices(PHONE)] == [1]
+    assert [d["device_index"] for d in await sim.devices(phone)] == [1]
     print(
         f"FIDELITY {behaviour:24} {path:4} linked phone {session['timings'].get('phone_extraction_ms')} ms"
         f" after pairing success; synced when read back: {session['synced']}"
@@ -97,12 +98,12 @@ async def adding_account(
     return client, sid, await events(client, sid)
 
 
-@pytest.mark.parametrize("path", ["qr", "code"])
 @pytest.mark.parametrize("behaviour", list(BEHAVIOURS))
-async def test_links_under_each_behaviour(
-    sim: Sim, start_worker: WorkerFactory, behaviour: str, path: str
-) -> None:
-    await _link(sim, start_worker, behaviour, path)
+async def test_links_under_each_behaviour(sim: Sim, start_worker: WorkerFactory, behaviour: str) -> None:
+    """The QR path and the pairing-code path at once, each on its own cold-started page."""
+    await sim.profile(**({"name": "instant"} | BEHAVIOURS[behaviour]))
+    client = await start_worker(warm_pool_size=0)  # cold starts: each page boots with this profile
+    await asyncio.gather(*(_link(sim, client, behaviour, path) for path in PATHS))
 
 
 async def test_a_refreshed_secret_is_published_and_the_old_string_fails(
