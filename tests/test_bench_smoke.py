@@ -1,4 +1,4 @@
-"""The benchmark runs end to end: ``python -m load_tests.bench --quick --only qr_warm,phone``
+"""The benchmark runs end to end: ``python -m load_tests.bench --quick --only qr_warm_strict,phone``
 (one sample each, to keep it short).
 
 A smoke test, not a speed check: it asserts that both figures come out with numbers for walink
@@ -33,7 +33,7 @@ def test_bench_quick_gives_walink_baseline_and_ratio(tmp_path: Path) -> None:
             "load_tests.bench",
             "--quick",
             "--only",
-            "qr_warm,phone",
+            "qr_warm_strict,phone",  # one profile: one worker, no realistic page loads
             "--samples",
             "1",
             "--json",
@@ -51,7 +51,7 @@ def test_bench_quick_gives_walink_baseline_and_ratio(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-5000:] + proc.stdout[-3000:]
     doc = json.loads(out.read_text())
     assert doc["errors"] == {} and doc["skipped"] == {}
-    for name in ("qr_warm", "phone"):
+    for name in ("qr_warm_strict", "phone"):
         figure = doc["figures"][name]
         assert figure["walink_s"]["n"] >= 1 and figure["walink_s"]["p50"] > 0, figure
         assert figure["baseline_s"]["n"] >= 1 and figure["baseline_s"]["p50"] > 0, figure
