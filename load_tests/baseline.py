@@ -1,11 +1,11 @@
 """The seed architecture, rebuilt with Playwright against the same simulator: the baseline.
 
 What the Node (whatsapp-web.js) + Laravel system did for one "add account"
-(``../shared/seed-performance-doc.md``), and what this module does:
+(``docs/seed-baseline.md``), and what this module does:
 
 * **A new browser per session, launched on demand**: a persistent Chromium profile in a fresh
   directory (``LocalAuth``), the seed's Puppeteer flags (minus ``--single-process``, which crashes
-  this Chromium at the first new page — DESIGN.md), ``https://web.whatsapp.com/**`` routed to the
+  this Chromium at the first new page), ``https://web.whatsapp.com/**`` routed to the
   simulator exactly as ``worker/browser.py`` does, ``goto https://web.whatsapp.com/``.
 * **The QR** is read when ``div[data-ref]`` carries a ref (``data-ref`` non-empty).
 * **A refused scan** (the 2026 page, ``strict``/``realistic``: 409 "Couldn't link device" on the
@@ -48,7 +48,7 @@ ORIGIN = "https://web.whatsapp.com"
 APP_URL = ORIGIN + "/"
 ROUTE_PATTERN = ORIGIN + "/**"
 
-# the seed's Puppeteer flags (seed-performance-doc.md §3), without --single-process (crashes)
+# the seed's Puppeteer flags (docs/seed-baseline.md), without --single-process (crashes)
 SEED_ARGS = [
     "--no-sandbox",
     "--disable-setuid-sandbox",

@@ -1,6 +1,6 @@
 """``python -m load_tests.bench`` (``make bench``): walink against the seed architecture, same run.
 
-Every figure of DESIGN.md's "Targets" is a named step. Each step starts what it needs through
+Every target figure (load_tests/README.md) is a named step. Each step starts what it needs through
 :mod:`load_tests.harness` (simulator, real ``python -m worker`` processes, the gateway when it
 exists, a throwaway Postgres database and Redis prefix), measures walink as a client would see it
 (HTTP + server-sent events, no polling) and, where the figure has one, the baseline of
