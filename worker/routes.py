@@ -1,4 +1,4 @@
-"""The worker's HTTP routes: the session API (README, OpenAPI at /docs), health, metrics and the try-it page."""
+"""The worker's HTTP routes: the session API (README, OpenAPI), health, metrics and the try-it page."""
 
 from __future__ import annotations
 
