@@ -390,15 +390,25 @@ class Linking:
             self._ending.end(session, S.EXPIRED, Reason.QR_TIMEOUT)
 
     # ------------------------------------------------------------------ deadlines, failure
-    def _arm(self, session: Session, timeout_s: float, status: SessionStatus, reason: Reason) -> None:
-        """Fail the session if it is still in ``status`` after ``timeout_s`` (a deadline, not a poll)."""
+    def _arm(
+        self,
+        session: Session,
+        timeout_s: float,
+        status: SessionStatus,
+        reason: Reason,
+        *,
+        ends: SessionStatus = S.FAILED,
+    ) -> None:
+        """End the session (``ends``, ``reason``) if it is still in ``status`` after ``timeout_s``
+        (a deadline, not a poll)."""
         self._disarm(session)
         mark = len(session.history)
 
         def fire() -> None:
             self._ctx.deadlines.fired(session.id)
-            if session.status == status and len(session.history) == mark:
-                self.fail(session, reason)
+            if session.status == status and len(session.history) == mark and not session.ended:
+                self._ending.end(session, ends, reason)
+                self._commits.flush(session)
 
         self._ctx.deadlines.call_later(session.id, timeout_s, fire)
 
@@ -423,21 +433,8 @@ class Linking:
         session.qr_ref = None
         session.pairing_code = f"{code[:4]}-{code[4:]}" if len(code) == 8 else code
         # no QR batch runs out while a code is shown: the code's own deadline ends an unused link
-        self._arm_expiry(session, self._ctx.settings.pairing_code_timeout_s)
+        self._arm(session, self._ctx.settings.pairing_code_timeout_s, S.QR, Reason.QR_TIMEOUT, ends=S.EXPIRED)
         return session.pairing_code
-
-    def _arm_expiry(self, session: Session, timeout_s: float) -> None:
-        """End the linking ``expired``/``qr_timeout`` if it is still waiting after ``timeout_s``."""
-        self._disarm(session)
-        mark = len(session.history)
-
-        def fire() -> None:
-            self._ctx.deadlines.fired(session.id)
-            if session.status == S.QR and len(session.history) == mark:
-                self._ending.end(session, S.EXPIRED, Reason.QR_TIMEOUT)
-                self._commits.flush(session)
-
-        self._ctx.deadlines.call_later(session.id, timeout_s, fire)
 
     async def back_to_qr(self, session: Session) -> None:
         """Leave the pairing code for the QR; the new QR arrives as a ``qr`` event."""
