@@ -3,8 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-CHROMIUM_PATH ?= /usr/bin/chromium
-export CHROMIUM_PATH
+# walink's browser: Debian's chromium-headless-shell (half the CPU and memory of full Chromium);
+# full Chromium is the seed architecture's browser in `make bench` and selectable with
+# CHROMIUM_PATH=/usr/bin/chromium
+CHROMIUM_PATH ?= /usr/lib/chromium/chromium-headless-shell
+SEED_CHROMIUM_PATH ?= /usr/bin/chromium
+export CHROMIUM_PATH SEED_CHROMIUM_PATH
 
 .PHONY: install chromium test lint typecheck unit run bench clean
 
@@ -18,14 +22,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed chromium
 
-# Debian's chromium (Playwright cannot download browsers on this network)
+# Debian's chromium and chromium-headless-shell (Playwright cannot download browsers here)
 chromium:
-	@if [ ! -x "$(CHROMIUM_PATH)" ]; then \
+	@if [ ! -x "$(CHROMIUM_PATH)" ] || [ ! -x "$(SEED_CHROMIUM_PATH)" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
-	    echo "installing Debian's chromium…"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation >/dev/null; \
+	    echo "installing Debian's chromium and chromium-headless-shell…"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-headless-shell fonts-liberation >/dev/null; \
 	  else \
-	    echo "Chromium is missing: run  sudo apt-get install -y chromium  (or set CHROMIUM_PATH)"; exit 1; \
+	    echo "Chromium is missing: run  sudo apt-get install -y chromium chromium-headless-shell" \
+	      "(or set CHROMIUM_PATH and SEED_CHROMIUM_PATH)"; exit 1; \
 	  fi; \
 	fi
 

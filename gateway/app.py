@@ -40,7 +40,7 @@ from gateway.proxy import Proxy
 from gateway.ring import Ring
 from gateway.routing import Router, lease_reader
 from gateway.sse import Streams
-from shared import resources
+from shared import aio, resources
 from shared import store as store_mod
 from shared.redis_keys import Keys
 from shared.settings import Settings
@@ -178,4 +178,4 @@ def main(settings: Settings | None = None) -> None:
     settings = settings or Settings.from_env()
     setup_logging(settings.log_level)
     log.info("gateway %s:%d, workers %s", settings.host, settings.gateway_port, settings.workers)
-    asyncio.run(serve(settings))
+    aio.run(serve(settings))

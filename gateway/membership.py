@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from gateway.breaker import Breaker, BreakerPolicy, BreakerState
 from shared.heartbeats import scan_heartbeats
+from shared.models import now_ms
 from shared.redis_keys import Keys
 
 log = logging.getLogger("walink.gateway.membership")
@@ -55,7 +56,12 @@ class Worker:
     probe_ms: float | None = None
     error: str | None = None
     reported_in_flight: int = 0
-    placements: deque[float] = field(default_factory=deque)
+    placements: deque[tuple[float, int]] = field(default_factory=deque)
+    """New sessions sent there and not yet in a report: (clock time, wall ms)."""
+    beat_sessions: int | None = None
+    """Sessions the worker carries, from its heartbeat (None: its heartbeat says nothing of load)."""
+    beat_warm: int = 0
+    beat_at_ms: int = 0
 
     @property
     def tripped(self) -> bool:
@@ -74,14 +80,43 @@ class Worker:
         """May a request go there now (its breaker would let one through)?"""
         return self.reachable is not False and self.breaker.available()
 
+    def _expire(self, now: float) -> None:
+        while self.placements and self.placements[0][0] < now - PLACEMENT_MEMORY_S:
+            self.placements.popleft()
+
     def in_flight(self, now: float) -> int:
         """Linkings in flight: the last report plus placements that report cannot include yet."""
-        while self.placements and self.placements[0] < now - PLACEMENT_MEMORY_S:
-            self.placements.popleft()
+        self._expire(now)
         return self.reported_in_flight + len(self.placements)
 
+    def load(self, now: float) -> int:
+        """What a new session is placed by: the sessions the worker carries (its heartbeat, the
+        same for every gateway) plus this gateway's placements since; without a heartbeat's
+        figure, its linkings in flight."""
+        self._expire(now)
+        base = self.beat_sessions if self.beat_sessions is not None else self.reported_in_flight
+        return base + len(self.placements)
+
+    def warm(self, now: float) -> int:
+        """Warm browsers left there as far as we know: the heartbeat's, less placements since."""
+        self._expire(now)
+        return max(0, self.beat_warm - len(self.placements))
+
     def placed(self, now: float) -> None:
-        self.placements.append(now)
+        self.placements.append((now, now_ms()))
+
+    def beat(self, load: dict[str, Any]) -> None:
+        """A heartbeat's ``load``: the base of placement; placements it includes are dropped."""
+        at_ms = _int(load.get("at_ms"))
+        if at_ms <= self.beat_at_ms:
+            return
+        self.beat_sessions = _int(load.get("sessions"))
+        self.beat_warm = _int(load.get("warm"))
+        self.reported_in_flight = _int(load.get("in_flight"))
+        self.beat_at_ms = at_ms
+        horizon = at_ms - int(REPORT_LAG_S * 1000)
+        while self.placements and self.placements[0][1] < horizon:
+            self.placements.popleft()
 
     def unplaced(self) -> None:
         if self.placements:
@@ -90,13 +125,15 @@ class Worker:
     def report(self, health: dict[str, Any], *, probe_started: float) -> None:
         """A ``/health`` answer: in-flight = sessions in QR + cold starts running or queued."""
         self.health = health
+        if self.beat_sessions is not None:
+            return  # placement follows the heartbeat (one figure for every gateway)
         sessions = health.get("sessions") or {}
         queue = health.get("queue") or {}
         self.reported_in_flight = (
             _int(sessions.get("qr_scanning")) + _int(queue.get("waiting")) + _int(queue.get("active"))
         )
         horizon = probe_started - REPORT_LAG_S
-        while self.placements and self.placements[0] < horizon:
+        while self.placements and self.placements[0][0] < horizon:
             self.placements.popleft()
 
 
@@ -160,6 +197,8 @@ class Membership:
             worker.url = url
             worker.heartbeat = beat
             worker.draining = draining
+            if isinstance(beat.get("load"), dict):
+                worker.beat(beat["load"])
         for name, worker in list(self.workers.items()):
             if name in beats:
                 continue
@@ -172,6 +211,7 @@ class Membership:
             else:
                 worker.heartbeat = None
                 worker.draining = False
+                worker.beat_sessions = None
         for name, worker in list(self._aliases.items()):
             if worker.url not in urls:
                 self.workers[name] = self._aliases.pop(name)

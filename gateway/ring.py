@@ -91,18 +91,24 @@ class Ring:
 
 
 def load_cap(total: int, workers: int, bound: float) -> int:
-    """The most in-flight linkings a worker may hold once one more is placed."""
-    return max(1, math.ceil(bound * (total + 1) / max(1, workers)))
+    """The most sessions a worker may carry once one more is placed: ``bound`` times the mean, rounded
+    down — but never below the mean rounded up, so that some worker always has room."""
+    mean = (total + 1) / max(1, workers)
+    return max(1, math.ceil(mean), math.floor(bound * mean))
 
 
-def place(walk: Sequence[str], loads: Mapping[str, int], bound: float) -> list[str]:
-    """The walk reordered for a new session: the first worker with room, then the rest in order.
+def place(
+    walk: Sequence[str], loads: Mapping[str, int], bound: float, warm: Mapping[str, int] | None = None
+) -> list[str]:
+    """The walk reordered for a new session: the first worker with room that has a warm browser
+    (its QR is on screen already), else the first with room, then the rest in walk order.
 
     Some worker always has room: if all were at the cap, the total would exceed itself."""
     if not walk:
         return []
     cap = load_cap(sum(loads.get(n, 0) for n in walk), len(walk), bound)
-    for i, name in enumerate(walk):
-        if loads.get(name, 0) + 1 <= cap:
-            return [name, *walk[i + 1 :], *walk[:i]]
-    return list(walk)  # pragma: no cover - unreachable, see above
+    roomy = [i for i, name in enumerate(walk) if loads.get(name, 0) + 1 <= cap]
+    if not roomy:  # pragma: no cover - unreachable, see above
+        return list(walk)
+    first = next((i for i in roomy if (warm or {}).get(walk[i], 0) > 0), roomy[0])
+    return [walk[first], *walk[first + 1 :], *walk[:first]]

@@ -1,7 +1,8 @@
 """Where a request goes: the worker order to try, per request.
 
 - A new session (``POST /v1/sessions``): its id's ring walk over the workers taking new sessions,
-  reordered by bounded load (:func:`gateway.ring.place`).
+  reordered by bounded load over the sessions each carries (from its Redis heartbeat: the same
+  figures for every gateway), a worker with a warm browser first (:func:`gateway.ring.place`).
 - An existing session: the owner named by its Redis lease (cached ``owner_ttl_s`` in memory; a
   missing lease is not cached) first, then the ring walk. A worker that answers for a session
   driven elsewhere says so (``X-Walink-Driver``): the proxy reads the lease again and asks the
@@ -101,9 +102,10 @@ class Router:
     def for_new_session(self, session_id: str, exclude: Set[str] = frozenset()) -> list[Worker]:
         walk = self._walk(session_id, exclude)
         now = self.clock()
-        loads = {w.name: w.in_flight(now) for w in walk}
+        loads = {w.name: w.load(now) for w in walk}
+        warm = {w.name: w.warm(now) for w in walk}
         by_name = {w.name: w for w in walk}
-        return [by_name[n] for n in place([w.name for w in walk], loads, self.load_bound)]
+        return [by_name[n] for n in place([w.name for w in walk], loads, self.load_bound, warm)]
 
     def for_session(
         self, session_id: str, owner: str | None, exclude: Set[str] = frozenset()

@@ -52,6 +52,7 @@ from load_tests.client import (
 )
 from load_tests.client import WebhookReceiver as Receiver
 from load_tests.harness import Gateway, Harness, HarnessConfig, Worker, chromium_version, gateway_available
+from shared.settings import FULL_CHROMIUM, HEADLESS_SHELL
 
 # in run order: the steps on the shared worker are grouped by simulator profile (realistic, then
 # strict, then instant), since the shared worker restarts when the profile changes
@@ -195,6 +196,7 @@ class SkipStep(Exception):
 class Options:
     # no defaults here: the command line's (parse_args) are the only ones
     chromium: Path
+    seed_chromium: Path
     pg: str
     redis: str
     quick: bool = False
@@ -270,7 +272,7 @@ class Bench:
     async def baseline(self) -> SeedBaseline:
         if self._baseline is None:
             base = SeedBaseline(
-                self.h.sim_url, self.opts.chromium, self.h.workdir / "seed-profiles", self.rng
+                self.h.sim_url, self.opts.seed_chromium, self.h.workdir / "seed-profiles", self.rng
             )
             await base.start()
             self._baseline = base
@@ -1321,7 +1323,8 @@ def report(b: Bench, interrupted: bool) -> dict[str, Any]:
                 "cpus": os.cpu_count(),
                 "load_avg_end": [round(v, 2) for v in os.getloadavg()],
                 "python": platform.python_version(),
-                "chromium": chromium_version(b.opts.chromium),
+                "chromium": f"{b.opts.chromium.name} {chromium_version(b.opts.chromium)}",
+                "seed_chromium": f"{b.opts.seed_chromium.name} {chromium_version(b.opts.seed_chromium)}",
             },
             "step_seconds": b.durations,
             "baseline": "seed: new persistent Chromium per add-account (seed flags), fixed 2.5 s + 500 ms "
@@ -1411,7 +1414,16 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--workdir", type=Path, help="parent of the run's working directory (default: temp dir)")
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and profiles after the run")
     p.add_argument(
-        "--chromium", type=Path, default=Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+        "--chromium",
+        type=Path,
+        default=Path(os.environ.get("CHROMIUM_PATH", str(HEADLESS_SHELL))),
+        help="walink's browser (default: chromium-headless-shell, as in production)",
+    )
+    p.add_argument(
+        "--seed-chromium",
+        type=Path,
+        default=Path(os.environ.get("SEED_CHROMIUM_PATH", str(FULL_CHROMIUM))),
+        help="the seed architecture's browser (default: full Chromium, as the seed ran Chrome)",
     )
     p.add_argument(
         "--pg",
@@ -1455,6 +1467,7 @@ def parse_args(argv: list[str] | None) -> Options:
         workdir=a.workdir,
         keep_workdir=a.keep_workdir,
         chromium=a.chromium,
+        seed_chromium=a.seed_chromium,
         pg=a.pg,
         redis=a.redis,
         set_env=set_env,

@@ -141,6 +141,42 @@ def dev_env() -> dict[str, str]:
     return values
 
 
+def _pools_warm(workers: list[str]) -> tuple[int, int] | None:
+    """``(warm browsers, their target)`` over every worker, or None while one does not answer."""
+    import json
+    import urllib.request
+
+    ready = target = 0
+    for entry in workers:
+        url = (entry if entry.startswith("http") else f"http://{entry}").rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own workers
+                pool = json.loads(resp.read()).get("pool") or {}
+        except (OSError, ValueError):
+            return None
+        ready += int(pool.get("ready") or 0)
+        target += int(pool.get("target") or 0)
+    return ready, target
+
+
+def announce_when_up(workers: list[str], gateway_port: int, *, timeout_s: float = 180.0) -> None:
+    """Say that walink is up once the gateway answers and every worker's warm pool is full (an
+    "add account" then gets its QR from a warm browser at once), or that it is not, in time."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while time.monotonic() < deadline:
+        warm = _pools_warm(workers) if _answers("127.0.0.1", gateway_port) else None
+        if warm is not None and warm[0] >= warm[1]:
+            print(
+                f"walink: up in {time.monotonic() - started:.1f}s ◆ {len(workers)} workers, "
+                f"{warm[0]} warm browser(s) showing a QR",
+                file=sys.stderr,
+            )
+            return
+        time.sleep(0.25)  # other processes' start-up: nothing to await but their answers
+    print(f"walink: not up after {timeout_s:.0f}s; see {VAR / 'log'}", file=sys.stderr)
+
+
 def run() -> None:
     (VAR / "log").mkdir(parents=True, exist_ok=True)
     from shared.settings import Settings
@@ -157,5 +193,10 @@ def run() -> None:
         f"{env['WALINK_DEV_API_KEY']}  ·  simulator http://127.0.0.1:3100/  ·  Ctrl-C stops",
         file=sys.stderr,
     )
+    if os.fork() == 0:  # the announcer: prints "up" when it is, then goes
+        try:
+            announce_when_up([w for w in settings.workers.split(",") if w.strip()], settings.gateway_port)
+        finally:
+            os._exit(0)
     supervisord = str(Path(sys.executable).with_name("supervisord"))
     os.execve(supervisord, [supervisord, "-c", "supervisord.conf", "-n"], env)  # noqa: S606

@@ -96,6 +96,12 @@ class EventType(enum.StrEnum):
     SESSION_FAILED = "session_failed"
 
 
+# SSE-only notices (no ``id:``, not in the outbox, no webhook)
+QR_PENDING = "qr_pending"
+"""``{session_id, position, eta_ms}``: the session's browser waits for a place in the machine's
+launch budget (1: next to start); sent each time the position changes, and on connect."""
+
+
 def sse_name(event_type: str) -> str:
     return "qr" if event_type == EventType.QR else event_type
 

@@ -20,6 +20,11 @@ ENV_PREFIX = "WALINK_"
 
 Target = Literal["simulator", "whatsapp"]
 
+# the binaries themselves, not Debian's /usr/bin wrapper scripts (which would sit between
+# Playwright and the browser as an extra process in its group)
+HEADLESS_SHELL = Path("/usr/lib/chromium/chromium-headless-shell")
+FULL_CHROMIUM = Path("/usr/bin/chromium")
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -32,7 +37,10 @@ class Settings:
     advertise_url: str = ""
     # --- files
     data_dir: Path = Path("var")
-    chromium_path: Path = Path("/usr/bin/chromium")
+    # Debian's chromium-headless-shell (the old headless shell Playwright uses for headless runs):
+    # about half the CPU and memory of full Chromium per browser; CHROMIUM_PATH=/usr/bin/chromium
+    # selects the full browser (needed for WALINK_HEADLESS=false)
+    chromium_path: Path = HEADLESS_SHELL
     headless: bool = True
     # --- what the browsers talk to
     target: Target = "simulator"
@@ -40,7 +48,12 @@ class Settings:
     # WhatsApp Web version whose bootstrap HTML is served from the local cache (target=whatsapp)
     wa_version: str = "2.3000.1030947950"
     # --- linking
-    qr_concurrency: int = 3
+    # cold browser starts at once on this machine, shared by all its workers through Redis
+    # (0: its cores); the scope is the machine (default: the host name)
+    launch_budget: int = 0
+    launch_scope: str = ""
+    # cold starts at once on this worker alone, while Redis cannot be reached
+    qr_concurrency: int = 2
     warm_pool_size: int = 2
     qr_batches: int = 1
     start_timeout_s: float = 45.0
@@ -149,10 +162,16 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
+        if self.launch_budget < 0:
+            raise SettingsError("WALINK_LAUNCH_BUDGET must not be negative (0: the machine's cores)")
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
         if not 0 < self.worker_port < 65536:
             raise SettingsError("WALINK_WORKER_PORT must be a TCP port")
+        if not self.headless and self.chromium_path.name == HEADLESS_SHELL.name:
+            raise SettingsError(
+                "WALINK_HEADLESS=false needs full Chromium: set CHROMIUM_PATH=/usr/bin/chromium"
+            )
 
 
 def _parse(key: str, raw: str, kind: Any) -> Any:

@@ -174,8 +174,10 @@ class Store:
         return _record(row) if row else None
 
     async def sessions_owned_by(self, owner: str) -> list[dict[str, Any]]:
+        """The owner's sessions, the most recently changed first."""
         rows = await self.pool.fetch(
-            f"SELECT {_SESSION_COLUMNS} FROM whatsapp_accounts WHERE owner = $1 AND deleted_at IS NULL",  # noqa: S608
+            f"SELECT {_SESSION_COLUMNS} FROM whatsapp_accounts"  # noqa: S608 - constant
+            " WHERE owner = $1 AND deleted_at IS NULL ORDER BY updated_at DESC",
             owner,
         )
         return [_record(r) for r in rows]

@@ -25,13 +25,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Playwright, async_playwright
 
 from shared import db
-from shared.settings import Settings
+from shared.settings import HEADLESS_SHELL, Settings
 from simulator.app import create_app as create_simulator
 from worker import chromium
 from worker.app import create_app as create_worker
 from worker.keys import MANAGER
 
-CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", str(HEADLESS_SHELL)))
 WAIT_S = 60.0  # how long a test waits for an event before calling it lost (not a speed check)
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -269,6 +269,14 @@ class EventStream:
                 event, data = await self.next()
                 if event == kind and all(data.get(k) == v for k, v in match.items()):
                     return data
+
+    async def first_of(self, *kinds: str) -> tuple[str, dict[str, Any]]:
+        """The next event of one of ``kinds``: its name and data."""
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                event, data = await self.next()
+                if event in kinds:
+                    return event, data
 
     async def next_qr(self) -> str:
         """The QR of the stream's next ``qr`` event."""

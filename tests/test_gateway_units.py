@@ -25,6 +25,7 @@ from gateway.ring import Ring, load_cap, place, sample_keys
 from gateway.routing import Kind, Plan, Router
 from gateway.sse import Frames, Streams, relay
 from shared.errors import NotFound, Unauthorized, Unavailable
+from shared.models import now_ms
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.store import Store
@@ -315,6 +316,50 @@ def test_placements_count_until_a_health_report_includes_them() -> None:
         {"sessions": {"qr_scanning": 2}, "queue": {"waiting": 1, "active": 0}}, probe_started=clock()
     )
     assert worker.in_flight(clock()) == 3  # reported, no longer counted twice
+
+
+def test_heartbeat_load_places_sessions_within_the_bound_and_warm_browsers_first() -> None:
+    """Every gateway places by the same heartbeat figures: sessions carried plus its own placements
+    since the beat; among workers with room, one with a warm browser comes first."""
+    clock = Clock()
+    membership, router, _ = cluster(clock, {})
+    beats = {
+        name: {"url": f"http://{name}", "load": {"sessions": n, "warm": w, "in_flight": 0, "at_ms": now_ms()}}
+        for name, n, w in [(NODES[0], 12, 0), (NODES[1], 2, 0), (NODES[2], 2, 1)]
+    }
+    membership.apply_heartbeats(beats)
+    landed: dict[str, int] = dict.fromkeys(NODES[:3], 0)
+    for key in sample_keys(30):
+        worker = router.for_new_session(key)[0]
+        worker.placed(clock())
+        landed[worker.name] += 1
+    totals = {name: landed[name] + beats[name]["load"]["sessions"] for name in landed}  # type: ignore[index]
+    mean = sum(totals.values()) / len(totals)
+    assert max(totals.values()) <= 1.25 * mean, totals
+    # the first new session went to the one warm browser; the worker carrying most got the fewest
+    assert landed[NODES[0]] < landed[NODES[1]] and landed[NODES[0]] < landed[NODES[2]], landed
+    first = membership.get(NODES[2])
+    assert first is not None and first.warm(clock()) == 0  # its warm browser is spoken for
+    # a later beat includes the placements made before it: they are not counted twice
+    for name in landed:
+        beats[name]["load"] = {"sessions": totals[name], "warm": 0, "in_flight": 0, "at_ms": now_ms() + 5000}
+    membership.apply_heartbeats(beats)
+    assert {name: w.load(clock()) for name, w in membership.workers.items()} == totals
+
+
+def test_a_warm_worker_is_chosen_over_the_rings_first_choice_with_none() -> None:
+    clock = Clock()
+    membership, router, _ = cluster(clock, {})
+    for tick, key in enumerate(sample_keys(20)):
+        walk = router.for_any(key)
+        cold, warm = walk[0], walk[-1]
+        at_ms = now_ms() + tick
+        beats = {
+            w.name: {"load": {"sessions": 1, "warm": int(w is warm), "in_flight": 0, "at_ms": at_ms}}
+            for w in walk
+        }
+        membership.apply_heartbeats(beats)
+        assert router.for_new_session(key)[0] is warm, (key, cold.name, warm.name)
 
 
 # ------------------------------------------------------------------------------------------ proxy

@@ -106,16 +106,20 @@ async def test_qr_queue_limits_and_serves_users_first() -> None:
 
 async def test_qr_queue_cancelled_waiter_gives_its_place_back() -> None:
     queue = QrQueue(1)
-    await queue.acquire()
-    waiter = asyncio.create_task(queue.acquire())
+    first, second = queue.slot(), queue.slot()
+    await first.__aenter__()
+    waiter = asyncio.create_task(second.__aenter__())
     await asyncio.sleep(0)
+    assert queue.waiting == 1
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    queue.release()
-    assert queue.active == 0
-    await asyncio.wait_for(queue.acquire(), 1)
+    await first.__aexit__(None, None, None)
+    assert queue.active == 0 and queue.waiting == 0
+    again = queue.slot()
+    await asyncio.wait_for(again.__aenter__(), 1)
     assert queue.active == 1
+    await again.__aexit__(None, None, None)
 
 
 async def test_stop_loops_ends_a_loop_that_lost_its_cancel() -> None:

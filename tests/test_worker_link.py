@@ -301,19 +301,32 @@ async def test_worker_restart_brings_ready_sessions_back_without_qr(
         assert len(await sim.devices(f"1415555{n:04d}")) == 1
 
 
-async def test_twenty_at_once_all_get_a_qr_within_the_queue_limit(
+async def test_twenty_at_once_all_get_a_qr_within_the_launch_budget(
     sim: Sim, start_worker: WorkerFactory
 ) -> None:
-    client = await start_worker(qr_concurrency=3, warm_pool_size=2)
+    """A burst of 20: two from the warm pool, 18 cold starts never more than the launch budget
+    at once (counted in Redis, where every worker of the machine takes its places), and each
+    client that waits for a place hears ``qr_pending`` with its position before its QR."""
+    client = await start_worker(launch_budget=2, warm_pool_size=2)
+    await manager_of(client).pool.wait_full()
     created = await asyncio.gather(*(create(client) for _ in range(20)))
     streams = [await events(client, c["id"]) for c in created]
-    await asyncio.gather(*(s.until("qr") for s in streams))
+    firsts = await asyncio.gather(*(s.first_of("qr_pending", "qr") for s in streams))
+    await asyncio.gather(
+        *(s.until("qr") for s, (event, _) in zip(streams, firsts, strict=True) if event != "qr")
+    )
     for s in streams:
         s.close()
     health = await get_json(client, "/health")
     assert health["sessions"]["qr_scanning"] == 20
-    assert 1 <= health["queue"]["max_active_seen"] <= 3
-    assert health["queue"]["active"] == 0
+    budget = health["queue"]["budget"]
+    # the pool's two, the 18 cold starts, and the pool's refills after the burst (last in line)
+    assert budget["limit"] == 2 and 2 + 18 <= budget["granted_total"] <= 2 + 18 + 2
+    assert 1 <= budget["max_held_seen"] <= 2
+    assert health["queue"]["active"] == 0 and health["queue"]["fallbacks_total"] == 0
+    pending = [data for event, data in firsts if event == "qr_pending"]
+    assert len(pending) >= 10, firsts  # most of the 18 had to wait for a place, and heard so first
+    assert all(p["position"] >= 1 and p["eta_ms"] > 0 for p in pending)
     raws = {(await get_json(client, f"/v1/sessions/{c['id']}/qr"))["qr"] for c in created}
     assert len(raws) == 20
 

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from playwright.async_api import async_playwright
 
-from shared import resources
+from shared import aio, resources
 from shared import store as store_mod
 from shared.aio import stop_loops
 from shared.outbox import WebhookDispatcher
@@ -46,6 +46,7 @@ from worker.keys import (
     STARTED_AT,
     STORE,
 )
+from worker.launch_budget import LaunchBudget, default_scope, machine_cores
 from worker.membership import Heartbeat
 from worker.qr_queue import QrQueue
 from worker.routes import add_routes, auth_middleware
@@ -85,6 +86,27 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
             redis_timeout_s=settings.redis_timeout_s,
         )
         yield
+
+
+async def launch_budget_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The machine's launch budget in Redis, shared by its workers (see :mod:`worker.launch_budget`)."""
+    settings = app[SETTINGS]
+    budget = LaunchBudget(
+        app[REDIS],
+        Keys(settings.redis_prefix),
+        worker_name=app[NAME],
+        scope=settings.launch_scope or default_scope(),
+        limit=settings.launch_budget or machine_cores(),
+        timeout_s=settings.redis_timeout_s,
+    )
+    await budget.start()
+    app[QUEUE].budget = budget
+    log.info("launch budget: %d cold start(s) at once on %s", budget.limit, budget.scope)
+    try:
+        yield
+    finally:
+        app[QUEUE].budget = None
+        await budget.close()
 
 
 async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -153,6 +175,17 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout_s=settings.redis_timeout_s,
     )
     app[HEARTBEAT] = heartbeat
+
+    def load() -> dict[str, int]:
+        manager, queue = app.get(MANAGER), app[QUEUE]
+        sessions = manager.placement_load() if manager is not None else {"sessions": 0, "qr": 0}
+        return {
+            "sessions": sessions["sessions"],
+            "in_flight": sessions["qr"] + queue.waiting + queue.active,
+            "warm": int(app[POOL].stats()["ready"]),
+        }
+
+    heartbeat.load = load
     task = asyncio.create_task(heartbeat.run(), name="heartbeat")
     try:
         yield
@@ -213,7 +246,17 @@ def create_app(settings: Settings) -> web.Application:
     app[PSS] = chromium.PssGauge()
     app.cleanup_ctx.extend(
         # the heartbeat outlives the sessions at shutdown: peers see "draining" until every lease is free
-        [http_ctx, db_ctx, redis_ctx, dispatcher_ctx, playwright_ctx, pool_ctx, heartbeat_ctx, sessions_ctx]
+        [
+            http_ctx,
+            db_ctx,
+            redis_ctx,
+            launch_budget_ctx,
+            dispatcher_ctx,
+            playwright_ctx,
+            pool_ctx,
+            heartbeat_ctx,
+            sessions_ctx,
+        ]
     )
     app.on_shutdown.append(on_shutdown)
     add_routes(app)
@@ -243,4 +286,4 @@ def main(settings: Settings | None = None) -> None:
         settings.worker_data_dir,
         settings.target,
     )
-    asyncio.run(serve(settings))
+    aio.run(serve(settings))

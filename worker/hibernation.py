@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shared.errors import SnapshotInvalid, WalinkError
 from shared.models import Reason, SessionStatus
-from worker import snapshot
+from worker import qr_queue, snapshot
 from worker.commits import Commits
 from worker.context import DB_ERRORS, Context, NotOwner
 from worker.ending import Ending
@@ -29,9 +29,10 @@ S = SessionStatus
 
 class Hibernation:
     def __init__(
-        self, ctx: Context, ending: Ending, commits: Commits, *, restore: Callable[[Session], None]
+        self, ctx: Context, ending: Ending, commits: Commits, *, restore: Callable[[Session, int], None]
     ) -> None:
-        """``restore`` starts the session's browser on its profile (see :mod:`worker.linking`)."""
+        """``restore(session, priority)`` starts the session's browser on its profile, its start
+        queued at ``priority`` (see :mod:`worker.linking`)."""
         self._ctx = ctx
         self._ending = ending
         self._commits = commits
@@ -120,7 +121,7 @@ class Hibernation:
         session.mark("requested_at_ms")
         if not await self._profile_or_fail(session):
             return False
-        self._restore(session)
+        self._restore(session, qr_queue.USER if reason == Reason.WAKE else qr_queue.RESTORE)
         await self._commits.write(session)
         return True
 

@@ -16,7 +16,7 @@ from typing import Any
 from shared import metrics
 from shared.errors import BrowserError, InvalidState, SnapshotInvalid, Unavailable
 from shared.ids import new_profile_id
-from shared.models import LINKING, EventType, Reason, SessionStatus, now_ms
+from shared.models import LINKING, QR_PENDING, EventType, Reason, SessionStatus, now_ms
 from worker import qr_queue
 from worker import whatsapp_web as wa
 from worker.browser import BrowserSlot
@@ -59,7 +59,7 @@ class Linking:
                 warm = {"qr": slot.last_qr, "ref": slot.last_qr_ref, "ttl_ms": slot.last_qr_ttl_ms}
                 self._on_qr(session, warm, Reason.WARM_POOL)
         else:
-            self._ctx.tasks.spawn(session, self._cold_start(session))
+            self._ctx.tasks.spawn(session, self._cold_start(session, qr_queue.USER))
 
     async def restart(self, session: Session) -> Session:
         ctx = self._ctx
@@ -77,7 +77,7 @@ class Linking:
         session.transition(S.STARTING, Reason.RESTART)
         session.mark("requested_at_ms")
         if keep_profile:
-            self.restore(session)
+            self.restore(session, qr_queue.USER)
         else:
             session.phone_number = None
             session.push_name = None
@@ -86,10 +86,12 @@ class Linking:
         self._commits.flush(session)
         return session
 
-    def restore(self, session: Session) -> None:
-        """Start the session's browser on its own profile (a linked session coming back)."""
+    def restore(self, session: Session, priority: int) -> None:
+        """Start the session's browser on its own profile (a linked session coming back): a wake
+        or restart asked for by a user at ``USER`` priority, restores at start-up and take-overs
+        at ``RESTORE`` (after users and warm-pool refills)."""
         self._ctx.restoring.add(session.id)
-        self._ctx.tasks.spawn(session, self._cold_start(session))
+        self._ctx.tasks.spawn(session, self._cold_start(session, priority))
 
     def reset_link_state(self, session: Session) -> None:
         session.batches_used = 0
@@ -98,12 +100,15 @@ class Linking:
         session.pairing_code = None
         session.logout_requested = False
 
-    async def _cold_start(self, session: Session) -> None:
+    async def _cold_start(self, session: Session, priority: int) -> None:
         ctx = self._ctx
+        restoring = session.id in ctx.restoring
         try:
-            if session.id in ctx.restoring:
+            if restoring:
                 await self._hibernation.materialize_profile(session)
-            async with ctx.queue.slot(qr_queue.USER):
+            on_wait = None if restoring else partial(self._on_queued, session)
+            async with ctx.queue.slot(priority, on_wait):
+                session.queued = None
                 if not self._still_starting(session):
                     return
                 slot = await ctx.launcher.launch(session.profile_id)
@@ -122,6 +127,12 @@ class Linking:
         except SnapshotInvalid as exc:
             log.error("%s: cannot restore: %s", session.id, exc)
             self.fail(session, Reason.CLIENT_FATAL)
+
+    def _on_queued(self, session: Session, position: int, eta_ms: int) -> None:
+        """Waiting for a place to start the browser: the client hears where it stands (SSE
+        ``qr_pending``, not an outbox event: it says nothing the record needs)."""
+        if session.status == S.STARTING:
+            session.notify(QR_PENDING, {"session_id": session.id, "position": position, "eta_ms": eta_ms})
 
     def _still_starting(self, session: Session) -> bool:
         ctx = self._ctx

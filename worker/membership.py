@@ -1,9 +1,14 @@
 """The worker's heartbeat in Redis: how gateways learn that it is alive, where, and if it drains.
 
-``{prefix}worker:{name}`` holds ``{"name", "url", "pid", "started_at_ms", "draining"}`` with a
-TTL of ``heartbeat_ttl_ms`` (6 s), refreshed every second, so a busy worker must miss several
+``{prefix}worker:{name}`` holds ``{"name", "url", "pid", "started_at_ms", "draining", "load"}``
+with a TTL of ``heartbeat_ttl_ms`` (6 s), refreshed every second, so a busy worker must miss several
 beats before peers adopt its sessions. A worker told to stop marks itself draining at once
 (gateways stop sending new sessions) and deletes the key when it is done.
+
+``load`` is what every gateway places new sessions by (:mod:`gateway.routing`), the same for
+all of them: ``{"sessions", "in_flight", "warm", "at_ms"}`` — sessions with a browser here or
+starting one, linkings in flight (QR shown, or a start waiting or running), warm browsers
+showing a QR, and when that was counted.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -35,17 +42,20 @@ class Heartbeat:
         self.timeout_s = timeout_s
         self.started_at_ms = now_ms()
         self.draining = False
+        self.load: Callable[[], dict[str, Any]] | None = None
+        """What the worker carries now (see the module's docstring); set once sessions run."""
 
     def payload(self) -> bytes:
-        return orjson.dumps(
-            {
-                "name": self.name,
-                "url": self.url,
-                "pid": os.getpid(),
-                "started_at_ms": self.started_at_ms,
-                "draining": self.draining,
-            }
-        )
+        beat: dict[str, Any] = {
+            "name": self.name,
+            "url": self.url,
+            "pid": os.getpid(),
+            "started_at_ms": self.started_at_ms,
+            "draining": self.draining,
+        }
+        if self.load is not None:
+            beat["load"] = {**self.load(), "at_ms": now_ms()}
+        return orjson.dumps(beat)
 
     async def beat(self) -> bool:
         try:

@@ -8,6 +8,7 @@ committed events reach SSE subscribers, Redis and webhooks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -23,6 +24,19 @@ log = logging.getLogger("walink.session")
 
 EVENT_BACKLOG = 256
 SUBSCRIBER_QUEUE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A live notice to the session's event streams that is not an event of the record (no
+    ``seq``, not in the outbox, no webhook): e.g. ``qr_pending`` while its browser waits for a
+    place to start."""
+
+    name: str
+    data: dict[str, Any]
+
+
+StreamItem = SessionEvent | Notice | None
 
 
 @dataclass(slots=True)
@@ -62,7 +76,9 @@ class Session:
     slot: BrowserSlot | None = field(default=None, repr=False)
     pending: list[NewEvent] = field(default_factory=list, repr=False)
     events: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=EVENT_BACKLOG), repr=False)
-    subscribers: set[asyncio.Queue[SessionEvent | None]] = field(default_factory=set, repr=False)
+    subscribers: set[asyncio.Queue[StreamItem]] = field(default_factory=set, repr=False)
+    queued: Notice | None = field(default=None, repr=False)
+    """The last ``qr_pending`` while the browser waits for a place; None once it starts."""
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     op_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
@@ -120,12 +136,21 @@ class Session:
                 # a stalled reader: drop it; it reconnects with Last-Event-ID and misses nothing
                 self.subscribers.discard(queue)
 
-    def subscribe(self) -> asyncio.Queue[SessionEvent | None]:
-        queue: asyncio.Queue[SessionEvent | None] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
+    def notify(self, name: str, data: dict[str, Any]) -> None:
+        """A :class:`Notice` to every live subscriber (a full queue just misses it)."""
+        notice = Notice(name, data)
+        if name == "qr_pending":
+            self.queued = notice
+        for queue in list(self.subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(notice)
+
+    def subscribe(self) -> asyncio.Queue[StreamItem]:
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
         self.subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[SessionEvent | None]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[StreamItem]) -> None:
         self.subscribers.discard(queue)
 
     def close_subscribers(self) -> None:

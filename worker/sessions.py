@@ -78,7 +78,10 @@ class SessionManager:
         self._commits = Commits(ctx, self._ending)
         # linking starts browsers and is built on hibernation, which restores through it
         self._hibernation = Hibernation(
-            ctx, self._ending, self._commits, restore=lambda session: self._linking.restore(session)
+            ctx,
+            self._ending,
+            self._commits,
+            restore=lambda session, priority: self._linking.restore(session, priority),
         )
         self._linking = Linking(ctx, self._ending, self._commits, self._hibernation)
         self._takeover = TakeOver(ctx, self._linking, self._hibernation, self._commits)
@@ -350,6 +353,16 @@ class SessionManager:
             ),
             "by_status": by_status,
         }
+
+    def placement_load(self) -> dict[str, int]:
+        """What new sessions are placed by: sessions with a browser or starting one (not
+        hibernated, not ended), and of them those showing a QR."""
+        sessions = qr = 0
+        for s in self.sessions.values():
+            if s.slot is not None or s.status == S.STARTING:
+                sessions += 1
+                qr += s.status == S.QR
+        return {"sessions": sessions, "qr": qr}
 
     def performance(self) -> dict[str, float | None]:
         return {

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from shared import outbox
 from shared.models import EventType, SessionEvent, sse_name
-from worker.session import Session
+from worker.session import Notice, Session
 
 
 def frame(event: SessionEvent) -> bytes:
@@ -32,6 +32,11 @@ def frame(event: SessionEvent) -> bytes:
         + orjson.dumps(event.to_dict())
         + b"\n\n"
     )
+
+
+def notice_frame(notice: Notice) -> bytes:
+    """A notice has no ``id:``: a resumed stream's ``Last-Event-ID`` stays the last event's."""
+    return b"event: " + notice.name.encode() + b"\ndata: " + orjson.dumps(notice.data) + b"\n\n"
 
 
 def last_event_id(request: web.Request) -> int | None:
@@ -92,6 +97,8 @@ async def stream_local(
         for event in backlog:
             await response.write(frame(event))
             sent = max(sent, event.seq)
+        if session.queued is not None and session.status.value == "starting":
+            await response.write(notice_frame(session.queued))
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), keepalive_s)
@@ -102,6 +109,9 @@ async def stream_local(
                 continue
             if item is None:
                 break
+            if isinstance(item, Notice):
+                await response.write(notice_frame(item))
+                continue
             if item.seq <= sent:
                 continue
             await response.write(frame(item))

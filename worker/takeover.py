@@ -82,7 +82,12 @@ class TakeOver:
 
     async def restore_all(self) -> int:
         """Take back this worker's sessions: ``ready`` ones come back from their profiles (or
-        snapshots) without a QR; linkings whose QR died with the process get a fresh QR."""
+        snapshots) without a QR; linkings whose QR died with the process get a fresh QR.
+
+        Their browsers start through the launch budget at ``RESTORE`` priority (after users and
+        the warm pool, a few at a time), and only the ``max_active_sessions`` most recently
+        used: the others come back hibernated (their snapshot stored, no browser), woken when
+        used."""
         restored = 0
         for rec in await self._ctx.store.sessions_owned_by(self._ctx.name):
             if S(rec["status"]) in ENDED or rec["status"] == S.HIBERNATED:
@@ -90,6 +95,11 @@ class TakeOver:
             try:
                 session = await self.take_over(rec)
             except NotOwner:
+                continue
+            if session.status == S.READY and restored >= self._ctx.settings.max_active_sessions:
+                session.needs_resume = False
+                hibernate = self._hibernation.hibernate(session, Reason.LRU)
+                self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(hibernate), cancel_on_end=False)
                 continue
             restored += await self.resume(session)
         return restored
