@@ -54,7 +54,11 @@ class Settings:
     launch_scope: str = ""
     # cold starts at once on this worker alone, while Redis cannot be reached
     qr_concurrency: int = 2
+    # warm browsers on the QR screen: at least this many (0: no pool), more after a burst of
+    # "add account" (the asks of the last minute), up to the max and the memory budget (PSS)
     warm_pool_size: int = 2
+    warm_pool_max: int = 6
+    warm_pool_memory_mb: int = 600
     qr_batches: int = 1
     start_timeout_s: float = 45.0
     link_timeout_s: float = 120.0
@@ -164,6 +168,8 @@ class Settings:
                 raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
         if self.launch_budget < 0:
             raise SettingsError("WALINK_LAUNCH_BUDGET must not be negative (0: the machine's cores)")
+        if self.warm_pool_max < self.warm_pool_size:
+            raise SettingsError("WALINK_WARM_POOL_MAX must be at least WALINK_WARM_POOL_SIZE")
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
         if not 0 < self.worker_port < 65536:

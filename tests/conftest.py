@@ -176,6 +176,8 @@ def worker_settings(tmp_path: Path, sim: Sim, pg_dsn: str, redis_prefix: str, **
         webhook_backoff_base_s=0.05,
         webhook_backoff_max_s=0.5,
     )
+    # a test's warm pool stays the size it asks for (growth after bursts: tests/test_units.py)
+    overrides.setdefault("warm_pool_max", overrides.get("warm_pool_size", 0))
     return base.replace(**overrides)
 
 

@@ -237,3 +237,85 @@ async def test_error_middleware_turns_errors_into_json(aiohttp_client: Any) -> N
 )
 def test_a_lid_is_never_a_phone_number(phone: object, lid: object, expected: tuple[object, object]) -> None:
     assert (wa.phone_of(phone), wa.lid_of(lid)) == expected
+
+
+class _FakeSlot:
+    """Just what the warm pool touches of a browser (a unit test of its sizing, no Chromium)."""
+
+    def __init__(self, profile_dir: Path) -> None:
+        self.profile_dir = profile_dir
+        self.pid: int | None = None
+        self.first_qr = asyncio.Event()
+        self.first_qr.set()
+        self.dead = asyncio.Event()
+        self.closing = False
+        self.last_qr = "ref,key,id,adv"
+        self.closed = False
+
+    def set_pool_callbacks(self, *_: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class _FakeLauncher:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.launched: list[_FakeSlot] = []
+
+    async def launch(self, profile_id: str) -> _FakeSlot:
+        slot = _FakeSlot(self.root / profile_id)
+        self.launched.append(slot)
+        return slot
+
+
+async def test_warm_pool_grows_after_a_burst_and_shrinks_when_asks_stop(tmp_path: Path) -> None:
+    from worker.warm_pool import WarmPool
+
+    now = [0.0]
+    launcher = _FakeLauncher(tmp_path)
+    pool = WarmPool(
+        2,
+        launcher,  # type: ignore[arg-type]
+        QrQueue(4),
+        5.0,
+        max_size=5,
+        demand_window_s=60.0,
+        clock=lambda: now[0],
+    )
+    pool.start()
+    try:
+        await asyncio.wait_for(pool.wait_full(), 5)
+        assert pool.stats()["ready"] == 2 and pool.target == 2
+        taken: list[Any] = [pool.take() for _ in range(8)]  # a burst of 8 "add account": 2 warm, 6 cold
+        assert sum(t is not None for t in taken) == 2
+        assert pool.target == 5  # 8 asks in the window, capped at the max
+        await asyncio.wait_for(pool.wait_full(), 5)
+        assert pool.stats()["ready"] == 5
+        now[0] += 61.0  # a quiet minute: the asks age out
+        pool._wake.set()
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if pool.stats()["ready"] == 2:
+                break
+        assert pool.target == 2 and pool.stats()["ready"] == 2
+        await asyncio.wait_for(asyncio.gather(*list(pool._fills)), 5)  # the closing of the extras
+        closed = [s for s in launcher.launched if s.closed]
+        assert len(closed) == 3 and all(s not in taken for s in closed)  # the extra warm ones
+        pool.browser_pss_bytes = 100 * 1024 * 1024
+        pool.memory_budget_bytes = 300 * 1024 * 1024
+        for _ in range(8):
+            pool.take()
+        assert pool.target == 3  # the memory budget holds three at the measured PSS
+    finally:
+        await pool.close()
+
+
+async def test_a_pool_of_size_zero_never_grows(tmp_path: Path) -> None:
+    from worker.warm_pool import WarmPool
+
+    pool = WarmPool(0, _FakeLauncher(tmp_path), QrQueue(1), 5.0, max_size=6)  # type: ignore[arg-type]
+    for _ in range(10):
+        assert pool.take() is None
+    assert pool.target == 0

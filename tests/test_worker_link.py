@@ -323,7 +323,7 @@ async def test_twenty_at_once_all_get_a_qr_within_the_launch_budget(
     # the pool's two, the 18 cold starts, and the pool's refills after the burst (last in line)
     assert budget["limit"] == 2 and 2 + 18 <= budget["granted_total"] <= 2 + 18 + 2
     assert 1 <= budget["max_held_seen"] <= 2
-    assert health["queue"]["active"] == 0 and health["queue"]["fallbacks_total"] == 0
+    assert health["queue"]["fallbacks_total"] == 0  # (the pool's refills may be starting now)
     pending = [data for event, data in firsts if event == "qr_pending"]
     assert len(pending) >= 10, firsts  # most of the 18 had to wait for a place, and heard so first
     assert all(p["position"] >= 1 and p["eta_ms"] > 0 for p in pending)

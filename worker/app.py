@@ -128,7 +128,14 @@ async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    pool = WarmPool(settings.warm_pool_size, app[LAUNCHER], app[QUEUE], settings.start_timeout_s)
+    pool = WarmPool(
+        settings.warm_pool_size,
+        app[LAUNCHER],
+        app[QUEUE],
+        settings.start_timeout_s,
+        max_size=settings.warm_pool_max,
+        memory_budget_bytes=settings.warm_pool_memory_mb * 1024 * 1024,
+    )
     app[POOL] = pool
     pool.start()
     try:
