@@ -319,3 +319,33 @@ async def test_a_pool_of_size_zero_never_grows(tmp_path: Path) -> None:
     for _ in range(10):
         assert pool.take() is None
     assert pool.target == 0
+
+
+async def test_make_run_says_up_only_when_every_pool_is_warm(
+    aiohttp_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared import devrun
+
+    ready = {"a": 0, "b": 2}
+    asked: list[str] = []
+
+    def worker(name: str) -> web.Application:
+        async def health(_: web.Request) -> web.Response:
+            asked.append(name)
+            if name == "a" and len(asked) > 6:
+                ready["a"] = 2  # its warm browsers came up
+            return web.json_response({"pool": {"ready": ready[name], "target": 2}})
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        return app
+
+    a, b = await aiohttp_server(worker("a")), await aiohttp_server(worker("b"))
+    gateway = await aiohttp_server(web.Application())
+    workers = [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]
+    await asyncio.to_thread(devrun.announce_when_up, workers, gateway.port, timeout_s=20)
+    err = capsys.readouterr().err
+    assert "walink: up in" in err and "2 workers, 4 warm browser(s)" in err
+    assert asked.count("a") > 3  # it kept asking while a's pool was cold
+    await asyncio.to_thread(devrun.announce_when_up, workers, 1, timeout_s=0.5)  # no gateway there
+    assert "walink: not up after" in capsys.readouterr().err

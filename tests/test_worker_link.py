@@ -301,6 +301,38 @@ async def test_worker_restart_brings_ready_sessions_back_without_qr(
         assert len(await sim.devices(f"1415555{n:04d}")) == 1
 
 
+async def test_a_restart_brings_back_only_max_active_sessions_and_hibernates_the_rest(
+    sim: Sim, start_worker: WorkerFactory
+) -> None:
+    """Sessions beyond ``max_active_sessions`` come back hibernated (a snapshot, no browser), not
+    launched; one of them wakes on its first request, without a QR."""
+    first = await start_worker()
+    ids = [(await link(first, sim, phone=f"1415556{n:04d}"))["id"] for n in range(3)]
+    await first.close()
+
+    second = await start_worker(max_active_sessions=1)
+    manager = manager_of(second)
+    for sid in ids:
+        session = manager.get(sid)
+        if session.status.value not in {"ready", "hibernated"}:
+            async with asyncio.timeout(60):
+                while session.status.value not in {"ready", "hibernated"}:
+                    await session.changed.wait()
+    statuses = sorted(manager.get(sid).status.value for sid in ids)
+    assert statuses == ["hibernated", "hibernated", "ready"], statuses
+    assert sum(1 for sid in ids if manager.get(sid).slot is not None) == 1
+    sleeping = next(sid for sid in ids if manager.get(sid).status.value == "hibernated")
+    assert manager.get(sleeping).reason == "lru"
+    stream = await events(second, sleeping)
+    resp = await second.post(f"/v1/sessions/{sleeping}/restart")
+    assert resp.status == 202
+    await stream.until("session_ready")
+    assert "qr" not in [kind for kind, _ in stream.seen]
+    stream.close()
+    woken = await get_json(second, f"/v1/sessions/{sleeping}")
+    assert woken["status"] == "ready" and woken["phone_number"] == f"1415556{ids.index(sleeping):04d}"
+
+
 async def test_twenty_at_once_all_get_a_qr_within_the_launch_budget(
     sim: Sim, start_worker: WorkerFactory
 ) -> None:
