@@ -206,12 +206,6 @@ class LaunchBudget:
             "start_ms_estimate": round(self._start_ms),
         }
 
-    async def held(self) -> int:
-        """Starts running now in the scope (every worker); raises when Redis cannot say."""
-        now = _now_ms()
-        count = await asyncio.wait_for(self.redis.zcount(self.keys[2], now, "+inf"), self.timeout_s)
-        return int(count)
-
     async def acquire(self, priority: int, on_wait: OnWait | None = None) -> str:
         """Wait for one of the scope's places; its ticket, for :meth:`release`. Raises RedisError,
         OSError or TimeoutError when Redis cannot grant it (the ticket is then withdrawn)."""
