@@ -56,6 +56,7 @@ from shared.settings import FULL_CHROMIUM, HEADLESS_SHELL
 
 # in run order: the steps on the shared worker are grouped by simulator profile (realistic, then
 # strict, then instant), since the shared worker restarts when the profile changes
+ACTIVE_PSS_TARGET = 0.55  # an active session's browser at most this fraction of the seed's
 STEPS = (
     "qr_warm",
     "phone_realistic",
@@ -763,7 +764,7 @@ async def step_memory(b: Bench) -> None:
         await b.h.retire_workers([worker])
     w_pss, s_pss = statistics.median(walink_pss), statistics.median(seed_pss)
     per_hib = (rss1 - rss0) / n_hib
-    ok_active = w_pss <= s_pss
+    ok_active = w_pss <= ACTIVE_PSS_TARGET * s_pss  # issue 9: at most 0.55x the seed's
     ok_hib = per_hib <= MB
     b.figures["memory"] = {
         "what": "PSS of one ready session's Chromium process group (walink: /health memory.browsers_pss / "
@@ -779,7 +780,7 @@ async def step_memory(b: Bench) -> None:
         "worker_rss_after_bytes": int(rss1),
         "per_hibernated_session_bytes": int(per_hib),
         "snapshot_bytes": summary([float(s) for s in sizes], 0),
-        "target": {"active_pss_max": "baseline", "per_hibernated_session_bytes_max": MB},
+        "target": {"active_pss_max_x_baseline": ACTIVE_PSS_TARGET, "per_hibernated_session_bytes_max": MB},
         "meets_target": ok_active and ok_hib,
     }
     b.add(
@@ -789,7 +790,7 @@ async def step_memory(b: Bench) -> None:
             fmt_mb(w_pss),
             fmt_mb(s_pss),
             fmt_x(ratio(s_pss, w_pss)),
-            "≤ baseline",
+            f"≤ {ACTIVE_PSS_TARGET}x baseline",
             ok_active,
         )
     )
