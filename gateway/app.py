@@ -137,6 +137,7 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await stop(task)
+        app[PROXY].close()
 
 
 async def on_shutdown(app: web.Application) -> None:

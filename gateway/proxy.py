@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import upstream
 from gateway.breaker import BreakerState
 from gateway.errors import NoWorkerAvailable, UpstreamError, UpstreamTimeout
 from gateway.membership import Worker
@@ -59,9 +60,13 @@ BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
 
 # a worker that did not get the request at all
-NOT_SENT: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+NOT_SENT: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+    upstream.NotSent,
+)
 # a worker that may have got it (and may have acted on it)
-MAYBE_SENT: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError)
+MAYBE_SENT: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError, upstream.Broken)
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -135,6 +140,9 @@ class Proxy:
         self.http = http
         self.internal_token = internal_token
         connect_s = min(timeout_s, 2.0)
+        self.timeout_s = timeout_s
+        # calls (not streams) go through the gateway's own lean HTTP/1.1 client
+        self.upstream = upstream.Upstream(connect_timeout_s=connect_s)
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s)
         # streams: no total; a silent upstream (no keep-alive comment) is a dead one
         self.stream_timeout = aiohttp.ClientTimeout(
@@ -145,6 +153,10 @@ class Proxy:
         self.sleep = sleep
         self.clock = clock
 
+    def close(self) -> None:
+        """End the calls' idle connections (the streams' are aiohttp's, closed with its session)."""
+        self.upstream.close()
+
     def worker_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         """``headers`` plus the internal token that workers ask of the gateway (when one is set)."""
         sent = dict(headers)
@@ -153,7 +165,20 @@ class Proxy:
         return sent
 
     # ------------------------------------------------------------------ one attempt
-    async def _send(self, worker: Worker, call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
+    async def _send(
+        self, worker: Worker, call: Call
+    ) -> tuple[int, CIMultiDictProxy[str], bytes, aiohttp.ClientResponse | None]:
+        """``(status, headers, body, the open stream of a 200 SSE answer)``."""
+        if not call.stream and self.upstream.handles(worker.url):
+            status, headers, body = await self.upstream.request(
+                worker.url,
+                call.method,
+                call.path,
+                self.worker_headers(call.headers),
+                call.body,
+                timeout_s=self.timeout_s,
+            )
+            return status, headers, body, None
         resp = await self.http.request(
             call.method,
             worker.url + call.path,
@@ -163,12 +188,12 @@ class Proxy:
             allow_redirects=False,
         )
         if call.stream and resp.status == 200:
-            return resp, b""
+            return resp.status, resp.headers, b"", resp
         try:
             body = await resp.read()
         finally:
             resp.release()
-        return resp, body
+        return resp.status, resp.headers, body, None
 
     # ------------------------------------------------------------------ the attempts of a request
     async def forward(self, call: Call, plan: Plan, *, avoid: Set[str] = frozenset()) -> Answer:
@@ -273,11 +298,11 @@ class Proxy:
         """(retry reason, None) to try again, or (None, answer) to stop."""
         breaker = worker.breaker
         try:
-            resp, body = await self._send(worker, call)
+            status, headers, body, stream = await self._send(worker, call)
         except NOT_SENT as exc:
             breaker.failure()
             plan.not_landed(worker)
-            if isinstance(exc, aiohttp.ClientConnectorError):
+            if isinstance(exc, aiohttp.ClientConnectorError | upstream.Refused):
                 worker.reachable = False
             t.exclude.add(worker.name)
             t.error = NoWorkerAvailable(f"no worker could be reached (last: {worker.name}: {exc})")
@@ -301,28 +326,21 @@ class Proxy:
         except BaseException:
             breaker.release()
             raise
-        code = error_code(resp.status, body, resp.headers.get("Content-Type", ""))
-        answer = Answer(
-            worker,
-            resp.status,
-            resp.headers,
-            body,
-            code,
-            resp if call.stream and resp.status == 200 else None,
-        )
-        if resp.status == 503 and code == "unavailable":
+        code = error_code(status, body, headers.get("Content-Type", ""))
+        answer = Answer(worker, status, headers, body, code, stream)
+        if status == 503 and code == "unavailable":
             breaker.release()  # draining on purpose
             worker.draining = True  # no new sessions there until a health check says otherwise
             plan.not_landed(worker)
             t.exclude.add(worker.name)
             t.last = answer
             return "unavailable", None
-        if resp.status == 409 and code == "not_owner":
+        if status == 409 and code == "not_owner":
             breaker.success()
             plan.not_landed(worker)
             t.last = answer
             return "not_owner", None
-        if resp.status >= 500:
+        if status >= 500:
             breaker.failure()
             if not call.idempotent:
                 return None, answer
