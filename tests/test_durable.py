@@ -505,3 +505,42 @@ async def test_a_session_taken_over_is_resumed_once_when_a_request_and_the_orpha
     assert manager.launcher.launched_total == launched + 1
     assert [s.id for s in manager.in_workspace()] == ["s_orphanrace"]
     assert (await client.delete("/v1/sessions/s_orphanrace")).status == 204
+
+
+async def test_sessions_taken_over_beyond_max_active_come_back_hibernated_from_their_snapshots(
+    tmp_path: Path, sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
+) -> None:
+    """A worker that adopts more ready sessions than ``max_active_sessions`` launches only that
+    many; the others come back hibernated — their stored snapshot kept as it is (this worker has
+    no copy of their profile to snapshot) — and wake from it without a scan."""
+    first = await start_worker(worker_name="worker-a")
+    phones = ["4422222201", "4422222202"]
+    ids = [await link_id(first, sim, phone) for phone in phones]
+    await first.close()  # hands its sessions over: fresh snapshots stored, leases freed
+    stored = {
+        sid: await pg_pool.fetchval("SELECT blob FROM profile_snapshots WHERE session_id = $1", sid)
+        for sid in ids
+    }
+    assert all(stored.values())
+
+    second = await start_worker(worker_name="worker-b", data_dir=tmp_path / "b", max_active_sessions=1)
+    manager = manager_of(second)
+    assert await manager.adopt_orphans() == 2
+    for sid in ids:
+        session = manager.get(sid)
+        async with asyncio.timeout(60):
+            while session.status.value not in {"ready", "hibernated"}:
+                await session.changed.wait()
+    await manager.settle()
+    by_status = {manager.get(sid).status.value: sid for sid in ids}
+    assert sorted(by_status) == ["hibernated", "ready"], by_status
+    sleeping = by_status["hibernated"]
+    kept = await pg_pool.fetchval("SELECT blob FROM profile_snapshots WHERE session_id = $1", sleeping)
+    assert kept == stored[sleeping]  # not overwritten by an empty profile
+    stream = await events(second, sleeping)
+    assert (await second.post(f"/v1/sessions/{sleeping}/restart")).status == 202
+    await stream.until("session_ready")
+    stream.close()
+    woken = await get_json(second, f"/v1/sessions/{sleeping}")
+    assert woken["phone_number"] == phones[ids.index(sleeping)]
+    assert len(await sim.devices(woken["phone_number"])) == 1  # no new scan

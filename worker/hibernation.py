@@ -83,9 +83,12 @@ class Hibernation:
                 return
             self.cancel_idle(session)
             started = time.monotonic()
+            had_browser = session.slot is not None
             await self._ending.end_browser(session, wipe=False)
             profile = ctx.launcher.profile_dir(session.profile_id)
-            if ctx.snapshot_key is not None:
+            # a session taken over without its browser has its profile here only if this worker
+            # ran it: otherwise the stored snapshot is the newest, and must not be overwritten
+            if ctx.snapshot_key is not None and (had_browser or _has_files(profile)):
                 session.timings["snapshot_bytes"] = await self.store_snapshot(session)
             session.timings["hibernate_ms"] = int((time.monotonic() - started) * 1000)
             session.transition(S.HIBERNATED, reason)

@@ -58,13 +58,22 @@ class TakeOver:
             return session
 
     async def resume(self, session: Session) -> int:
-        """Drive a session just taken over: restore a linked one without a QR (1), give a linking
-        one a fresh QR (0). Only the first call after a take-over acts: a request and the orphan
-        watcher may both reach a session taken over a moment ago."""
+        """Drive a session just taken over: restore a linked one without a QR (1) — or, when this
+        worker already runs or starts ``max_active_sessions`` browsers, hibernate it (its snapshot
+        stored, no browser; woken when used) — and give a linking one a fresh QR (0). Only the
+        first call after a take-over acts: a request and the orphan watcher may both reach a
+        session taken over a moment ago."""
         if not session.needs_resume:
             return 0
         session.needs_resume = False
         if session.slot is not None or session.ended or session.status == S.HIBERNATED:
+            return 0
+        if session.status == S.READY and self._browsers_running_or_coming() >= (
+            self._ctx.settings.max_active_sessions
+        ):
+            # no room for another browser: it comes back hibernated (woken when used)
+            hibernate = self._hibernation.hibernate(session, Reason.LRU)
+            self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(hibernate), cancel_on_end=False)
             return 0
         if session.status == S.READY or (
             session.status in {S.STARTING, S.AUTHENTICATED} and session.phone_number
@@ -80,14 +89,17 @@ class TakeOver:
         await self._commits.write(session)
         return 0
 
+    def _browsers_running_or_coming(self) -> int:
+        ctx = self._ctx
+        return sum(1 for s in ctx.sessions.values() if s.slot is not None or s.id in ctx.restoring)
+
     async def restore_all(self) -> int:
         """Take back this worker's sessions: ``ready`` ones come back from their profiles (or
         snapshots) without a QR; linkings whose QR died with the process get a fresh QR.
 
         Their browsers start through the launch budget at ``RESTORE`` priority (after users and
         the warm pool, a few at a time), and only the ``max_active_sessions`` most recently
-        used: the others come back hibernated (their snapshot stored, no browser), woken when
-        used."""
+        used: the others come back hibernated (see :meth:`resume`)."""
         restored = 0
         for rec in await self._ctx.store.sessions_owned_by(self._ctx.name):
             if S(rec["status"]) in ENDED or rec["status"] == S.HIBERNATED:
@@ -95,11 +107,6 @@ class TakeOver:
             try:
                 session = await self.take_over(rec)
             except NotOwner:
-                continue
-            if session.status == S.READY and restored >= self._ctx.settings.max_active_sessions:
-                session.needs_resume = False
-                hibernate = self._hibernation.hibernate(session, Reason.LRU)
-                self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(hibernate), cancel_on_end=False)
                 continue
             restored += await self.resume(session)
         return restored
