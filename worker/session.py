@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import InvalidState
-from shared.models import ENDED, TRANSITIONS, EventType, SessionEvent, SessionStatus, Transition, now_ms
+from shared.models import (
+    ENDED,
+    QR_PENDING,
+    TRANSITIONS,
+    EventType,
+    SessionEvent,
+    SessionStatus,
+    Transition,
+    now_ms,
+)
 from shared.store import NewEvent
 from worker.browser import BrowserSlot
 
@@ -139,7 +148,7 @@ class Session:
     def notify(self, name: str, data: dict[str, Any]) -> None:
         """A :class:`Notice` to every live subscriber (a full queue just misses it)."""
         notice = Notice(name, data)
-        if name == "qr_pending":
+        if name == QR_PENDING:
             self.queued = notice
         for queue in list(self.subscribers):
             with contextlib.suppress(asyncio.QueueFull):
