@@ -300,6 +300,17 @@ class Bench:
             self._standard_profile = self._profile
         return self._standard
 
+    async def own_cluster(self) -> None:
+        """Before a step starts workers of its own cluster (its own Redis prefix, the run's database):
+        retire the standard worker. A worker sees only its own prefix's heartbeats, so it takes every
+        session of another cluster's workers for an orphan and adopts it within a second — a linking
+        session then loses its browser to a fresh QR elsewhere, and its client waits in vain (the
+        failover step's 'no such event within 60s' in a full run). Started again when needed."""
+        if self._standard is not None and self._standard.alive:
+            self.progress("retiring the standard worker: this step runs a cluster of its own")
+            await self.h.retire_workers([self._standard])
+        self._standard = None
+
     async def close(self) -> None:
         if self._baseline is not None:
             await self._baseline.close()
@@ -595,6 +606,7 @@ async def step_burst(b: Bench) -> None:
     size = b.size(full=50, quick=6, override=b.opts.burst_size)
     await b.use_profile("instant")
     via_gateway = gateway_available() if b.opts.burst_via == "auto" else b.opts.burst_via == "gateway"
+    await b.own_cluster()
     cluster = b.h.cluster_env("burst")
     workers = await b.h.start_workers(4 if via_gateway else 1, WALINK_WARM_POOL_SIZE="2", **cluster)
     gateway: Gateway | None = None
@@ -1166,6 +1178,7 @@ async def step_failover(b: Bench) -> None:
     kills = b.count(full=5, quick=1)
     per_round = b.size(full=4, quick=2, override=b.opts.failover_sessions)
     await b.use_profile("instant")
+    await b.own_cluster()
     cluster = b.h.cluster_env("failover")
     workers = await b.h.start_workers(4, WALINK_WARM_POOL_SIZE="1", **cluster)
     gateway: Gateway | None = None
