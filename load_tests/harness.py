@@ -240,6 +240,7 @@ class Harness:
         self.logs_dir = self.workdir / "logs"
         self.processes: list[ManagedProcess] = []
         self.sim_url = ""
+        self.simulator: ManagedProcess | None = None
         self.pool: asyncpg.Pool | None = None
         self.http: aiohttp.ClientSession | None = None
         self._db_created = False
@@ -425,6 +426,7 @@ class Harness:
             self.logs_dir / "simulator.log",
         )
         self.processes.append(proc)
+        self.simulator = proc
         await proc.start()
         self.sim_url = f"http://{LOOPBACK}:{port}"
         await self._until_http_ok(proc, self.sim_url + "/admin/profile", 30)
