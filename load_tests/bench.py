@@ -65,6 +65,7 @@ STEPS = (
     "qr_warm_strict",
     "phone",
     "burst50",
+    "first_click",
     "memory",
     "wake",
     "webhooks",
@@ -210,6 +211,7 @@ class Options:
     burst_via: str = "auto"
     burst_residents: int | None = None
     burst_scan: str = "each"
+    restore_sessions: int | None = None
     hibernated: int | None = None
     webhook_sessions: int | None = None
     gateway_requests: int | None = None
@@ -1071,6 +1073,257 @@ async def burst_detail(
     return detail
 
 
+# ---------------------------------------------------------------------------- 3b. first_click
+UP_WAIT_S = 180.0  # shared/devrun.py announce_when_up gives up after as long
+
+
+async def until_up(b: Bench, gateway: Gateway, workers: list[Worker], timeout_s: float = UP_WAIT_S) -> float:
+    """What ``make run`` waits for before it says 'up' (:func:`shared.devrun.announce_when_up`):
+    the gateway answers and every worker's ``/health`` shows ``pool.ready >= pool.target``;
+    returns the seconds waited."""
+    t0 = time.monotonic()
+    last = "nothing yet"
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            async with b.http.get(gateway.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                await resp.read()
+            pools = [(await Api(b.http, w.url, timeout_s=2).health()).get("pool") or {} for w in workers]
+        except (aiohttp.ClientError, TimeoutError, ClientError) as exc:
+            last = f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            if all(int(p.get("ready", 0)) >= int(p.get("target", 0)) for p in pools):
+                return time.monotonic() - t0
+            last = "warm pools " + ", ".join(f"{p.get('ready')}/{p.get('target')}" for p in pools)
+        await asyncio.sleep(0.25)  # other processes starting: nothing to await but their answers
+    raise ClientError(f"not up after {timeout_s:.0f}s: {last}")
+
+
+async def add_account_once(b: Bench, api: Api, ids: list[str]) -> dict[str, Any]:
+    """One 'add account' → its first ``qr`` on SSE (the session is deleted after); a failure is
+    recorded, not raised."""
+    t0 = time.perf_counter()
+    try:
+        sid = str((await api.create(label="bench-first-click"))["id"])
+        ids.append(sid)
+        async with api.stream(sid) as stream:
+            qr = await stream.until(is_qr, WAIT_S)
+    except ClientError as exc:
+        return {"error": f"{exc}"[:300], "after_s": round(time.perf_counter() - t0, 4)}
+    out: dict[str, Any] = {"qr_s": round(qr.at - t0, 4), "id": sid}
+    with contextlib.suppress(ClientError):
+        body = await api.get(sid)
+        history: list[dict[str, Any]] = body.get("history") or []
+        out["qr_reason"] = next((h.get("reason") for h in history if h.get("status") == "qr"), None)
+        out["worker"] = body.get("worker")
+    with contextlib.suppress(ClientError):
+        await api.delete(sid)
+    return out
+
+
+class ChromiumWatch:
+    """Samples every ``period_s`` until stopped: the Chromium processes running on profiles under
+    ``roots`` (and of them the browsers, one per profile), and the 1-minute load average."""
+
+    def __init__(self, roots: list[Path], period_s: float = 0.5) -> None:
+        self.roots = roots
+        self.period_s = period_s
+        self.t0 = time.monotonic()
+        self.samples: list[tuple[float, int, int, float]] = []  # (s since start, processes, browsers, load)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self._task = asyncio.create_task(self._run(), name="chromium-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _count(self) -> tuple[int, int]:
+        """(processes, browsers): the browsers carry the profile in their command line, their
+        helpers (zygotes, renderers, GPU, network) only share their process group."""
+        groups = {p.pgid for root in self.roots for p in chromium.processes_under(root)}
+        groups.discard(os.getpgid(0))
+        return sum(u.processes for u in group_use(groups).values()), len(groups)
+
+    async def _run(self) -> None:
+        while True:
+            procs, browsers = await asyncio.to_thread(self._count)
+            self.samples.append((round(time.monotonic() - self.t0, 2), procs, browsers, os.getloadavg()[0]))
+            await asyncio.sleep(self.period_s)  # the sampling period
+
+    def peak(self, index: int) -> float:
+        return max((s[index] for s in self.samples), default=0)
+
+
+SETTLED = frozenset({"ready", "hibernated"})
+
+
+async def until_restored(
+    b: Bench, session_ids: list[str], since_ms: int, timeout_s: float
+) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Until every session has come back since ``since_ms`` (its latest transition, committed in
+    Postgres, is ready or hibernated and later than that) or ended: (whether they all did before
+    ``timeout_s``, the last states read)."""
+    t0 = time.monotonic()
+    states: dict[str, dict[str, Any]] = {}
+    while True:
+        states = await b.h.session_states(session_ids)
+
+        def settled(state: dict[str, Any]) -> bool:
+            last = state["history"][-1] if state["history"] else {}
+            if state["status"] in ENDED_STATUSES:
+                return True
+            return state["status"] in SETTLED and int(last.get("at_ms") or 0) >= since_ms
+
+        if len(states) == len(session_ids) and all(settled(s) for s in states.values()):
+            return True, states
+        if time.monotonic() - t0 > timeout_s:
+            return False, states
+        await asyncio.sleep(0.5)  # other processes' work, seen in Postgres: nothing to await
+
+
+async def step_first_click(b: Bench) -> None:
+    """The first 'add account' once walink says it is up (the readiness ``make run`` announces):
+    (a) a fresh cluster (4 workers, new data directories, + the gateway); (b) the same workers
+    stopped (SIGTERM) with ``k`` linked sessions and started again on the same data and database
+    — restoring them while the click comes; the load, the Chromium processes during the restore and
+    how the sessions came back (launched, hibernated)."""
+    if not gateway_available():
+        raise SkipStep("gateway/app.py does not exist")
+    k = b.size(full=58, quick=6, override=b.opts.restore_sessions)
+    await b.use_profile("instant")
+    await b.own_cluster()
+    cluster = b.h.cluster_env("first_click")
+    t_start = time.monotonic()
+    workers = await b.h.start_workers(4, WALINK_WARM_POOL_SIZE="2", **cluster)
+    gateway: Gateway | None = None
+    ids: list[str] = []
+    watch = ChromiumWatch([w.profiles_dir for w in workers])
+    try:
+        gateway = await b.h.start_gateway(workers, **cluster)
+        gapi = b.api(gateway)
+        await until_up(b, gateway, workers)
+        up_fresh_s = time.monotonic() - t_start
+        fresh = await add_account_once(b, gapi, ids)
+        b.progress(
+            f"first_click: fresh cluster up after {up_fresh_s:.1f}s; add account → QR "
+            f"{fmt_s(fresh.get('qr_s'))} ({fresh.get('qr_reason') or fresh.get('error')})"
+        )
+        b.progress(f"first_click: linking {k} session(s) to restore")
+        t_link = time.monotonic()
+        linked = await link_many(b, gapi, k, ids, label="bench-restore")
+        link_s = time.monotonic() - t_link
+        before = await b.h.session_states(linked)
+        b.progress(f"first_click: {len(linked)} linked in {link_s:.1f}s; stopping the 4 workers (SIGTERM)")
+        t_stop = time.monotonic()
+        await b.h.stop_workers(workers)
+        stop_s = time.monotonic() - t_stop
+        since_ms = int(time.time() * 1000)
+        watch.start()
+        t_restart = time.monotonic()
+        workers = list(await asyncio.gather(*(b.h.restart_worker(w) for w in workers)))
+        await until_up(b, gateway, workers)
+        up_restart_s = time.monotonic() - t_restart
+        load_at_click = os.getloadavg()[0]
+        chromium_at_click = watch.samples[-1][1:3] if watch.samples else (0, 0)
+        again = await add_account_once(b, gapi, ids)
+        b.progress(
+            f"first_click: restarted with {len(linked)} linked, up after {up_restart_s:.1f}s (load "
+            f"{load_at_click:.2f}); add account → QR {fmt_s(again.get('qr_s'))} "
+            f"({again.get('qr_reason') or again.get('error')})"
+        )
+        all_back, after = await until_restored(b, linked, since_ms, max(120.0, 4.0 * k))
+        restore_s = time.monotonic() - t_restart if all_back else None
+        await watch.stop()
+        healths = [await b.api(w).health() for w in workers]
+    finally:
+        await watch.stop()
+        if gateway is not None:
+            await delete_everywhere(b, b.api(gateway), workers, ids)
+            await gateway.stop(10)
+        else:
+            await delete_everywhere(b, None, workers, ids)
+        await b.h.retire_workers(workers)
+    statuses = collections.Counter(str(s["status"]) for s in after.values())
+    launched = statuses.get("ready", 0)
+    hibernated = statuses.get("hibernated", 0)
+    other = len(linked) - launched - hibernated
+    moved = sum(1 for sid, s in after.items() if s["owner"] != (before.get(sid) or {}).get("owner"))
+    peak_procs, peak_browsers, peak_load = int(watch.peak(1)), int(watch.peak(2)), watch.peak(3)
+    ok_fresh = "qr_s" in fresh and float(fresh["qr_s"]) <= 1.0
+    ok_again = "qr_s" in again and float(again["qr_s"]) <= 1.0
+    b.figures["first_click"] = {
+        "what": "the first 'add account' (POST through the gateway → first qr on SSE) once every worker's "
+        "warm pool is full and the gateway answers (what make run announces as up): (a) a fresh cluster "
+        "of 4 workers (warm pool 2) + the gateway; (b) the same 4 workers stopped with SIGTERM holding "
+        f"{k} linked sessions and started again on the same data directories and database, the click "
+        "coming while they restore; Chromium processes on their profiles and the load average sampled "
+        "every 0.5 s from the restart until every session came back",
+        "fresh": {**fresh, "up_after_s": round(up_fresh_s, 2)},
+        "restart": {
+            **again,
+            "linked": len(linked),
+            "link_s": round(link_s, 2),
+            "stop_s": round(stop_s, 2),
+            "up_after_s": round(up_restart_s, 2),
+            "load_avg_1m_at_click": round(load_at_click, 2),
+            "chromium_processes_browsers_at_click": list(chromium_at_click),
+            "restore_done_s": round(restore_s, 2) if restore_s is not None else None,
+            "came_back": {"launched": launched, "hibernated": hibernated, "other": other},
+            "statuses": dict(statuses),
+            "moved_to_another_worker": moved,
+            "peak_chromium_processes": peak_procs,
+            "peak_chromium_browsers": peak_browsers,
+            "peak_load_avg_1m": round(peak_load, 2),
+            "samples_s_processes_browsers_load": [list(s) for s in watch.samples],
+            "sessions_per_worker": {
+                w.node_name: (h.get("sessions") or {}).get("by_status")
+                for w, h in zip(workers, healths, strict=True)
+            },
+        },
+        "target": {"fresh_qr_s_max": 1.0, "restart_qr_s_max": 1.0},
+        "meets_target": ok_fresh and ok_again,
+    }
+
+    def qr_row(metric: str, click: dict[str, Any], ok: bool) -> None:
+        value = fmt_s(click.get("qr_s")) if "qr_s" in click else f"failed: {str(click.get('error'))[:40]}"
+        b.add(Row("first_click", metric, value, "", str(click.get("qr_reason") or ""), "≤ 1 s", ok))
+        if not ok and "qr_s" in click:
+            b.add(Row("first_click", "  missed by", fmt_s(float(click["qr_s"]) - 1.0)))
+
+    qr_row("fresh start: up → add account → QR at client", fresh, ok_fresh)
+    b.add(Row("first_click", "  up after start", f"{up_fresh_s:.1f} s"))
+    qr_row(f"restart with {len(linked)} linked: up → add account → QR", again, ok_again)
+    b.add(Row("first_click", "  up after restart", f"{up_restart_s:.1f} s"))
+    b.add(
+        Row(
+            "first_click",
+            "  load average (1 min) at the click / peak",
+            f"{load_at_click:.2f} / {peak_load:.2f}",
+        )
+    )
+    b.add(
+        Row(
+            "first_click",
+            "  Chromium during restore: peak processes / browsers",
+            f"{peak_procs} / {peak_browsers}",
+        )
+    )
+    b.add(
+        Row(
+            "first_click",
+            "  sessions back: launched / hibernated / other",
+            f"{launched} / {hibernated} / {other}",
+            f"all back {fmt_s(restore_s)} after the restart" if restore_s is not None else "not all back",
+            f"{moved} moved" if moved else "",
+        )
+    )
+
+
 # ---------------------------------------------------------------------------- 4. memory
 async def median_health(api: Api, key: Callable[[dict[str, Any]], float], n: int = 3) -> float:
     values = []
@@ -1659,6 +1912,7 @@ STEP_FUNCS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "qr_warm_strict": functools.partial(step_qr_warm, figure="qr_warm_strict", profile_name="strict"),
     "phone": functools.partial(step_phone, figure="phone", profile_name="strict", full=20),
     "burst50": step_burst,
+    "first_click": step_first_click,
     "memory": step_memory,
     "wake": step_wake,
     "webhooks": step_webhooks,
@@ -1796,6 +2050,11 @@ def parse_args(argv: list[str] | None) -> Options:
         default="each",
         help="each burst client scans its QR as soon as it has it, or once every client has one",
     )
+    p.add_argument(
+        "--restore-sessions",
+        type=int,
+        help="linked sessions the workers restart with in first_click (default 58; quick 6)",
+    )
     p.add_argument("--hibernated", type=int, help="hibernated sessions of the memory figure (default 20)")
     p.add_argument("--webhook-sessions", type=int, help="linked sessions of the webhook figure (default 10)")
     p.add_argument("--gateway-requests", type=int, help="GETs each way in the gateway figure (default 2000)")
@@ -1852,6 +2111,7 @@ def parse_args(argv: list[str] | None) -> Options:
         burst_via=a.burst_via,
         burst_residents=a.burst_residents,
         burst_scan=a.burst_scan,
+        restore_sessions=a.restore_sessions,
         hibernated=a.hibernated,
         webhook_sessions=a.webhook_sessions,
         gateway_requests=a.gateway_requests,

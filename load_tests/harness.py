@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 
 import aiohttp
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
 
 from load_tests.client import ScanRefused
@@ -579,6 +580,26 @@ class Harness:
         rec = await self.store.load_session(session_id)
         timings = None if rec is None else rec["timings"]
         return dict(timings) if isinstance(timings, dict) else {}
+
+    async def session_states(self, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Each session's ``status``, ``owner`` and ``history`` as committed in Postgres, in one
+        query (reading them wakes nothing)."""
+        assert self.pool is not None
+        rows = await self.pool.fetch(
+            "SELECT id, session_status, owner, history FROM whatsapp_accounts WHERE id = ANY($1::text[])",
+            session_ids,
+        )
+        states: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            history = row["history"]
+            if isinstance(history, str | bytes):
+                history = orjson.loads(history)
+            states[str(row["id"])] = {
+                "status": row["session_status"],
+                "owner": row["owner"],
+                "history": list(history or []),
+            }
+        return states
 
     async def snapshot_size(self, session_id: str) -> int | None:
         assert self.pool is not None
