@@ -51,8 +51,11 @@ test: install lint typecheck
 run: install
 	$(BIN)/walink run
 
+# the raw figures of each run stay in var/bench/ (e.g. make bench BENCH_ARGS="--quick --only burst50")
+BENCH_ARGS ?=
 bench: install
-	$(BIN)/python -m load_tests.bench
+	mkdir -p var/bench
+	$(BIN)/python -m load_tests.bench --json var/bench/bench-$$(date -u +%Y%m%dT%H%M%SZ).json $(BENCH_ARGS)
 
 clean:
 	rm -rf var .mypy_cache .ruff_cache .pytest_cache

@@ -7,11 +7,18 @@ exists, a throwaway Postgres database and Redis prefix), measures walink as a cl
 :mod:`load_tests.baseline` (the seed: a new Chromium per session, a fixed 2.5 s wait then 500 ms
 polling for the phone, a client polling every 3 s) in the same run, interleaved sample by sample.
 
+Besides the comparisons with the seed: ``burst50`` (50 'add account' at once through the gateway
+and 4 workers, each QR scanned: QR and ready at the client, ``qr_pending`` notices, beside the
+launch-bound limit measured in the same run from the CPU of a cold start) and its ``placement``
+(sessions per worker), ``first_click`` (the first 'add account' once walink says it is up, on a
+fresh cluster and after a restart with linked sessions), ``gateway``, ``failover``.
+
 Output: one progress line per step and sample on stderr; a table of medians/p95 and ratios on
-stdout, then the same results as one JSON document (also written to ``--json FILE``).
+stdout, each target beside its figure with ok/MISS (and by how much), then the same results as
+one JSON document (also written to ``--json FILE``; ``make bench`` keeps it in ``var/bench/``).
 Percentiles are nearest-rank. Exit status 1 when a step failed (2 for bad arguments).
 
-    python -m load_tests.bench                       # everything (about 15-20 minutes)
+    python -m load_tests.bench                       # everything (about 20-30 minutes)
     python -m load_tests.bench --quick               # a few samples of everything
     python -m load_tests.bench --only qr_warm,phone --samples 5 --json out.json
 """
