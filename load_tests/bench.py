@@ -780,6 +780,55 @@ def live_count(by_status: dict[str, Any]) -> int:
     return sum(int(v) for k, v in by_status.items() if k not in ENDED_STATUSES)
 
 
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine since boot, every core (``/proc/stat``)."""
+    with open("/proc/stat") as fh:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fh.readline().split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = user + nice + system + irq + softirq + steal
+    return busy / tick, (busy + idle + iowait) / tick
+
+
+class RunCpu:
+    """The CPU this run used between :meth:`start` and :meth:`stop` — its processes (workers, gateway,
+    simulator: their own groups, live processes only) and every Chromium on a profile under its
+    working directory (whole groups, new ones from zero) — against what the whole machine used, so
+    that a launch-bound figure can be read on a machine shared with other work."""
+
+    def __init__(self, b: Bench, processes: list[Worker | Gateway]) -> None:
+        self.b = b
+        self.pids = {p.pid for p in processes if p.pid is not None}
+        if b.h.simulator is not None and b.h.simulator.pid is not None:
+            self.pids.add(b.h.simulator.pid)
+        self._before: tuple[dict[int, GroupUse], float, tuple[float, float], float] | None = None
+
+    def _read(self) -> tuple[dict[int, GroupUse], float, tuple[float, float], float]:
+        groups = self.pids | chromium.groups_under(self.b.h.workdir)
+        return group_use(groups), cpu_seconds(os.getpid()), machine_cpu_s(), time.monotonic()
+
+    async def start(self) -> None:
+        self._before = await asyncio.to_thread(self._read)
+
+    async def stop(self) -> dict[str, float]:
+        assert self._before is not None
+        use0, bench0, (busy0, all0), t0 = self._before
+        use1, bench1, (busy1, all1), t1 = await asyncio.to_thread(self._read)
+        ours = bench1 - bench0
+        for pgid, use in use1.items():
+            if pgid in self.pids:
+                ours += use.own_s - use0[pgid].own_s if pgid in use0 else 0.0
+            else:
+                ours += use.total_s - (use0[pgid].total_s if pgid in use0 else 0.0)
+        busy = busy1 - busy0
+        return {
+            "wall_s": round(t1 - t0, 3),
+            "machine_s": round(all1 - all0, 3),
+            "machine_busy_s": round(busy, 3),
+            "this_run_s": round(ours, 3),
+            "others_s": round(max(0.0, busy - ours), 3),
+        }
+
+
 class BurstClients:
     """The burst's clients, started together: each creates a session, reads its QR on SSE (and any
     ``qr_pending`` before it), scans it with its own phone — at once, or once every client has its
@@ -793,6 +842,12 @@ class BurstClients:
         self.qrs_left = size
         self.all_qrs = asyncio.Event()
         self.t0 = time.perf_counter()
+
+    async def cpu_when_all_qrs(self, run_cpu: RunCpu) -> dict[str, float]:
+        """:meth:`RunCpu.stop` once every client has its QR (or gave up)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_qrs.wait(), 3 * WAIT_S)
+        return await run_cpu.stop()
 
     def _qr_done(self) -> None:
         self.qrs_left -= 1
@@ -873,8 +928,12 @@ async def step_burst(b: Bench) -> None:
             f"({warm} warm browsers; launch-bound limit ({size} - {warm}) x {cpu_per_start:.2f}s / {cores} = "
             f"{fmt_s(limit_s)}); each scans its QR {'once every client has one' if scan_after else 'at once'}"
         )
+        run_cpu = RunCpu(b, [*workers, *([gateway] if gateway is not None else [])])
+        await run_cpu.start()
         burst = BurstClients(b, api, size, created, scan_after=scan_after)
+        cpu_at_qrs = asyncio.create_task(burst.cpu_when_all_qrs(run_cpu))
         results = await asyncio.gather(*(burst.one(i) for i in range(size)), return_exceptions=True)
+        cpu = await cpu_at_qrs
         clients: list[dict[str, Any]] = [
             r if isinstance(r, dict) else {"error": repr(r)[:300]} for r in results
         ]
@@ -934,6 +993,8 @@ async def step_burst(b: Bench) -> None:
         "qr_within_30s": within,
         "ready_s": rs,
         "qr_pending_before_qr": pending_n,
+        "cpu_until_last_qr": cpu,
+        "this_run_cpu_s_per_cold_start": round(cpu["this_run_s"] / cold_n, 3) if cold_n else None,
         "failures": failures[:10],
         "queue_max_active_seen": max_seen,
         "budget_limit": budget_limit,
@@ -971,6 +1032,15 @@ async def step_burst(b: Bench) -> None:
     b.add(Row("burst50", "  QR within 30 s", f"{within}/{size}"))
     b.add(Row("burst50", "  first QR from the warm pool / cold start", f"{warm_n} / {cold_n}"))
     b.add(Row("burst50", "  clients told qr_pending before their QR", f"{pending_n}/{size}"))
+    b.add(
+        Row(
+            "burst50",
+            "  CPU until the last QR: this run / rest of the machine / all cores",
+            f"{cpu['this_run_s']:.1f} s / {cpu['others_s']:.1f} s / {cpu['machine_s']:.1f} s",
+            "",
+            f"{cpu['this_run_s'] / cold_n:.2f} s per cold start" if cold_n else "",
+        )
+    )
     b.add(
         Row(
             "burst50",
