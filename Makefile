@@ -1,4 +1,5 @@
-# walink — `make run` starts a worker, the simulator and the try-it page; `make test` runs everything.
+# walink — `make run` starts a worker, the simulator and the try-it page; `make test` runs everything;
+# `make load` runs a bounded mixed Locust load on a cluster it starts (LOAD_USERS, LOAD_RUN_TIME, …).
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +11,7 @@ CHROMIUM_PATH ?= /usr/lib/chromium/chromium-headless-shell
 SEED_CHROMIUM_PATH ?= /usr/bin/chromium
 export CHROMIUM_PATH SEED_CHROMIUM_PATH
 
-.PHONY: install chromium test lint typecheck unit run bench clean
+.PHONY: install chromium test lint typecheck unit run bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,11 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# the optional extra `load` (Locust), only for `make load`
+$(VENV)/.installed-load: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[load]'
 	touch $@
 
 install: $(VENV)/.installed chromium
@@ -56,6 +62,10 @@ BENCH_ARGS ?=
 bench: install
 	mkdir -p var/bench
 	$(BIN)/python -m load_tests.bench --json var/bench/bench-$$(date -u +%Y%m%dT%H%M%SZ).json $(BENCH_ARGS)
+
+# 20 users (3 adding accounts: QR, scan, ready over SSE, logout) for 60 s; exit 1 on any failure
+load: install $(VENV)/.installed-load
+	$(BIN)/python -m load_tests.load
 
 clean:
 	rm -rf var .mypy_cache .ruff_cache .pytest_cache
