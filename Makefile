@@ -1,4 +1,5 @@
-# walink — `make run` starts a worker, the simulator and the try-it page; `make test` runs everything;
+# walink — `make run` starts the cluster (simulator, gateway, 4 workers) with the dashboard; `make test`
+# runs everything; `make bench` measures against the seed architecture;
 # `make load` runs a bounded mixed Locust load on a cluster it starts (LOAD_USERS, LOAD_RUN_TIME, …).
 SHELL := /bin/bash
 PYTHON ?= python3.11
