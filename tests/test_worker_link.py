@@ -75,6 +75,7 @@ async def test_add_account_end_to_end(sim: Sim, start_worker: WorkerFactory) -> 
     assert health["performance"]["avg_phone_extraction_ms"] is not None
     assert {"limit", "active", "waiting", "max_active_seen"} <= set(health["queue"])
     assert health["pool"]["target"] == 1
+    assert health["memory"]["browsers_pss"] > 10 * 1024 * 1024  # its live Chromium, walked in /proc
     metrics = await (await client.get("/metrics")).text()
     assert "walink_qr_generation_seconds_count" in metrics
     assert "walink_phone_extraction_seconds_count" in metrics

@@ -168,14 +168,17 @@ def reap(profiles_root: Path) -> tuple[int, int]:
 def pss_by_group(pgids: set[int]) -> dict[int, int]:
     """Proportional set size (bytes) of each process group, in one pass over /proc."""
     totals = dict.fromkeys(pgids, 0)
-    for proc in _processes():
-        if proc.pgid not in totals:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{proc.pid}/smaps_rollup", "rb") as fh:
+        try:  # the group alone (no cmdline read): this walk runs every few seconds
+            pgid = os.getpgid(int(entry.name))
+            if pgid not in totals:
+                continue
+            with open(f"/proc/{entry.name}/smaps_rollup", "rb") as fh:
                 for line in fh:
                     if line.startswith(b"Pss:"):
-                        totals[proc.pgid] += int(line.split()[1]) * 1024
+                        totals[pgid] += int(line.split()[1]) * 1024
                         break
         except (OSError, ValueError):
             continue

@@ -34,6 +34,7 @@ class TakeOver:
         self._hibernation = hibernation
         self._commits = commits
         self._loading: dict[str, asyncio.Lock] = {}
+        self._ring_cache: tuple[tuple[str, ...], HashRing] | None = None
 
     async def take_over(self, rec: dict[str, Any]) -> Session:
         """Become the driver of a session known only to Postgres (lease + fencing token)."""
@@ -89,6 +90,13 @@ class TakeOver:
         await self._commits.write(session)
         return 0
 
+    def _ring(self, serving: tuple[str, ...]) -> HashRing:
+        """The ring of the live workers (built again only when they change: building one is
+        the orphan watcher's main cost, every second)."""
+        if self._ring_cache is None or self._ring_cache[0] != serving:
+            self._ring_cache = (serving, HashRing(nodes=list(serving)))
+        return self._ring_cache[1]
+
     def _browsers_running_or_coming(self) -> int:
         ctx = self._ctx
         return sum(1 for s in ctx.sessions.values() if s.slot is not None or s.id in ctx.restoring)
@@ -123,7 +131,7 @@ class TakeOver:
         serving = sorted(name for name, beat in live.items() if not beat.get("draining"))
         if ctx.name not in serving:
             return 0
-        ring = HashRing(nodes=serving)
+        ring = self._ring(tuple(serving))
         adopted = 0
         for rec in await ctx.store.orphans(set(serving)):
             if rec["id"] in ctx.sessions or ring.get_node(rec["id"]) != ctx.name:
