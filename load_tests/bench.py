@@ -58,7 +58,15 @@ from load_tests.client import (
     wait_pool_full,
 )
 from load_tests.client import WebhookReceiver as Receiver
-from load_tests.harness import Gateway, Harness, HarnessConfig, Worker, chromium_version, gateway_available
+from load_tests.harness import (
+    Gateway,
+    Harness,
+    Worker,
+    cancel_on_sigterm,
+    chromium_version,
+    config_of,
+    gateway_available,
+)
 from shared.settings import FULL_CHROMIUM, HEADLESS_SHELL
 from worker import chromium
 from worker.launch_budget import machine_cores
@@ -2084,18 +2092,8 @@ def report(b: Bench, interrupted: bool) -> dict[str, Any]:
 
 async def run(opts: Options) -> int:
     started = time.monotonic()
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    config = HarnessConfig(
-        chromium_path=opts.chromium,
-        pg_admin_dsn=opts.pg,
-        redis_url=opts.redis,
-        workdir_parent=opts.workdir,
-        keep_workdir=opts.keep_workdir,
-        extra_env=opts.set_env,
-    )
+    cancel_on_sigterm()
+    config = config_of(opts)
     bench: Bench | None = None
     interrupted = False
     progress = functools.partial(print_progress, started)
@@ -2115,7 +2113,7 @@ async def run(opts: Options) -> int:
         interrupted = True
         progress("interrupted: everything this run started has been stopped")
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
     if bench is None:
         return 1
     doc = report(bench, interrupted)

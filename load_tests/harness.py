@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import aiohttp
 import asyncpg
@@ -217,6 +217,35 @@ class HarnessConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     start_timeout_s: float = 90.0
     stop_timeout_s: float = 40.0
+
+
+class RunOptions(Protocol):
+    """What a command-line run (the benchmark, the load test) tells the harness."""
+
+    chromium: Path
+    pg: str
+    redis: str
+    workdir: Path | None
+    keep_workdir: bool
+    set_env: dict[str, str]
+
+
+def config_of(opts: RunOptions) -> HarnessConfig:
+    return HarnessConfig(
+        chromium_path=opts.chromium,
+        pg_admin_dsn=opts.pg,
+        redis_url=opts.redis,
+        workdir_parent=opts.workdir,
+        keep_workdir=opts.keep_workdir,
+        extra_env=opts.set_env,
+    )
+
+
+def cancel_on_sigterm() -> None:
+    """SIGTERM cancels the running task: a run's ``finally`` then stops everything it started."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
 
 def gateway_available() -> bool:

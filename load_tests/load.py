@@ -49,11 +49,12 @@ from load_tests.harness import (
     ROOT,
     Gateway,
     Harness,
-    HarnessConfig,
     ManagedProcess,
     ProcessError,
     Worker,
+    cancel_on_sigterm,
     clean_env,
+    config_of,
 )
 from shared.settings import HEADLESS_SHELL
 from worker import chromium
@@ -403,18 +404,8 @@ def report(opts: Options, outcome: Outcome) -> int:
 async def run(opts: Options) -> int:
     started = time.monotonic()
     progress = functools.partial(print_progress, started)
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    config = HarnessConfig(
-        chromium_path=opts.chromium,
-        pg_admin_dsn=opts.pg,
-        redis_url=opts.redis,
-        workdir_parent=opts.workdir,
-        keep_workdir=opts.keep_workdir,
-        extra_env=opts.set_env,
-    )
+    cancel_on_sigterm()
+    config = config_of(opts)
     outcome = Outcome()
     workdir: Path | None = None
     try:
@@ -428,7 +419,7 @@ async def run(opts: Options) -> int:
         outcome.problems.append(f"{type(exc).__name__}: {exc}")
         progress(f"FAILED {type(exc).__name__}: {exc}")
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
     if workdir is not None:
         left = chromium.groups_under(workdir)
         if left:
