@@ -537,8 +537,9 @@ async def test_sessions_taken_over_beyond_max_active_come_back_hibernated_from_t
     sleeping = by_status["hibernated"]
     kept = await pg_pool.fetchval("SELECT blob FROM profile_snapshots WHERE session_id = $1", sleeping)
     assert kept == stored[sleeping]  # not overwritten by an empty profile
-    stream = await events(second, sleeping)
-    assert (await second.post(f"/v1/sessions/{sleeping}/restart")).status == 202
+    hibernated_seq = manager.get(sleeping).last_seq
+    assert (await second.get(f"/v1/sessions/{sleeping}")).status == 200  # the request wakes it
+    stream = await events(second, sleeping, after=hibernated_seq)
     await stream.until("session_ready")
     stream.close()
     woken = await get_json(second, f"/v1/sessions/{sleeping}")

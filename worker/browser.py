@@ -203,10 +203,15 @@ class BrowserSlot:
             await stop_loops(self._hook_task)
         for request in list(self.requests):
             request.cancel()  # the page's long-poll ends with its browser, as a socket would
+        closed = False
         if self.context is not None:
             with contextlib.suppress(PlaywrightError, TimeoutError):
                 await asyncio.wait_for(self.context.close(), self._close_timeout_s)
-        if self.pid is not None and chromium.alive(self.pid):
+                closed = True
+        # a browser that closed is let finish: its helpers may still flush the profile's storage
+        if self.pid is not None and not (
+            closed and await chromium.wait_group_gone(self.pid, self._close_timeout_s)
+        ):
             chromium.kill_group(self.pid)
         chromium.remove_profile_locks(self.profile_dir)
         self.dead.set()
@@ -234,8 +239,8 @@ class BrowserLauncher:
         chromium.remove_profile_locks(profile_dir)
         slot = BrowserSlot(profile_id, profile_dir, settings.browser_close_timeout_s)
         timeout_ms = settings.start_timeout_s * 1000
-        try:
-            context = await self.playwright.chromium.launch_persistent_context(
+        launching = asyncio.ensure_future(
+            self.playwright.chromium.launch_persistent_context(
                 str(profile_dir.resolve()),
                 executable_path=str(settings.chromium_path),
                 headless=settings.headless,
@@ -245,6 +250,14 @@ class BrowserLauncher:
                 viewport={"width": 1024, "height": 768},
                 timeout=timeout_ms,
             )
+        )
+        try:
+            context = await asyncio.shield(launching)
+        except asyncio.CancelledError:
+            # Playwright's driver goes on launching: close what it starts, so that no browser is
+            # left on the profile (the next launch on it would find it taken)
+            await asyncio.shield(self._discard_launch(launching, profile_dir))
+            raise
         except PlaywrightError as exc:
             raise BrowserError(f"Chromium did not start: {exc.message}") from exc
         self.launched_total += 1
@@ -272,6 +285,16 @@ class BrowserLauncher:
             await slot.close()
             raise
         return slot
+
+    async def _discard_launch(self, launching: asyncio.Future[BrowserContext], profile_dir: Path) -> None:
+        close_s = self.settings.browser_close_timeout_s
+        with contextlib.suppress(PlaywrightError, TimeoutError):
+            context = await asyncio.wait_for(launching, self.settings.start_timeout_s)
+            await asyncio.wait_for(context.close(), close_s)
+        pid = await asyncio.to_thread(chromium.browser_pid_for_profile, profile_dir)
+        if pid is not None and not await chromium.wait_group_gone(pid, close_s):
+            chromium.kill_group(pid)
+        chromium.remove_profile_locks(profile_dir)
 
     async def _route_to_simulator(self, slot: BrowserSlot, route: Route) -> None:
         """Serve ``https://web.whatsapp.com/**`` from the simulator: same origin, same storage keys."""

@@ -123,6 +123,55 @@ def alive(pid: int) -> bool:
     return state != b"Z"
 
 
+def pids_in_group(pgid: int) -> list[int]:
+    """The live processes of a process group (each one's ``stat``: no command lines read)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
+async def wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    """Until every process of the group has exited, by pidfd (each fd turns readable when its
+    process ends: nothing polled); False when some still run after ``timeout_s``.
+
+    A closed browser's helpers (the storage service among them) can outlive its main process for
+    a moment while they flush the profile's databases: a profile is complete only then."""
+    loop = asyncio.get_running_loop()
+    waiters: list[tuple[int, asyncio.Future[None]]] = []
+    for pid in await asyncio.to_thread(pids_in_group, pgid):
+        try:
+            fd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            continue
+        done: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _resolve, done)
+        waiters.append((fd, done))
+    try:
+        if waiters:
+            await asyncio.wait_for(asyncio.gather(*(f for _, f in waiters)), timeout_s)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        for fd, _ in waiters:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def remove_profile_locks(profile_dir: Path) -> int:
     removed = 0
     for name in PROFILE_LOCKS:

@@ -86,14 +86,18 @@ class Hibernation:
             had_browser = session.slot is not None
             await self._ending.end_browser(session, wipe=False)
             profile = ctx.launcher.profile_dir(session.profile_id)
-            # a session taken over without its browser has its profile here only if this worker
-            # ran it: otherwise the stored snapshot is the newest, and must not be overwritten
-            if ctx.snapshot_key is not None and (had_browser or _has_files(profile)):
+            # Only a profile whose browser this call closed is packed. A session taken over
+            # without its browser (a restore or an adoption beyond max_active_sessions) keeps the
+            # snapshot its last browser's close stored, and its profile here if it has one: this
+            # worker never re-packs a profile it did not see close (it could be a dead worker's,
+            # or torn by a helper process still flushing), nor overwrites a newer snapshot.
+            packed = ctx.snapshot_key is not None and had_browser
+            if packed:
                 session.timings["snapshot_bytes"] = await self.store_snapshot(session)
             session.timings["hibernate_ms"] = int((time.monotonic() - started) * 1000)
             session.transition(S.HIBERNATED, reason)
             await self._commits.write(session)
-            if ctx.snapshot_key is not None:
+            if packed:
                 shutil.rmtree(profile, ignore_errors=True)  # the snapshot is the profile now
             await ctx.durable.release(session.id)
             ctx.keeper.drop(session.id)
@@ -122,6 +126,9 @@ class Hibernation:
         need be); False when that cannot be had and the session ended ``failed`` instead."""
         session.transition(S.STARTING, reason)  # no-op (no event) when already starting
         session.mark("requested_at_ms")
+        # a restore from here on, also while its profile is unpacked: a restart that comes
+        # meanwhile must keep the profile (it is the login), not start a new link
+        self._ctx.restoring.add(session.id)
         if not await self._profile_or_fail(session):
             return False
         self._restore(session, qr_queue.USER if reason == Reason.WAKE else qr_queue.RESTORE)

@@ -71,7 +71,8 @@ class Linking:
         keep_profile = session.status == S.READY or (
             session.status in {S.STARTING, S.AUTHENTICATED} and session.id in ctx.restoring
         )
-        ctx.tasks.cancel_work(session)
+        # the work in flight ends first: a launch it was in must let go of the profile
+        await ctx.tasks.stop_work(session, ctx.settings.start_timeout_s)
         await self._ending.end_browser(session, wipe=not keep_profile)
         self.reset_link_state(session)
         session.transition(S.STARTING, Reason.RESTART)

@@ -50,6 +50,17 @@ class Tasks:
             if task is not current:
                 task.cancel()
 
+    @staticmethod
+    async def stop_work(session: Session, timeout_s: float) -> None:
+        """Cancel the session's work and wait (at most ``timeout_s``) until it has ended: a
+        browser launch it was in is closed by then, so a new one can take the profile."""
+        current = asyncio.current_task()
+        tasks = [task for task in session.tasks if task is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
     async def settle(self) -> None:
         """Until the background work running now (writes, browser ends, restarts) has finished."""
         while self._tasks:
