@@ -646,19 +646,12 @@ def group_use(pgids: set[int]) -> dict[int, GroupUse]:
     own = dict.fromkeys(pgids, 0)
     reaped = dict.fromkeys(pgids, 0)
     count = dict.fromkeys(pgids, 0)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-            pgid = int(fields[2])
-            if pgid in own:
-                own[pgid] += int(fields[11]) + int(fields[12])
-                reaped[pgid] += int(fields[13]) + int(fields[14])
-                count[pgid] += 1
-        except (OSError, IndexError, ValueError):
-            continue
+    for _pid, fields in chromium.proc_stats():
+        pgid = int(fields[2])
+        if pgid in own:
+            own[pgid] += int(fields[11]) + int(fields[12])
+            reaped[pgid] += int(fields[13]) + int(fields[14])
+            count[pgid] += 1
     return {g: GroupUse(own[g] / tick, reaped[g] / tick, count[g]) for g in pgids}
 
 

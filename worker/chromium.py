@@ -123,9 +123,9 @@ def alive(pid: int) -> bool:
     return state != b"Z"
 
 
-def pids_in_group(pgid: int) -> list[int]:
-    """The live processes of a process group (each one's ``stat``: no command lines read)."""
-    pids = []
+def proc_stats() -> Iterator[tuple[int, list[bytes]]]:
+    """``(pid, the fields of /proc/<pid>/stat after the command name)`` of every process: its
+    state first, then its parent, its process group, …, ``utime``/``stime`` at 11/12."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -134,9 +134,13 @@ def pids_in_group(pgid: int) -> list[int]:
                 fields = fh.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
+        if len(fields) > 14:
+            yield int(entry.name), fields
+
+
+def pids_in_group(pgid: int) -> list[int]:
+    """The live processes of a process group (no command lines read)."""
+    return [pid for pid, fields in proc_stats() if fields[0] != b"Z" and int(fields[2]) == pgid]
 
 
 async def wait_group_gone(pgid: int, timeout_s: float) -> bool:
