@@ -62,12 +62,15 @@ from load_tests.harness import (
     Gateway,
     Harness,
     Worker,
+    add_run_arguments,
     cancel_on_sigterm,
     chromium_version,
     config_of,
     gateway_available,
+    run_main,
+    set_env_of,
 )
-from shared.settings import FULL_CHROMIUM, HEADLESS_SHELL
+from shared.settings import FULL_CHROMIUM
 from worker import chromium
 from worker.launch_budget import machine_cores
 
@@ -2160,45 +2163,19 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--gateway-concurrency", type=int, default=16)
     p.add_argument("--failover-sessions", type=int, help="sessions linked per failover round (default 4)")
     p.add_argument("--seed", type=int, help="random seed (client poll phases)")
-    p.add_argument("--workdir", type=Path, help="parent of the run's working directory (default: temp dir)")
-    p.add_argument("--keep-workdir", action="store_true", help="keep logs and profiles after the run")
-    p.add_argument(
-        "--chromium",
-        type=Path,
-        default=Path(os.environ.get("CHROMIUM_PATH", str(HEADLESS_SHELL))),
-        help="walink's browser (default: chromium-headless-shell, as in production)",
-    )
+    add_run_arguments(p)
     p.add_argument(
         "--seed-chromium",
         type=Path,
         default=Path(os.environ.get("SEED_CHROMIUM_PATH", str(FULL_CHROMIUM))),
         help="the seed architecture's browser (default: full Chromium, as the seed ran Chrome)",
     )
-    p.add_argument(
-        "--pg",
-        default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="admin DSN; the run creates and drops its own database next to it",
-    )
-    p.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
-    p.add_argument(
-        "--set",
-        dest="set_env",
-        action="append",
-        default=[],
-        metavar="WALINK_NAME=VALUE",
-        help="a setting for every worker and gateway (repeatable)",
-    )
     a = p.parse_args(argv)
     only = tuple(s.strip() for s in a.only.split(",") if s.strip()) or STEPS
     unknown = [s for s in only if s not in STEPS]
     if unknown:
         p.error(f"unknown step(s) {', '.join(unknown)}; choose among {', '.join(STEPS)}")
-    set_env: dict[str, str] = {}
-    for item in a.set_env:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("WALINK_"):
-            p.error(f"--set wants WALINK_NAME=VALUE, not {item!r}")
-        set_env[key] = value
+    set_env = set_env_of(p, a.set_env)
     if a.samples is not None and a.samples < 1:
         p.error("--samples must be at least 1")
     opts = Options(
@@ -2230,12 +2207,7 @@ def parse_args(argv: list[str] | None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts = parse_args(argv)
-    try:
-        code = asyncio.run(run(opts))
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

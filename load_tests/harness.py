@@ -18,6 +18,7 @@ hook does the synchronous part (processes, Chromium) if the loop could not.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import atexit
 import base64
@@ -31,7 +32,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -43,6 +44,7 @@ import redis.asyncio as aioredis
 
 from load_tests.client import ScanRefused
 from shared import db
+from shared.settings import HEADLESS_SHELL
 from shared.store import Store
 from worker import chromium
 
@@ -239,6 +241,53 @@ def config_of(opts: RunOptions) -> HarnessConfig:
         keep_workdir=opts.keep_workdir,
         extra_env=opts.set_env,
     )
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The command-line options every run (the benchmark, the load test) shares: see :class:`RunOptions`."""
+    p.add_argument("--workdir", type=Path, help="parent of the run's working directory (default: temp dir)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep the processes' logs and profiles")
+    p.add_argument(
+        "--chromium",
+        type=Path,
+        default=Path(os.environ.get("CHROMIUM_PATH", str(HEADLESS_SHELL))),
+        help="walink's browser (default: chromium-headless-shell, as in production)",
+    )
+    p.add_argument(
+        "--pg",
+        default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="admin DSN; the run creates and drops its own database next to it",
+    )
+    p.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
+    p.add_argument(
+        "--set",
+        dest="set_env",
+        action="append",
+        default=[],
+        metavar="WALINK_NAME=VALUE",
+        help="a setting for every worker and the gateway (repeatable)",
+    )
+
+
+def set_env_of(p: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """``--set`` values as environment entries (an error on the command line when malformed)."""
+    set_env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("WALINK_"):
+            p.error(f"--set wants WALINK_NAME=VALUE, not {item!r}")
+        set_env[key] = value
+    return set_env
+
+
+def run_main(run: Callable[[Any], Coroutine[Any, Any, int]], opts: Any) -> None:
+    """A run's process: its exit code, 130 on Ctrl-C."""
+    code: int
+    try:
+        code = asyncio.run(run(opts))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
 
 
 def cancel_on_sigterm() -> None:

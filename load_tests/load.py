@@ -52,11 +52,13 @@ from load_tests.harness import (
     ManagedProcess,
     ProcessError,
     Worker,
+    add_run_arguments,
     cancel_on_sigterm,
     clean_env,
     config_of,
+    run_main,
+    set_env_of,
 )
-from shared.settings import HEADLESS_SHELL
 from worker import chromium
 
 LOCUSTFILE = ROOT / "load_tests" / "locustfile.py"
@@ -488,35 +490,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--profile", default="strict", help="the simulator's profile")
     p.add_argument("--csv", dest="csv_prefix", type=Path, default=ROOT / "var" / "load" / "load")
     p.add_argument("--every", dest="every_s", type=float, default=10.0, help="seconds between progress lines")
-    p.add_argument("--workdir", type=Path, help="parent of the run's working directory (default: temp dir)")
-    p.add_argument("--keep-workdir", action="store_true", help="keep the processes' logs and profiles")
-    p.add_argument(
-        "--chromium",
-        type=Path,
-        default=Path(env("CHROMIUM_PATH", str(HEADLESS_SHELL))),
-        help="walink's browser (default: chromium-headless-shell)",
-    )
-    p.add_argument(
-        "--pg",
-        default=env("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="admin DSN; the run creates and drops its own database next to it",
-    )
-    p.add_argument("--redis", default=env("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
-    p.add_argument(
-        "--set",
-        dest="set_env",
-        action="append",
-        default=[],
-        metavar="WALINK_NAME=VALUE",
-        help="a setting for every worker and the gateway (repeatable)",
-    )
+    add_run_arguments(p)
     a = p.parse_args(argv)
-    set_env: dict[str, str] = {}
-    for item in a.set_env:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("WALINK_"):
-            p.error(f"--set wants WALINK_NAME=VALUE, not {item!r}")
-        set_env[key] = value
+    set_env = set_env_of(p, a.set_env)
     try:
         timespan_s(a.run_time)
     except ValueError as exc:
@@ -544,12 +520,7 @@ def parse_args(argv: list[str] | None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts = parse_args(argv)
-    try:
-        code = asyncio.run(run(opts))
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
