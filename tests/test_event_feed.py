@@ -117,16 +117,25 @@ async def test_every_outbox_insert_draws_its_id_under_the_feed_lock(pg_pool: asy
         )
         late = asyncio.create_task(
             outbox.enqueue(
-                second, workspace_id=WS, session_id="s_b", type="status", data={}, metadata={}, webhook_url=None
+                second,
+                workspace_id=WS,
+                session_id="s_b",
+                type="status",
+                data={},
+                metadata={},
+                webhook_url=None,
             )
         )
         # the second insert is waiting on the feed lock (pg_locks shows it), not done
-        async with asyncio.timeout(10):
-            while not await pg_pool.fetchval(
+        for _ in range(1000):
+            if await pg_pool.fetchval(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
                 " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ):
-                await asyncio.sleep(0.01)
+                break
+            await asyncio.sleep(0.01)  # another connection changes this; we can only look again
+        else:
+            raise AssertionError("the second insert never waited on the feed lock")
         assert not late.done()
         assert await outbox.events_after(pg_pool, workspace_id=WS, after_id=0) == []
         await tx.commit()
