@@ -109,6 +109,9 @@ class Settings:
     sse_keepalive_s: float = 15.0
     # --- lifecycle
     shutdown_deadline_s: float = 20.0
+    # of that deadline, how long shutdown waits for session commits in flight (and commits what is
+    # still pending) before browsers end; Postgres down longer than this loses those events
+    shutdown_commit_deadline_s: float = 8.0
     browser_close_timeout_s: float = 5.0
     log_level: str = "INFO"
 
@@ -172,6 +175,10 @@ class Settings:
             raise SettingsError("WALINK_WARM_POOL_MAX must be at least WALINK_WARM_POOL_SIZE")
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
+        if not 0 < self.shutdown_commit_deadline_s <= self.shutdown_deadline_s:
+            raise SettingsError(
+                "WALINK_SHUTDOWN_COMMIT_DEADLINE_S must be > 0 and at most WALINK_SHUTDOWN_DEADLINE_S"
+            )
         if not 0 < self.worker_port < 65536:
             raise SettingsError("WALINK_WORKER_PORT must be a TCP port")
         if not self.headless and self.chromium_path.name == HEADLESS_SHELL.name:

@@ -324,7 +324,10 @@ class SessionManager:
         ctx.closing = True
         ctx.deadlines.cancel_all()
         ctx.idle_timers.cancel_all()
+        # the session's work stops; the commits it started are shielded and finish (or are retried)
+        # within their own deadline, and events still pending are committed before browsers end
         await ctx.tasks.cancel_all()
+        await self._commits.drain(self.settings.shutdown_commit_deadline_s)
         sessions = list(self.sessions.values())
         await asyncio.gather(
             *(self._ending.end_browser(s, wipe=False) for s in sessions), return_exceptions=True
