@@ -110,3 +110,9 @@ class SnapshotInvalid(WalinkError):
 
     status = 422
     code = "snapshot_invalid"
+
+
+class DatabaseUnavailable(Unavailable):
+    """Postgres cannot be reached now: nothing was changed; the same request can be retried."""
+
+    code = "database_unavailable"

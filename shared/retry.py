@@ -27,7 +27,10 @@ class Backoff:
     wait_jitter_s: float = 0.5
 
 
+# a commit: worth waiting a while for (a Postgres restart, a failover)
 BACKOFF = Backoff()
+# a check on a request's path before it changes anything: the same waits, a small budget
+QUICK_CHECK = Backoff(attempts=3, timeout_s=3.0)
 
 
 async def attempts(

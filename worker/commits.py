@@ -8,7 +8,7 @@ the commits in flight (:meth:`Commits.drain`, within a deadline below supervisor
 ``stopwaitsecs``). A commit that cannot reach Postgres is retried under the project's backoff
 policy (:mod:`shared.retry`: bounded attempts and time, with jitter); when that budget is spent,
 its events go back to the front of ``pending`` for the next round, or — for a caller that must
-know (``strict``, e.g. DELETE) — the answer is :class:`~shared.errors.Unavailable`.
+know (``strict``, e.g. DELETE) — :class:`~shared.errors.DatabaseUnavailable` (503).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import asyncio
 import logging
 
 from shared import metrics, retry
-from shared.errors import StaleOwner, Unavailable
+from shared.errors import DatabaseUnavailable, StaleOwner
 from shared.models import EventType, Reason, SessionStatus
 from shared.outbox import OutboxEvent
 from worker.context import DB_ERRORS, Context
@@ -27,12 +27,6 @@ from worker.session import Session
 log = logging.getLogger("walink.sessions")
 
 S = SessionStatus
-
-
-class CommitUnavailable(Unavailable):
-    """Postgres could not be reached within the retry budget: nothing was committed."""
-
-    code = "commit_unavailable"
 
 
 class Commits:
@@ -48,8 +42,8 @@ class Commits:
     async def write(self, session: Session, *, deleted: bool = False, strict: bool = False) -> None:
         """Commit the session's state with its pending events, then deliver them (in order).
 
-        ``strict``: raise :class:`CommitUnavailable` when it could not be committed (the events are
-        then the caller's to keep or drop) instead of keeping them for a later round."""
+        ``strict``: raise :class:`DatabaseUnavailable` when it could not be committed (the events
+        are back in ``pending``, the caller takes out its own) instead of retrying in a later round."""
         task = asyncio.ensure_future(self._commit(session, deleted=deleted, strict=strict))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -111,7 +105,8 @@ class Commits:
             except DB_ERRORS as exc:
                 metrics.COMMIT_FAILURES.inc()
                 if strict:
-                    raise CommitUnavailable(
+                    session.pending[:0] = events  # the caller takes back what it added, if anything
+                    raise DatabaseUnavailable(
                         f"session {session.id}: Postgres cannot be reached ({type(exc).__name__}); "
                         "nothing was changed, retry later"
                     ) from exc
