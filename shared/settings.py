@@ -103,6 +103,14 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_backoff_base_s: float = 0.5
     webhook_backoff_max_s: float = 300.0
+    # --- retention (shared.retention): delivered/skipped outbox rows are deleted after this long
+    # (GET /v1/events and SSE resume reach back that far); a deleted session's phone number, push
+    # name and LID leave its events and account row this long after the delete, once delivered
+    outbox_retention_s: float = 7 * 24 * 3600.0
+    deleted_phone_retention_s: float = 24 * 3600.0
+    # how often a worker runs a retention pass (one worker at a time), and its batch size
+    retention_interval_s: float = 60.0
+    retention_batch_size: int = 500
     # --- HTTP edge
     max_body_bytes: int = 64 * 1024
     internal_token: str = field(default="", repr=False)
@@ -166,6 +174,7 @@ class Settings:
             "max_active_sessions",
             "webhook_max_attempts",
             "lease_ttl_ms",
+            "retention_batch_size",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
@@ -175,6 +184,15 @@ class Settings:
             raise SettingsError("WALINK_WARM_POOL_MAX must be at least WALINK_WARM_POOL_SIZE")
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
+        if (
+            self.outbox_retention_s < 0
+            or self.deleted_phone_retention_s < 0
+            or self.retention_interval_s <= 0
+        ):
+            raise SettingsError(
+                "WALINK_OUTBOX_RETENTION_S and WALINK_DELETED_PHONE_RETENTION_S must not be negative,"
+                " WALINK_RETENTION_INTERVAL_S must be positive"
+            )
         if not 0 < self.shutdown_commit_deadline_s <= self.shutdown_deadline_s:
             raise SettingsError(
                 "WALINK_SHUTDOWN_COMMIT_DEADLINE_S must be > 0 and at most WALINK_SHUTDOWN_DEADLINE_S"

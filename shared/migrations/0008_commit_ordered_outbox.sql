@@ -25,3 +25,12 @@ ALTER TABLE outbox ALTER COLUMN id DROP DEFAULT;
 CREATE TRIGGER outbox_commit_ordered_id
     BEFORE INSERT ON outbox
     FOR EACH ROW EXECUTE FUNCTION walink_outbox_commit_ordered_id();
+
+-- Retention (issue 10, item 16): delivered and skipped outbox rows go after WALINK_OUTBOX_RETENTION_S;
+-- a deleted session's phone number (and push name, LID) leaves its events and its account row
+-- WALINK_DELETED_PHONE_RETENTION_S after the delete, once none of its events is still pending.
+ALTER TABLE whatsapp_accounts ADD COLUMN phone_purged_at timestamptz;
+CREATE INDEX whatsapp_accounts_phone_purge ON whatsapp_accounts (deleted_at)
+    WHERE deleted_at IS NOT NULL AND phone_purged_at IS NULL;
+CREATE INDEX outbox_finished ON outbox ((coalesce(delivered_at, created_at)))
+    WHERE state IN ('delivered', 'skipped');
