@@ -240,16 +240,19 @@ async def enqueue(
     metadata: Mapping[str, Any] | None,
     webhook_url: str | None,
     occurred_at_ms: int | None = None,
+    event_id: str | None = None,
 ) -> OutboxEvent:
     """Write one event (call it inside the transaction of the state change it reports).
 
+    ``event_id`` (a UUID) may be chosen by the caller, so a retried write can find out whether
+    an earlier attempt committed (:func:`events_by_id`); otherwise a new one is drawn.
     ``webhook_url`` None (or empty) writes the event as ``skipped``: it is kept for ``GET /v1/events``
     and SSE resume but never POSTed. Outside a transaction the seq bump and the insert get their own.
     """
     own_transaction = contextlib.nullcontext() if conn.is_in_transaction() else conn.transaction()
     async with own_transaction:
         seq = await _next_seq(conn, session_id)
-        event_id = str(uuid.uuid4())
+        event_id = str(uuid.UUID(event_id)) if event_id is not None else str(uuid.uuid4())
         payload = build_payload(
             event_id=event_id,
             type=type,
@@ -315,6 +318,15 @@ async def session_events_after(
         session_id,
         int(after_seq),
         _clamp_limit(limit, 5000),
+    )
+    return [OutboxEvent.from_record(r) for r in rows]
+
+
+async def events_by_id(pool: asyncpg.Pool, event_ids: list[str]) -> list[OutboxEvent]:
+    """The outbox events with these ids, in session and ``seq`` order (absent ids are left out)."""
+    rows = await pool.fetch(
+        _SELECT_EVENTS + " WHERE event_id = ANY($1::uuid[]) ORDER BY session_id, seq",
+        _check_event_ids(event_ids),
     )
     return [OutboxEvent.from_record(r) for r in rows]
 

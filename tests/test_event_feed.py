@@ -145,3 +145,16 @@ async def test_every_outbox_insert_draws_its_id_under_the_feed_lock(pg_pool: asy
         early.id,
         later.id,
     ]
+
+
+async def test_a_retried_commit_finds_the_events_an_earlier_attempt_committed(pg_pool: asyncpg.Pool) -> None:
+    """Event ids are chosen before the first attempt: after a lost connection, a retry can ask."""
+    store = Store(pg_pool)
+    await store.ensure_workspace(WS)
+    await store.insert_session(_record("s_retry"), owner="w", token=1)
+    events = [NewEvent("status", {"status": "qr"}), NewEvent("qr_code_generated", {"qr": "x"})]
+    assert await store.committed_events([e.event_id for e in events]) == []
+    written = await store.save(_record("s_retry"), owner="w", token=1, events=events)
+    assert [e.event_id for e in written] == [e.event_id for e in events]
+    landed = await store.committed_events([e.event_id for e in events])
+    assert [(e.event_id, e.seq) for e in landed] == [(e.event_id, e.seq) for e in written]

@@ -84,6 +84,12 @@ class Commits:
                         if attempt.num > 1:
                             metrics.COMMIT_RETRIES.inc()
                             log.warning("%s: commit attempt %d", session.id, attempt.num)
+                            # the connection may have been lost during an earlier COMMIT that landed
+                            landed = await ctx.store.committed_events([e.event_id for e in events])
+                            if landed:
+                                written = landed
+                                _learn_primary(session, landed)
+                                break
                         if any(e.type == EventType.SESSION_READY for e in events) and session.phone_number:
                             result = await ctx.store.mark_ready(
                                 rec, owner=ctx.name, token=session.fencing_token, events=events
@@ -144,3 +150,10 @@ class Commits:
         session.phone_number = None
         self._ending.end(session, S.FAILED, Reason.REPLACED, unlink=True)
         self.flush(session)
+
+
+def _learn_primary(session: Session, written: list[OutboxEvent]) -> None:
+    """``is_primary`` from a ``session_ready`` that an earlier attempt committed."""
+    for event in written:
+        if event.type == EventType.SESSION_READY:
+            session.is_primary = bool((event.payload.get("data") or {}).get("is_primary"))
