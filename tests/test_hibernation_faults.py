@@ -66,3 +66,39 @@ async def test_a_failed_hibernation_keeps_the_session_ready_with_its_browser(
     stream.close()
     assert "qr" not in [kind for kind, _ in stream.seen]
     assert len(await sim.devices(PHONE)) == 1
+
+
+_REFUSE_SNAPSHOT_UPDATES = """
+CREATE OR REPLACE FUNCTION test_refuse_snapshots() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'test fault: snapshot update refused'; END $$;
+CREATE TRIGGER test_refuse_snapshots BEFORE UPDATE ON profile_snapshots
+    FOR EACH ROW EXECUTE FUNCTION test_refuse_snapshots();
+"""
+
+
+async def test_a_refused_closed_snapshot_hibernates_on_the_live_one_and_keeps_the_profile(
+    sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
+) -> None:
+    """The live snapshot (an insert) is stored, the closed profile's (an update of it) is refused:
+    the session hibernates with the live snapshot and its profile, and wakes without a scan."""
+    client = await start_worker(live_snapshot_delay_s=3600.0)
+    sid = await link_id(client, sim, PHONE)
+    manager = manager_of(client)
+    session = manager.get(sid)
+    profile = manager.launcher.profile_dir(session.profile_id)
+
+    await pg_pool.execute(_REFUSE_SNAPSHOT_UPDATES)
+    try:
+        await manager.hibernate(session)
+    finally:
+        await pg_pool.execute(_ALLOW_SNAPSHOTS)
+    assert session.status.value == "hibernated" and session.slot is None
+    assert await pg_pool.fetchval("SELECT count(*) FROM profile_snapshots WHERE session_id = $1", sid) == 1
+    assert profile.is_dir() and any(profile.iterdir())  # kept: it is the exact login
+
+    stream = await events(client, sid)
+    await client.post(f"/v1/sessions/{sid}/restart")
+    await stream.until("session_ready")
+    stream.close()
+    assert "qr" not in [kind for kind, _ in stream.seen]
+    assert len(await sim.devices(PHONE)) == 1
