@@ -67,6 +67,10 @@ class SessionNotFound(NotFound):
     code = "session_not_found"
 
 
+class EventNotFound(NotFound):
+    code = "event_not_found"
+
+
 class Conflict(WalinkError):
     status = 409
     code = "conflict"
