@@ -18,6 +18,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from shared import outbox, webhook_config
+from shared.errors import EventNotFound
 from shared.outbox import WebhookDispatcher
 from shared.webhook_guard import LOOPBACK_ALLOW, IPAddress, WebhookAllow
 from shared.webhooks import SIGNATURE_HEADER, verify
@@ -273,9 +274,9 @@ async def test_the_delivery_log_is_the_tenants_own(
     log = await webhook_config.deliveries(pool, WS, event.event_id)
     assert (log["state"], log["attempts"], log["type"]) == ("delivered", 1, "session_ready")
     assert [(a["attempt"], a["status_code"]) for a in log["deliveries"]] == [(1, 204)]
-    with pytest.raises(webhook_config.EventNotFound):
+    with pytest.raises(EventNotFound):
         await webhook_config.deliveries(pool, "another_ws", event.event_id)
-    with pytest.raises(webhook_config.EventNotFound):
+    with pytest.raises(EventNotFound):
         await webhook_config.deliveries(pool, WS, "not-a-uuid")
 
 
