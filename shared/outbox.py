@@ -28,7 +28,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -382,8 +382,8 @@ async def delivery_log(pool: asyncpg.Pool, event_id: str) -> list[dict[str, Any]
 @dataclass(frozen=True, slots=True)
 class _Claimed:
     event: OutboxEvent
-    secret: str | None
-    previous_secret: str | None = None  # still signs while a rotation's overlap lasts
+    secret: str | None = field(repr=False)  # secrets never reach a log line, not even by repr()
+    previous_secret: str | None = field(default=None, repr=False)  # signs too during an overlap
     event_filter: tuple[str, ...] | None = None  # the session's webhook event types (None: all)
 
     @property
