@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -52,7 +52,7 @@ class Workspace:
     id: str
     name: str
     webhook_url: str | None
-    webhook_secret: str
+    webhook_secret: str = field(repr=False)  # never in a log line, not even by repr()
 
 
 @dataclass(frozen=True, slots=True)
