@@ -221,3 +221,11 @@ async def test_a_literal_address_is_judged_without_a_lookup() -> None:
     with pytest.raises(DeliveryRefused, match=r"refused: 169\.254\.169\.254 is link-local"):
         await vet("http://169.254.169.254/latest", PUBLIC_ONLY, resolve)  # type: ignore[arg-type]
     assert asked == []
+
+
+@given(st.text(max_size=200) | st.from_regex(r"https?://[^/]{0,40}(/.{0,20})?", fullmatch=True))
+def test_checking_any_url_either_passes_or_says_why(url: str) -> None:
+    try:
+        assert check_url(url, PUBLIC_ONLY) == url
+    except WebhookUrlRefused as exc:
+        assert exc.message.startswith("webhook_url")
