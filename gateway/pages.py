@@ -13,6 +13,7 @@ from prometheus_async.aio.web import server_stats
 from gateway import openapi
 from gateway.health import cluster_view
 from gateway.keys import HEALTH, MEMBERSHIP, RING, SETTINGS, STARTED_AT, STREAMS
+from shared.loopback import PROXY_HEADERS, host_of_header, is_loopback_host
 from shared.web import json_response
 
 CONFIG_MARK = "/*__WALINK_CONFIG__*/null"
@@ -75,11 +76,24 @@ def _dashboard_template() -> str:
     return resources.files("gateway").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
 
+def is_local_visit(request: web.Request) -> bool:
+    """Does this request come from this machine, to this machine, with no proxy in between?
+
+    The peer address must be loopback (``request.remote``, the socket's, not a header) AND the
+    ``Host`` header a loopback name or address: a remote page that makes a browser here call us
+    (DNS rebinding) names its own host, and a reverse proxy on this machine sets forwarding headers.
+    """
+    if any(name in request.headers for name in PROXY_HEADERS):
+        return False
+    return is_loopback_host(request.remote) and is_loopback_host(host_of_header(request.headers.get("Host")))
+
+
 async def dashboard(request: web.Request) -> web.Response:
-    """The try-it page; in development (``dev_api_key`` set) its key field comes filled in."""
+    """The try-it page; in development (``dev_api_key`` set) its key field comes filled in, but
+    only for a local visit (:func:`is_local_visit`): everyone else signs in with a key."""
     settings = request.app[SETTINGS]
     config = {
-        "dev_api_key": settings.dev_api_key or None,
+        "dev_api_key": (settings.dev_api_key or None) if is_local_visit(request) else None,
         "simulator_url": settings.simulator_url if settings.target == "simulator" else None,
     }
     # '</' cannot appear inside the JSON, so the value cannot end the <script> element early
