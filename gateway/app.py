@@ -42,6 +42,7 @@ from gateway.routing import Router, lease_reader
 from gateway.sse import Streams
 from shared import aio, resources
 from shared import store as store_mod
+from shared.heartbeats import HeartbeatAuth
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.web import error_middleware, serve_until_signalled
@@ -117,7 +118,13 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         app[HTTP],
         membership,
         ring,
-        functools.partial(read_heartbeats, redis, keys, timeout_s=settings.redis_timeout_s),
+        functools.partial(
+            read_heartbeats,
+            redis,
+            keys,
+            auth=HeartbeatAuth(settings.internal_token),
+            timeout_s=settings.redis_timeout_s,
+        ),
         interval_s=settings.health_interval_s,
     )
     app[HEALTH] = checker

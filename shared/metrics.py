@@ -30,6 +30,12 @@ POOL_READY = Gauge("walink_warm_pool_ready", "Warm browsers showing a QR, ready 
 BROWSERS = Gauge("walink_browsers", "Chromium browsers running on this worker")
 BROWSER_MEMORY = Gauge("walink_browser_memory_bytes", "Proportional set size of all browsers of this worker")
 
+HEARTBEATS_REFUSED = Counter(
+    "walink_heartbeats_refused_total",
+    "Worker heartbeats ignored: unsigned, bad_signature, stale, bad_name, or not_loopback (no token)",
+    ["reason"],
+)
+
 # --- gateway (labels: route templates, outcome classes and worker names, all bounded)
 _GATEWAY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

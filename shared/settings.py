@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from shared.errors import SettingsError
+from shared.loopback import is_loopback_host
 from shared.webhook_guard import WebhookAllow
 
 ENV_PREFIX = "WALINK_"
@@ -116,6 +117,8 @@ class Settings:
     webhook_concurrency: int = 32
     # --- HTTP edge
     max_body_bytes: int = 64 * 1024
+    # the bearer token between gateway and workers, and the root of the heartbeats' signing key;
+    # required by a worker that listens on anything but loopback (see validate_worker)
     internal_token: str = field(default="", repr=False)
     sse_keepalive_s: float = 15.0
     # --- lifecycle
@@ -193,6 +196,15 @@ class Settings:
         if not self.headless and self.chromium_path.name == HEADLESS_SHELL.name:
             raise SettingsError(
                 "WALINK_HEADLESS=false needs full Chromium: set CHROMIUM_PATH=/usr/bin/chromium"
+            )
+
+    def validate_worker(self) -> None:
+        """What a worker checks before it starts: never open to the network without a token."""
+        if not self.internal_token and not is_loopback_host(self.host):
+            raise SettingsError(
+                f"WALINK_HOST={self.host!r} is not a loopback address, and WALINK_INTERNAL_TOKEN is not "
+                "set: the worker would take commands from anyone who can reach it. Set "
+                "WALINK_INTERNAL_TOKEN (the same on every gateway and worker) or listen on 127.0.0.1"
             )
 
 

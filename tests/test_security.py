@@ -5,18 +5,29 @@ Fast: the gateway app in-process against the test's Postgres and Redis, no Chrom
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from unittest import mock
 
 import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from gateway.app import create_app
+from gateway.keys import HEALTH, MEMBERSHIP
 from gateway.pages import is_local_visit
+from shared.errors import SettingsError
+from shared.heartbeats import MAX_SKEW_MS, HeartbeatAuth, heartbeat_alive, scan_heartbeats
 from shared.loopback import host_of_header, is_loopback_host, is_loopback_url
+from shared.redis_keys import Keys
 from shared.settings import Settings
-from tests.conftest import REDIS_URL, AiohttpClient
+from shared.store import Store
+from tests.conftest import REDIS_URL, AiohttpClient, AiohttpServer
+from worker.app import create_app as create_worker_app
+from worker.membership import Heartbeat
 
 DEV_KEY = "wlk_dev_test-key"
 
@@ -102,3 +113,112 @@ async def test_the_dashboard_gives_the_dev_key_only_to_a_local_visit(
         page = await resp.text()
         assert resp.status == 200 and DEV_KEY not in page, headers
         assert '"dev_api_key":null' in page, headers
+
+
+# ------------------------------------------------------------------------ item 4: workers and heartbeats
+def test_a_worker_on_a_non_loopback_address_refuses_to_start_without_an_internal_token() -> None:
+    for host in ("0.0.0.0", "", "::", "192.0.2.2", "walink-worker-0.walink-workers"):
+        with pytest.raises(SettingsError, match="WALINK_INTERNAL_TOKEN"):
+            create_worker_app(Settings(host=host))
+    create_worker_app(Settings(host="0.0.0.0", internal_token="t0ken"))  # with a token: fine
+    create_worker_app(Settings(host="127.0.0.1"))  # loopback development: fine
+    create_worker_app(Settings(host="::1"))
+
+
+def test_heartbeats_are_believed_only_when_signed_with_the_internal_token() -> None:
+    clock = [1_000_000]
+    auth = HeartbeatAuth("t0ken", clock=lambda: clock[0])
+    beat = {"name": "w0", "url": "http://10.0.0.5:3001", "pid": 7, "draining": False}
+    signed = auth.sign(beat)
+    assert signed["signed_at_ms"] == clock[0] and isinstance(signed["sig"], str)
+    assert "t0ken" not in orjson.dumps(signed).decode()
+    assert auth.refusal("w0", signed) is None
+    assert auth.refusal("w0", beat) == "unsigned"
+    assert auth.refusal("w0", {**signed, "url": "http://evil.example:80"}) == "bad_signature"
+    assert auth.refusal("w1", signed) == "bad_name"  # a copy under another worker's key
+    assert HeartbeatAuth("other-token", clock=lambda: clock[0]).refusal("w0", signed) == "bad_signature"
+    clock[0] += MAX_SKEW_MS + 1
+    assert auth.refusal("w0", signed) == "stale"  # an old beat replayed
+    # no token (one machine, development): unsigned beats, believed for loopback URLs only
+    open_auth = HeartbeatAuth("")
+    assert open_auth.sign(beat) == beat
+    assert open_auth.refusal("w0", {**beat, "url": "http://127.0.0.1:3001"}) is None
+    assert open_auth.refusal("127.0.0.1:3001", {"name": "127.0.0.1:3001"}) is None
+    assert open_auth.refusal("w0", beat) == "not_loopback"
+    assert open_auth.refusal("10.0.0.5:3001", {"name": "10.0.0.5:3001"}) == "not_loopback"
+
+
+async def test_the_worker_signs_its_heartbeat(redis_client: aioredis.Redis, redis_prefix: str) -> None:
+    keys = Keys(redis_prefix)
+    heartbeat = Heartbeat(
+        redis_client,
+        keys,
+        name="w0",
+        url="http://10.0.0.5:3001",
+        ttl_ms=5000,
+        timeout_s=1.0,
+        auth=HeartbeatAuth("t0ken"),
+    )
+    assert await heartbeat.beat()
+    assert await scan_heartbeats(redis_client, keys, HeartbeatAuth("t0ken")) == {
+        "w0": orjson.loads(heartbeat.payload()) | {"signed_at_ms": mock.ANY, "sig": mock.ANY}
+    }
+    assert await heartbeat_alive(redis_client, keys, HeartbeatAuth("t0ken"), "w0")
+    assert await scan_heartbeats(redis_client, keys, HeartbeatAuth("wrong")) == {}
+    assert not await heartbeat_alive(redis_client, keys, HeartbeatAuth("wrong"), "w0")
+
+
+async def test_the_gateway_ignores_forged_heartbeats_and_never_sends_them_its_token(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    pg_pool: asyncpg.Pool,
+    pg_dsn: str,
+    redis_prefix: str,
+    redis_client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A heartbeat written by anyone who can write to Redis must not steer the gateway's token."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append((request.path, request.headers.get("Authorization")))
+        if request.path == "/health":
+            return web.json_response({"status": "healthy", "sessions": {}, "queue": {}})
+        return web.json_response({"id": "s_x", "status": "starting"}, status=201)
+
+    trap = web.Application()
+    trap.router.add_route("*", "/{tail:.*}", anything)
+    server = await aiohttp_server(trap)
+    trap_url = str(server.make_url("")).rstrip("/")
+    keys = Keys(redis_prefix)
+    forged = {"name": "evil", "url": trap_url, "pid": 1, "started_at_ms": 0, "draining": False}
+    await redis_client.set(keys.worker("evil"), orjson.dumps(forged), px=60_000)
+    wrong_key = HeartbeatAuth("not-the-token").sign({**forged, "name": "evil2"})
+    await redis_client.set(keys.worker("evil2"), orjson.dumps(wrong_key), px=60_000)
+
+    store = Store(pg_pool)
+    await store.ensure_workspace("ws_a")
+    api_key = await store.create_api_key("ws_a")
+    app = create_app(gateway_settings(pg_dsn, redis_prefix, internal_token="t0ken"))
+    with caplog.at_level(logging.WARNING, logger="walink.heartbeats"):
+        gateway = await aiohttp_client(app)
+        checker = app[HEALTH]
+        await checker.round()
+        await checker.round()
+    assert app[MEMBERSHIP].all() == []
+    resp = await gateway.post("/v1/sessions", json={}, headers={"X-API-Key": api_key})
+    assert resp.status == 503 and (await resp.json())["error"]["code"] == "no_worker_available"
+    assert seen == []  # not probed, not proxied to: the token never left
+    refusals = [r.getMessage() for r in caplog.records if "ignoring the heartbeat" in r.getMessage()]
+    assert len(refusals) == 2, refusals  # once per worker and reason, not once per round
+    assert any("'evil' (unsigned)" in m for m in refusals) and any(
+        "'evil2' (bad_signature)" in m for m in refusals
+    )
+
+    # the same worker, signed with the token: believed, and then it gets the token
+    await redis_client.set(keys.worker("evil"), orjson.dumps(HeartbeatAuth("t0ken").sign(forged)), px=60_000)
+    await checker.round()
+    assert [w.name for w in app[MEMBERSHIP].all()] == ["evil"]
+    resp = await gateway.post("/v1/sessions", json={}, headers={"X-API-Key": api_key})
+    assert resp.status == 201
+    assert ("/v1/sessions", "Bearer t0ken") in seen

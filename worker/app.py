@@ -21,6 +21,7 @@ from playwright.async_api import async_playwright
 from shared import aio, resources
 from shared import store as store_mod
 from shared.aio import stop_loops
+from shared.heartbeats import HeartbeatAuth
 from shared.outbox import WebhookDispatcher
 from shared.redis_keys import Keys
 from shared.settings import Settings
@@ -85,6 +86,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
             app[NAME],
             lease_ttl_ms=settings.lease_ttl_ms,
             redis_timeout_s=settings.redis_timeout_s,
+            heartbeat_auth=HeartbeatAuth(settings.internal_token),
         )
         yield
 
@@ -181,6 +183,7 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
         url=settings.advertise_url or f"http://{settings.host}:{settings.worker_port}",
         ttl_ms=settings.heartbeat_ttl_ms,
         timeout_s=settings.redis_timeout_s,
+        auth=HeartbeatAuth(settings.internal_token),
     )
     app[HEARTBEAT] = heartbeat
 
@@ -246,6 +249,7 @@ async def on_shutdown(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
+    settings.validate_worker()
     app = web.Application(
         middlewares=[error_middleware, auth_middleware], client_max_size=settings.max_body_bytes
     )
