@@ -44,6 +44,10 @@ class Settings:
     # selects the full browser (needed for WALINK_HEADLESS=false)
     chromium_path: Path = HEADLESS_SHELL
     headless: bool = True
+    # Chromium's own sandbox when the worker does not run as root (as root it cannot have one);
+    # false: --no-sandbox always, for containers whose seccomp profile forbids the user namespaces
+    # the sandbox needs (infra/k8s/workers-statefulset.yaml says how to keep it there)
+    chromium_sandbox: bool = True
     # --- what the browsers talk to
     target: Target = "simulator"
     simulator_url: str = "http://127.0.0.1:3100"

@@ -6,6 +6,9 @@ Fast: the gateway app in-process against the test's Postgres and Redis, no Chrom
 from __future__ import annotations
 
 import logging
+import os
+import stat
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -19,13 +22,16 @@ from aiohttp.test_utils import make_mocked_request
 from gateway.app import create_app
 from gateway.keys import HEALTH, MEMBERSHIP
 from gateway.pages import is_local_visit
+from shared import devrun
 from shared.errors import SettingsError
 from shared.heartbeats import MAX_SKEW_MS, HeartbeatAuth, heartbeat_alive, scan_heartbeats
 from shared.loopback import host_of_header, is_loopback_host, is_loopback_url
+from shared.private_files import make_private_dirs, write_private_file
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.store import Store
 from tests.conftest import REDIS_URL, AiohttpClient, AiohttpServer
+from worker import chromium
 from worker.app import create_app as create_worker_app
 from worker.membership import Heartbeat
 
@@ -222,3 +228,74 @@ async def test_the_gateway_ignores_forged_heartbeats_and_never_sends_them_its_to
     resp = await gateway.post("/v1/sessions", json={}, headers={"X-API-Key": api_key})
     assert resp.status == 201
     assert ("/v1/sessions", "Bearer t0ken") in seen
+
+
+# ------------------------------------------------------------------------ item 9: modes, sandbox
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_private_dirs_are_0700_from_their_mkdir_even_with_an_open_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        make_private_dirs(tmp_path / "var" / "worker-3001" / "profiles" / "p_1")
+        (tmp_path / "old").mkdir(mode=0o755)  # made by an older walink: narrowed when used
+        make_private_dirs(tmp_path / "old")
+    finally:
+        os.umask(old)
+    for path in ("var", "var/worker-3001", "var/worker-3001/profiles", "var/worker-3001/profiles/p_1", "old"):
+        assert _mode(tmp_path / path) == 0o700, path
+
+
+def test_private_files_are_created_0600_and_never_chmod_ed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "dev.env"
+    target.write_text("old")
+    target.chmod(0o644)
+    opened: list[tuple[int, int]] = []
+    real_open = os.open
+
+    def recording_open(path: Any, flags: int, mode: int = 0o777, *args: Any, **kwargs: Any) -> int:
+        opened.append((flags, mode))
+        return real_open(path, flags, mode, *args, **kwargs)
+
+    def no_chmod(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("a secret file must be created with its mode, not chmod-ed after")
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(Path, "chmod", no_chmod)
+    old = os.umask(0)
+    try:
+        write_private_file(target, b"KEY=1\n")
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"KEY=1\n" and _mode(target) == 0o600
+    assert opened and all(
+        flags & os.O_CREAT and flags & os.O_EXCL and mode == 0o600 for flags, mode in opened
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.env"]  # no temporary file left
+
+
+def test_the_dev_stack_secrets_are_private_from_the_first_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_chmod(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("chmod after writing leaves the secrets readable meanwhile")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Path, "chmod", no_chmod)
+    values = devrun.dev_env()
+    assert set(values) >= {"WALINK_SNAPSHOT_KEY", "WALINK_DEV_API_KEY", "WALINK_INTERNAL_TOKEN"}
+    assert _mode(tmp_path / "var") == 0o700 and _mode(tmp_path / "var" / "dev.env") == 0o600
+    assert devrun.dev_env() == values  # made once, kept
+
+
+def test_chromium_is_sandboxed_unless_root_or_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert not chromium.sandboxed() and "--no-sandbox" in chromium.launch_args(sandbox=chromium.sandboxed())
+    monkeypatch.setattr(os, "geteuid", lambda: 10001)
+    assert chromium.sandboxed() and "--no-sandbox" not in chromium.launch_args(sandbox=True)
+    assert not chromium.sandboxed(Settings(chromium_sandbox=False).chromium_sandbox)
+    assert Settings.from_env({"WALINK_CHROMIUM_SANDBOX": "false"}).chromium_sandbox is False

@@ -23,6 +23,7 @@ from shared import store as store_mod
 from shared.aio import stop_loops
 from shared.heartbeats import HeartbeatAuth
 from shared.outbox import WebhookDispatcher
+from shared.private_files import make_private_dirs
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.web import DEFAULT_WORKSPACE, error_middleware, serve_until_signalled
@@ -114,7 +115,8 @@ async def launch_budget_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    settings.profiles_dir.mkdir(parents=True, exist_ok=True)
+    for private in (settings.worker_data_dir, settings.profiles_dir):  # WhatsApp's keys: 0700
+        await asyncio.to_thread(make_private_dirs, private)
     killed, locks = chromium.reap(settings.profiles_dir)
     if killed or locks:
         log.info("start: reaped %d orphan browser group(s), %d stale lock(s)", killed, locks)

@@ -63,6 +63,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shared.errors import SettingsError, SnapshotInvalid
+from shared.private_files import make_private_dirs
 from worker import chromium
 
 if TYPE_CHECKING:
@@ -463,7 +464,7 @@ def unpack_profile(
     _check_target(profile_dir)
     payload = _decrypt(blob, key=key, session_id=session_id)
     parent = profile_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{profile_dir.name}.restore-", dir=parent))
     try:
         inflater = _Inflater(payload, max_bytes)
