@@ -4,6 +4,11 @@ The gateway names new sessions itself (``shared.ids.new_session_id()``, or the c
 ``id``) so that it can place them on the ring and retry their creation safely: the id makes the
 create idempotent, and a ``409`` after a retry means an earlier attempt landed — the answer is
 then the session as it is.
+
+A client-chosen id must be in the caller's workspace's namespace (``<workspace>.<name>``, see
+:mod:`shared.ids`), so a ``409`` only ever speaks of the caller's own sessions; an id in another
+workspace's namespace is answered ``404`` by the gateway itself, exactly as an unknown id, without
+asking any worker (nothing about it can differ: body, headers or time).
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from gateway.proxy import WORKER_HEADER, Answer, Call, forward_headers, to_respo
 from gateway.routing import Kind, Plan
 from gateway.sse import STARTED_AT, relay
 from shared import metrics
-from shared.errors import BadRequest, EventNotFound, WalinkError
-from shared.ids import check_session_id, new_session_id
-from shared.web import Handler, json_response, read_json_object
+from shared.errors import BadRequest, EventNotFound, SessionNotFound, WalinkError
+from shared.ids import check_chosen_session_id, check_session_id, namespace_of, new_session_id
+from shared.web import DEFAULT_WORKSPACE, Handler, json_response, read_json_object
 
 LIST_TIMEOUT_S = 5.0
 
@@ -40,6 +45,17 @@ def _requested_workspace(value: object) -> str | None:
     if not isinstance(value, str):
         raise BadRequest("workspace_id must be a string")
     return value
+
+
+def _visible_session_id(request: web.Request) -> str:
+    """The route's session id, checked; one in another workspace's namespace is not found (404),
+    with the very answer a worker gives for an id that does not exist."""
+    session_id = check_session_id(request.match_info["session_id"])
+    caller = request[CALLER]
+    namespace = namespace_of(session_id)
+    if not caller.is_admin and namespace is not None and namespace != caller.workspace_id:
+        raise SessionNotFound(f"no session {session_id}")
+    return session_id
 
 
 def _session_plan(request: web.Request, session_id: str) -> Plan:
@@ -81,7 +97,10 @@ async def create_session(request: web.Request) -> web.Response:
     data = await read_json_object(request, max_bytes=settings.max_body_bytes)
     workspace_id = caller.scope(_requested_workspace(data.get("workspace_id")))
     given = data.get("id")
-    session_id = check_session_id(given) if given is not None else new_session_id()
+    if given is not None:  # in the namespace of the workspace the session is made in
+        session_id = check_chosen_session_id(given, workspace_id or DEFAULT_WORKSPACE)
+    else:
+        session_id = new_session_id()
     data["id"] = session_id
     if workspace_id is not None:
         data["workspace_id"] = workspace_id
@@ -105,7 +124,7 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def _session_answer(request: web.Request, suffix: str, *, idempotent: bool) -> Answer:
     """A session's route (``suffix`` after its id), routed to the session's owner."""
-    session_id = check_session_id(request.match_info["session_id"])
+    session_id = _visible_session_id(request)
     workspace_id = request[CALLER].scope(request.query.get("workspace_id"), own_by_default=False)
     path = f"/v1/sessions/{session_id}{suffix}"
     return await _pass_on(
@@ -113,29 +132,47 @@ async def _session_answer(request: web.Request, suffix: str, *, idempotent: bool
     )
 
 
-get_session = _forwarding(_session_answer, "", idempotent=True)
+def _as_not_found(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """A 404 of a session route tells a workspace key nothing of where it was looked up: which
+    worker answers an id depends on whether some workspace's session holds a lease on it."""
+    if response.status == 404 and not request[CALLER].is_admin:
+        response.headers.pop(WORKER_HEADER, None)
+    return response
 
 
-async def delete_session(request: web.Request) -> web.Response:
+def _session_forwarding(suffix: str, *, idempotent: bool) -> Handler:
+    """A session route that only forwards (see :func:`_forwarding`), its 404 as an unknown id's."""
+    forwarding = _forwarding(_session_answer, suffix, idempotent=idempotent)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return _as_not_found(request, await forwarding(request))
+
+    return handler
+
+
+get_session = _session_forwarding("", idempotent=True)
+
+
+async def delete_session(request: web.Request) -> web.StreamResponse:
     answer = await _session_answer(request, "", idempotent=True)
     if answer.status == 404 and answer.maybe_landed:
         # an earlier attempt may have deleted it: for the client the delete happened
         return web.Response(status=204, headers={WORKER_HEADER: answer.worker.name})
-    return to_response(answer)
+    return _as_not_found(request, to_response(answer))
 
 
-get_qr = _forwarding(_session_answer, "/qr", idempotent=True)
-pairing_code = _forwarding(_session_answer, "/pairing-code", idempotent=False)
-cancel_pairing_code = _forwarding(_session_answer, "/pairing-code", idempotent=False)
-restart_session = _forwarding(_session_answer, "/restart", idempotent=False)
-logout_session = _forwarding(_session_answer, "/logout", idempotent=False)
+get_qr = _session_forwarding("/qr", idempotent=True)
+pairing_code = _session_forwarding("/pairing-code", idempotent=False)
+cancel_pairing_code = _session_forwarding("/pairing-code", idempotent=False)
+restart_session = _session_forwarding("/restart", idempotent=False)
+logout_session = _session_forwarding("/logout", idempotent=False)
 
 
 async def session_events(request: web.Request) -> web.StreamResponse:
-    session_id = check_session_id(request.match_info["session_id"])
+    session_id = _visible_session_id(request)
     workspace_id = request[CALLER].scope(request.query.get("workspace_id"), own_by_default=False)
     path = f"/v1/sessions/{session_id}/events{_query(request)}"
-    return await relay(
+    response = await relay(
         request,
         request.app[PROXY],
         _session_plan(request, session_id),
@@ -143,6 +180,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
         forward_headers(request, workspace_id),
         request.app[STREAMS],
     )
+    return _as_not_found(request, response)
 
 
 async def list_sessions(request: web.Request) -> web.Response:

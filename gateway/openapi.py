@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from shared.ids import SESSION_ID_RE
+from shared.ids import CHOSEN_SESSION_ID_RE, SESSION_ID_RE
 from shared.models import EventType, SessionStatus
 from shared.webhook_config import WEBHOOK_EVENT_TYPES
 
@@ -471,7 +471,13 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "id": {"type": "string", "pattern": SESSION_ID_RE.pattern},
+            "id": {
+                "type": "string",
+                "pattern": CHOSEN_SESSION_ID_RE.pattern,
+                "description": "Your own id for the session, in your workspace's namespace: "
+                "`<workspace id>.<name>` (e.g. `acme.acct-1`); anything else is refused with 400 "
+                "`session_id_outside_workspace`. Leave it out for a generated `s_…` id.",
+            },
             "workspace_id": {"type": "string", "description": "Admin keys only (else your own)"},
             "label": {"type": "string", "maxLength": 200},
             "webhook_url": {

@@ -49,6 +49,16 @@ class WebhookUrlRefused(BadRequest):
     code = "webhook_url_refused"
 
 
+class SessionIdOutsideWorkspace(InvalidSessionId):
+    """A client-chosen session id that is not in the caller's workspace's namespace (``<workspace>.``)."""
+
+    code = "session_id_outside_workspace"
+
+
+class InvalidWorkspaceId(BadRequest):
+    code = "invalid_workspace_id"
+
+
 class InvalidPhoneNumber(BadRequest):
     code = "invalid_phone_number"
 

@@ -19,6 +19,7 @@ import orjson
 from shared import outbox
 from shared.db import Conn
 from shared.errors import SessionExists, SessionNotFound, StaleOwner
+from shared.ids import WORKSPACE_ID_RE, check_workspace_id
 from shared.models import EventType
 
 log = logging.getLogger("walink.store")
@@ -104,6 +105,13 @@ class Store:
     async def ensure_workspace(
         self, workspace_id: str, *, name: str | None = None, webhook_url: str | None = None
     ) -> Workspace:
+        if not WORKSPACE_ID_RE.fullmatch(workspace_id):
+            # a new workspace's id must be able to prefix its chosen session ids (shared.ids);
+            # one made before that rule stays usable
+            existing = await self.get_workspace(workspace_id)
+            if existing is not None:
+                return existing
+            check_workspace_id(workspace_id)
         row = await self.pool.fetchrow(
             "INSERT INTO workspaces (id, name, webhook_url, webhook_secret) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id RETURNING id, name, webhook_url, webhook_secret",

@@ -19,18 +19,29 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from gateway import openapi
 from gateway.app import create_app
 from gateway.keys import HEALTH, MEMBERSHIP
 from gateway.pages import is_local_visit
 from shared import devrun
-from shared.errors import SettingsError
+from shared.errors import InvalidSessionId, InvalidWorkspaceId, SessionIdOutsideWorkspace, SettingsError
 from shared.heartbeats import MAX_SKEW_MS, HeartbeatAuth, heartbeat_alive, scan_heartbeats
+from shared.ids import (
+    CHOSEN_SESSION_ID_RE,
+    SESSION_ID_RE,
+    check_chosen_session_id,
+    check_new_session_id,
+    check_session_id,
+    check_workspace_id,
+    namespace_of,
+    new_session_id,
+)
 from shared.loopback import host_of_header, is_loopback_host, is_loopback_url
 from shared.private_files import make_private_dirs, write_private_file
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.store import Store
-from tests.conftest import REDIS_URL, AiohttpClient, AiohttpServer
+from tests.conftest import REDIS_URL, AiohttpClient, AiohttpServer, WorkerFactory
 from worker import chromium
 from worker.app import create_app as create_worker_app
 from worker.membership import Heartbeat
@@ -299,3 +310,157 @@ def test_chromium_is_sandboxed_unless_root_or_turned_off(monkeypatch: pytest.Mon
     assert chromium.sandboxed() and "--no-sandbox" not in chromium.launch_args(sandbox=True)
     assert not chromium.sandboxed(Settings(chromium_sandbox=False).chromium_sandbox)
     assert Settings.from_env({"WALINK_CHROMIUM_SANDBOX": "false"}).chromium_sandbox is False
+
+
+# ------------------------------------------------------------------------ item 6: session id namespaces
+def test_chosen_session_ids_live_in_their_workspace_namespace() -> None:
+    assert check_chosen_session_id("ws_a.acct-1", "ws_a") == "ws_a.acct-1"
+    for chosen, workspace in [("ws_a.x", "ws_b"), ("x-1", "ws_a"), ("ws_ab.x", "ws_a"), ("ws.a.x", "ws")]:
+        with pytest.raises(InvalidSessionId) as raised:
+            check_chosen_session_id(chosen, workspace)
+        assert raised.value.status == 400
+        if SESSION_ID_RE.fullmatch(chosen):
+            assert raised.value.code == "session_id_outside_workspace"
+            assert f"'{workspace}.'" in raised.value.message  # the exact prefix to use
+    with pytest.raises(SessionIdOutsideWorkspace, match="cannot choose session ids"):
+        check_chosen_session_id("x.y", "Old Workspace")  # made before workspace ids were checked
+    # the worker takes the gateway's generated ids, or chosen ones in the namespace
+    generated = new_session_id()
+    assert check_new_session_id(generated, "ws_a") == generated
+    assert check_new_session_id("ws_a.x", "ws_a") == "ws_a.x"
+    with pytest.raises(SessionIdOutsideWorkspace):
+        check_new_session_id("ws_b.x", "ws_a")
+    # workspace ids never hold the separator, so namespaces never overlap
+    assert check_workspace_id("ws_a") == "ws_a"
+    for bad in ("a.b", "", "A", "x" * 65, "-a", None):
+        with pytest.raises(InvalidWorkspaceId):
+            check_workspace_id(bad)
+    # older, un-namespaced ids stay addressable; the OpenAPI document uses the same patterns
+    assert check_session_id("shop-42") == "shop-42" and namespace_of("shop-42") is None
+    assert namespace_of("ws_a.x") == "ws_a"
+    document = openapi.document()
+    path_param = document["paths"]["/v1/sessions/{session_id}"]["get"]["parameters"][0]
+    assert path_param["schema"]["pattern"] == SESSION_ID_RE.pattern
+    create = document["components"]["schemas"]["CreateSession"]["properties"]["id"]
+    assert create["pattern"] == CHOSEN_SESSION_ID_RE.pattern
+
+
+async def test_new_workspaces_get_ids_that_can_prefix_session_ids(pg_pool: asyncpg.Pool) -> None:
+    store = Store(pg_pool)
+    with pytest.raises(InvalidWorkspaceId):
+        await store.ensure_workspace("acme.corp")
+    assert await store.get_workspace("acme.corp") is None
+    await pg_pool.execute(
+        "INSERT INTO workspaces (id, name, webhook_secret) VALUES ('Legacy WS', 'Legacy WS', 'whsec_x')"
+    )
+    assert (await store.ensure_workspace("Legacy WS")).id == "Legacy WS"  # an old one stays usable
+
+
+async def test_a_tenant_cannot_create_in_or_probe_another_tenants_namespace(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    pg_pool: asyncpg.Pool,
+    pg_dsn: str,
+    redis_prefix: str,
+) -> None:
+    """Through the gateway: B creating ``ws_a.x`` gets a 400 (not A's 409), and B's 404 for A's id
+    is the very answer for an id nobody has; no worker is even asked."""
+    calls: list[tuple[str, str, str | None]] = []
+    sessions: dict[str, str] = {}  # the fake worker's sessions: id -> workspace
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "healthy", "sessions": {}, "queue": {}})
+
+    async def create(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.append(("POST", body["id"], request.headers.get("X-Walink-Workspace")))
+        if body["id"] in sessions:
+            return web.json_response({"error": {"code": "session_exists", "message": "taken"}}, status=409)
+        sessions[body["id"]] = body["workspace_id"]
+        return web.json_response({"id": body["id"], "status": "starting"}, status=201)
+
+    async def get(request: web.Request) -> web.Response:
+        sid, ws = request.match_info["sid"], request.headers.get("X-Walink-Workspace")
+        calls.append(("GET", sid, ws))
+        if sessions.get(sid) != ws:
+            return web.json_response(
+                {"error": {"code": "session_not_found", "message": f"no session {sid}"}}, status=404
+            )
+        return web.json_response({"id": sid, "workspace_id": ws})
+
+    fake = web.Application()
+    fake.router.add_get("/health", health)
+    fake.router.add_post("/v1/sessions", create)
+    fake.router.add_get("/v1/sessions/{sid}", get)
+    server = await aiohttp_server(fake)
+    store = Store(pg_pool)
+    for ws in ("ws_a", "ws_b"):
+        await store.ensure_workspace(ws)
+    a = {"X-API-Key": await store.create_api_key("ws_a")}
+    b = {"X-API-Key": await store.create_api_key("ws_b")}
+    admin = {"X-API-Key": await store.create_api_key(None, admin=True)}
+    settings = gateway_settings(pg_dsn, redis_prefix, workers=f"127.0.0.1:{server.port}")
+    gateway = await aiohttp_client(create_app(settings))
+
+    assert (await gateway.post("/v1/sessions", json={"id": "ws_a.x"}, headers=a)).status == 201
+    assert (await gateway.post("/v1/sessions", json={"id": "ws_b.x"}, headers=b)).status == 201  # B's own x
+    calls.clear()
+    taken = await gateway.post("/v1/sessions", json={"id": "ws_a.x"}, headers=b)
+    error = (await taken.json())["error"]
+    assert (taken.status, error["code"]) == (400, "session_id_outside_workspace"), error
+    assert "'ws_b.'" in error["message"] and "ws_a" not in error["message"]
+    plain = await gateway.post("/v1/sessions", json={"id": "acct-1"}, headers=b)
+    assert (plain.status, (await plain.json())["error"]["code"]) == (400, "session_id_outside_workspace")
+    assert calls == []  # refused before anything happened
+
+    async def answer(path: str, headers: dict[str, str], method: str = "GET") -> tuple[int, Any, set[str]]:
+        resp = await gateway.request(method, path, headers=headers)
+        body = await resp.read()
+        return resp.status, body, {h for h in resp.headers if h.lower().startswith("x-walink")}
+
+    for method, suffix in [
+        ("GET", ""),
+        ("GET", "/qr"),
+        ("GET", "/events"),
+        ("DELETE", ""),
+        ("POST", "/restart"),
+    ]:
+        known = await answer(f"/v1/sessions/ws_a.x{suffix}", b, method)
+        unknown = await answer(f"/v1/sessions/ws_a.nobody{suffix}", b, method)
+        assert known[0] == unknown[0] == 404, (method, suffix, known)
+        assert known[1].replace(b"ws_a.x", b"ID") == unknown[1].replace(b"ws_a.nobody", b"ID")
+        assert known[2] == unknown[2] == set()
+    assert calls == []  # another namespace: the gateway answers itself, no worker asked
+
+    # ids outside any namespace (generated, or older): the worker's 404, without saying who answered
+    sessions["legacy-1"] = "ws_a"
+    known = await answer("/v1/sessions/legacy-1", b)
+    unknown = await answer("/v1/sessions/legacy-2", b)
+    assert known[0] == unknown[0] == 404 and known[2] == unknown[2] == set()
+    # A and the admin still see A's session
+    assert (await gateway.get("/v1/sessions/ws_a.x", headers=a)).status == 200
+    assert (await gateway.get("/v1/sessions/ws_a.x?workspace_id=ws_a", headers=admin)).status == 200
+    assert (await gateway.get("/v1/sessions/ws_b.x", headers=b)).status == 200
+
+
+@pytest.mark.chromium
+@pytest.mark.timeout(300)
+async def test_two_workspaces_each_have_their_own_x_on_a_real_worker(start_worker: WorkerFactory) -> None:
+    client = await start_worker()
+    ws_a, ws_b = {"X-Walink-Workspace": "ws_a"}, {"X-Walink-Workspace": "ws_b"}
+    created = []
+    for headers, sid in ((ws_a, "ws_a.x"), (ws_b, "ws_b.x")):
+        resp = await client.post("/v1/sessions", json={"id": sid}, headers=headers)
+        assert resp.status == 201, await resp.text()
+        created.append(sid)
+    resp = await client.post("/v1/sessions", json={"id": "ws_a.x"}, headers=ws_b)
+    assert (resp.status, (await resp.json())["error"]["code"]) == (400, "session_id_outside_workspace")
+    again = await client.post("/v1/sessions", json={"id": "ws_a.x"}, headers=ws_a)
+    assert (again.status, (await again.json())["error"]["code"]) == (409, "session_exists")  # A's own
+    known = await client.get("/v1/sessions/ws_a.x", headers=ws_b)
+    unknown = await client.get("/v1/sessions/ws_a.nobody", headers=ws_b)
+    assert known.status == unknown.status == 404
+    assert (await known.json())["error"]["code"] == (await unknown.json())["error"]["code"]
+    for headers, sid in ((ws_a, "ws_a.x"), (ws_b, "ws_b.x")):
+        assert (await client.get(f"/v1/sessions/{sid}", headers=headers)).status == 200
+        assert (await client.delete(f"/v1/sessions/{sid}", headers=headers)).status == 204

@@ -14,7 +14,7 @@ from prometheus_async.aio.web import server_stats
 
 from shared import metrics, outbox, webhook_config, webhook_guard
 from shared.errors import BadRequest, InvalidState, Unauthorized
-from shared.ids import check_session_id, normalize_phone
+from shared.ids import check_new_session_id, check_session_id, normalize_phone
 from shared.models import ENDED, SessionStatus
 from shared.settings import Settings
 from shared.web import (
@@ -97,8 +97,8 @@ async def create_session(request: web.Request) -> web.Response:
     if not isinstance(metadata, dict):
         raise BadRequest("metadata must be a JSON object")
     session_id = data.get("id")
-    if session_id is not None:
-        check_session_id(session_id)
+    if session_id is not None:  # made by the gateway, or chosen in the workspace's namespace
+        check_new_session_id(session_id, workspace_id)
     session = await request.app[MANAGER].create(
         session_id=session_id,
         workspace_id=workspace_id,
