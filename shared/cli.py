@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 
-async def _migrate() -> None:
+async def _migrate(grant: list[str]) -> None:
     import asyncpg
 
     from shared import db
@@ -18,9 +18,13 @@ async def _migrate() -> None:
     conn = await asyncpg.connect(settings.database_url, timeout=settings.db_timeout_s)
     try:
         applied = await db.migrate(conn)
+        for role in grant:
+            await db.grant_data_access(conn, role)
     finally:
         await conn.close()
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"), file=sys.stderr)
+    if grant:
+        print(f"granted {db.DATA_PRIVILEGES} (no DDL) to: {', '.join(grant)}", file=sys.stderr)
 
 
 async def _api_key(workspace: str, admin: bool) -> str:
@@ -41,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="run a worker (settings from WALINK_* variables)")
     sub.add_parser("gateway", help="run the gateway")
     sub.add_parser("run", help="start the whole cluster under supervisord (what `make run` does)")
-    sub.add_parser("migrate", help="create the database if needed and apply the migrations")
+    migrate = sub.add_parser("migrate", help="create the database if needed and apply the migrations")
+    migrate.add_argument(
+        "--grant",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        help="then give ROLE row rights (select/insert/update/delete) on every table, no DDL; repeatable",
+    )
     keys = sub.add_parser("api-key", help="create an API key (printed once; only its hash is stored)")
     keys.add_argument("--workspace", default="default", help="workspace id (created if missing)")
     keys.add_argument("--admin", action="store_true", help="an admin key (all workspaces, cluster routes)")
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run()
     elif args.command == "migrate":
-        asyncio.run(_migrate())
+        asyncio.run(_migrate(args.grant))
     elif args.command == "api-key":
         print(asyncio.run(_api_key(args.workspace, args.admin)))
     elif args.command == "simulator":

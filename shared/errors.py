@@ -30,6 +30,12 @@ class SettingsError(WalinkError, ValueError):
     code = "invalid_settings"
 
 
+class SchemaNotCurrent(WalinkError):
+    """The database lacks migrations, and this process may not apply them (``migrate_on_start`` off)."""
+
+    code = "schema_not_current"
+
+
 class BadRequest(WalinkError, ValueError):
     status = 400
     code = "invalid_request"

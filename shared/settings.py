@@ -95,6 +95,10 @@ class Settings:
     # short, but not so short that a CPU-starved event loop reads as Redis being down
     redis_timeout_s: float = 2.0
     db_timeout_s: float = 5.0
+    # create the database and apply migrations at start (development); false: the schema is owned
+    # by another role (`walink migrate`, a Job in infra/k8s), this process's role has no DDL rights
+    # and it only checks at start that every migration is applied
+    migrate_on_start: bool = True
     lease_ttl_ms: int = 10_000
     # AES-256-GCM key of profile snapshots: base64 of 32 bytes (empty: snapshots disabled)
     snapshot_key: str = field(default="", repr=False)

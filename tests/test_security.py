@@ -23,8 +23,14 @@ from gateway import openapi
 from gateway.app import create_app
 from gateway.keys import HEALTH, MEMBERSHIP
 from gateway.pages import is_local_visit
-from shared import devrun
-from shared.errors import InvalidSessionId, InvalidWorkspaceId, SessionIdOutsideWorkspace, SettingsError
+from shared import db, devrun, resources
+from shared.errors import (
+    InvalidSessionId,
+    InvalidWorkspaceId,
+    SchemaNotCurrent,
+    SessionIdOutsideWorkspace,
+    SettingsError,
+)
 from shared.heartbeats import MAX_SKEW_MS, HeartbeatAuth, heartbeat_alive, scan_heartbeats
 from shared.ids import (
     CHOSEN_SESSION_ID_RE,
@@ -464,3 +470,49 @@ async def test_two_workspaces_each_have_their_own_x_on_a_real_worker(start_worke
     for headers, sid in ((ws_a, "ws_a.x"), (ws_b, "ws_b.x")):
         assert (await client.get(f"/v1/sessions/{sid}", headers=headers)).status == 200
         assert (await client.delete(f"/v1/sessions/{sid}", headers=headers)).status == 204
+
+
+async def test_a_role_with_data_rights_only_runs_the_gateway_store_and_cannot_change_the_schema(
+    pg_pool: asyncpg.Pool, pg_dsn: str
+) -> None:
+    """The manifests' gateway role: `walink migrate --grant` gives it rows, never DDL."""
+    role = f"walink_test_dml_{os.getpid()}_{os.urandom(3).hex()}"
+    role_dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+    assert role_dsn != pg_dsn
+    empty_db = f"walink_test_empty_{os.getpid()}_{os.urandom(3).hex()}"
+    await pg_pool.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        async with pg_pool.acquire() as conn:
+            await db.grant_data_access(conn, role)
+        with pytest.raises(ValueError, match="role name"):
+            async with pg_pool.acquire() as conn:
+                await db.grant_data_access(conn, 'x"; DROP TABLE api_keys; --')
+
+        settings = Settings(database_url=role_dsn, migrate_on_start=False)
+        async with resources.open_pool(settings, max_size=2) as pool:
+            store = Store(pool)
+            await store.ensure_workspace("ws_dml")
+            key = await store.create_api_key("ws_dml")
+            assert await store.key_scope(key) == ("ws_dml", False)
+            for ddl in (
+                "CREATE TABLE intruder (x int)",
+                "DROP TABLE api_keys",
+                "ALTER TABLE api_keys ADD c int",
+            ):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await pool.execute(ddl)
+        # today's start-up (migrate at start) needs DDL rights: the role cannot do it
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with resources.open_pool(settings.replace(migrate_on_start=True), max_size=2):
+                pass
+
+        # a process that may not migrate refuses a database that is behind, saying what to run
+        await pg_pool.execute(f'CREATE DATABASE "{empty_db}"')
+        behind = pg_dsn.rsplit("/", 1)[0] + "/" + empty_db
+        with pytest.raises(SchemaNotCurrent, match="walink migrate"):
+            async with resources.open_pool(Settings(database_url=behind, migrate_on_start=False), max_size=1):
+                pass
+    finally:
+        await pg_pool.execute(f'DROP DATABASE IF EXISTS "{empty_db}" WITH (FORCE)')
+        await pg_pool.execute(f'DROP OWNED BY "{role}"')
+        await pg_pool.execute(f'DROP ROLE "{role}"')
