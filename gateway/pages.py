@@ -11,9 +11,9 @@ from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
 from gateway import openapi
+from gateway.auth import is_local_visit
 from gateway.health import cluster_view
 from gateway.keys import HEALTH, MEMBERSHIP, RING, SETTINGS, STARTED_AT, STREAMS
-from shared.loopback import PROXY_HEADERS, host_of_header, is_loopback_host
 from shared.web import json_response
 
 CONFIG_MARK = "/*__WALINK_CONFIG__*/null"
@@ -74,18 +74,6 @@ async def docs(_request: web.Request) -> web.Response:
 @cache
 def _dashboard_template() -> str:
     return resources.files("gateway").joinpath("static/dashboard.html").read_text(encoding="utf-8")
-
-
-def is_local_visit(request: web.Request) -> bool:
-    """Does this request come from this machine, to this machine, with no proxy in between?
-
-    The peer address must be loopback (``request.remote``, the socket's, not a header) AND the
-    ``Host`` header a loopback name or address: a remote page that makes a browser here call us
-    (DNS rebinding) names its own host, and a reverse proxy on this machine sets forwarding headers.
-    """
-    if any(name in request.headers for name in PROXY_HEADERS):
-        return False
-    return is_loopback_host(request.remote) and is_loopback_host(host_of_header(request.headers.get("Host")))
 
 
 async def dashboard(request: web.Request) -> web.Response:

@@ -21,8 +21,8 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway import openapi
 from gateway.app import create_app
+from gateway.auth import is_local_visit
 from gateway.keys import HEALTH, MEMBERSHIP
-from gateway.pages import is_local_visit
 from shared import db, devrun, resources
 from shared.errors import (
     InvalidSessionId,
@@ -136,6 +136,10 @@ async def test_the_dashboard_gives_the_dev_key_only_to_a_local_visit(
         page = await resp.text()
         assert resp.status == 200 and DEV_KEY not in page, headers
         assert '"dev_api_key":null' in page, headers
+        # nor the cluster's health, open to a local visit in development
+        cluster = await gateway.get("/health/cluster", headers=headers)
+        assert cluster.status == 401, headers
+    assert (await gateway.get("/health/cluster", headers={"Host": f"localhost:{port}"})).status == 200
 
 
 # ------------------------------------------------------------------------ item 4: workers and heartbeats
