@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -47,7 +50,7 @@ from shared.private_files import make_private_dirs, write_private_file
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.store import Store
-from tests.conftest import REDIS_URL, AiohttpClient, AiohttpServer, WorkerFactory
+from tests.conftest import CHROMIUM, REDIS_URL, AiohttpClient, AiohttpServer, WorkerFactory
 from worker import chromium
 from worker.app import create_app as create_worker_app
 from worker.membership import Heartbeat
@@ -520,3 +523,37 @@ async def test_a_role_with_data_rights_only_runs_the_gateway_store_and_cannot_ch
         await pg_pool.execute(f'DROP DATABASE IF EXISTS "{empty_db}" WITH (FORCE)')
         await pg_pool.execute(f'DROP OWNED BY "{role}"')
         await pg_pool.execute(f'DROP ROLE "{role}"')
+
+
+def test_a_sandbox_failure_says_how_to_fix_it() -> None:
+    message = "[FATAL:zygote_host_impl_linux.cc(127)] No usable sandbox! ..."
+    assert "WALINK_CHROMIUM_SANDBOX=false" in chromium.sandbox_hint(message)
+    assert chromium.sandbox_hint("Timeout 45000ms exceeded") == ""
+
+
+@pytest.mark.chromium
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to become another user"
+)
+def test_chromium_starts_sandboxed_as_a_non_root_user() -> None:
+    """What a non-root worker launches: walink's flags without --no-sandbox, as uid 65534."""
+    with tempfile.TemporaryDirectory(prefix="walink-sandbox-") as where:  # pytest's tmp is root's 0700
+        home = Path(where)
+        os.chown(home, 65534, 65534)
+        _run_chromium_as_nobody(home)
+
+
+def _run_chromium_as_nobody(home: Path) -> None:
+    args = chromium.launch_args(sandbox=True)
+    assert "--no-sandbox" not in args
+    done = subprocess.run(
+        [
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "env", f"HOME={home}",
+            str(CHROMIUM), "--headless", f"--user-data-dir={home / 'profile'}", *args,
+            "--dump-dom", "data:text/html,<p>sandboxed</p>",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "<p>sandboxed</p>" in done.stdout, done.stderr[-2000:]
+    assert "No usable sandbox" not in done.stderr

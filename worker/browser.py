@@ -262,7 +262,8 @@ class BrowserLauncher:
             await asyncio.shield(self._discard_launch(launching, profile_dir))
             raise
         except PlaywrightError as exc:
-            raise BrowserError(f"Chromium did not start: {exc.message}") from exc
+            hint = chromium.sandbox_hint(exc.message) if self.sandbox else ""
+            raise BrowserError(f"Chromium did not start: {exc.message}{hint}") from exc
         self.launched_total += 1
         slot.context = context
         try:

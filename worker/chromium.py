@@ -30,6 +30,20 @@ def sandboxed(wanted: bool = True) -> bool:
     return wanted and os.geteuid() != 0
 
 
+# what Chromium says when its sandbox cannot start (no user namespaces, no setuid helper)
+SANDBOX_FAILURES = ("No usable sandbox", "sandbox_host_linux", "zygote_host_impl_linux")
+
+
+def sandbox_hint(message: str) -> str:
+    """What to add to a failed launch's error when Chromium's sandbox is why it failed."""
+    if not any(failure in message for failure in SANDBOX_FAILURES):
+        return ""
+    return (
+        " (Chromium's sandbox needs unprivileged user namespaces, which this host or container "
+        "forbids: allow them, or set WALINK_CHROMIUM_SANDBOX=false to run Chromium without it)"
+    )
+
+
 def launch_args(*, sandbox: bool = False) -> list[str]:
     """Flags for every Chromium walink starts (the network is closed); ``--no-sandbox`` unless
     ``sandbox`` (see :func:`sandboxed`)."""
