@@ -23,14 +23,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.keys import CALLER, MEMBERSHIP, PROXY, ROUTER, SETTINGS, STREAMS
+from gateway.errors import NoWorkerAvailable
+from gateway.keys import CALLER, MEMBERSHIP, PROXY, QUOTAS, ROUTER, SETTINGS, STREAMS
 from gateway.proxy import WORKER_HEADER, Answer, Call, forward_headers, to_response
+from gateway.quotas import LIMIT_FIELDS, MAX_LIMIT, Admission
 from gateway.routing import Kind, Plan
 from gateway.sse import STARTED_AT, relay
 from shared import metrics
-from shared.errors import BadRequest, EventNotFound, SessionNotFound, WalinkError
+from shared.errors import BadRequest, EventNotFound, Forbidden, SessionNotFound, WalinkError
 from shared.ids import check_chosen_session_id, check_session_id, namespace_of, new_session_id
-from shared.web import DEFAULT_WORKSPACE, Handler, json_response, read_json_object
+from shared.web import DEFAULT_WORKSPACE, Handler, check_keys, json_response, read_json_object
 
 LIST_TIMEOUT_S = 5.0
 
@@ -90,6 +92,28 @@ def _forwarding(answering: _Answering, path: str, *, idempotent: bool) -> Handle
     return handler
 
 
+# ---------------------------------------------------------------------------------- quotas
+def _quota_workspace(workspace_id: str | None) -> str:
+    """The workspace a session will be in (a worker puts one of no workspace in the default)."""
+    workspace = workspace_id or DEFAULT_WORKSPACE
+    if "\x00" in workspace:
+        raise BadRequest("workspace_id must not contain NUL")
+    return workspace
+
+
+def _outcome(status: int, *, ok: int) -> bool | None:
+    """Did the call create what its admission reserved: yes, no, or None (it may still land:
+    an upstream error or timeout after the request may have reached a worker)?"""
+    if status == ok:
+        return True
+    return None if status >= 500 and status != 503 else False
+
+
+async def _release(request: web.Request, admission: Admission, created: bool | None, *, settle: bool) -> None:
+    # shielded: a client that leaves must not leave the reservation to run out its time
+    await asyncio.shield(request.app[QUOTAS].release(admission, created=created, settle=settle))
+
+
 # ---------------------------------------------------------------------------------- sessions
 async def create_session(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
@@ -101,6 +125,23 @@ async def create_session(request: web.Request) -> web.Response:
         session_id = check_chosen_session_id(given, workspace_id or DEFAULT_WORKSPACE)
     else:
         session_id = new_session_id()
+    admission = await request.app[QUOTAS].admit(_quota_workspace(workspace_id), session_id, take_token=True)
+    created: bool | None = None
+    try:
+        response = await _create(request, data, workspace_id, session_id)
+        created = _outcome(response.status, ok=201)
+    except NoWorkerAvailable:
+        created = False  # no worker got it
+        raise
+    finally:
+        await _release(request, admission, created, settle=False)
+    response.headers.update(admission.headers())
+    return response
+
+
+async def _create(
+    request: web.Request, data: dict[str, Any], workspace_id: str | None, session_id: str
+) -> web.Response:
     data["id"] = session_id
     if workspace_id is not None:
         data["workspace_id"] = workspace_id
@@ -164,7 +205,33 @@ async def delete_session(request: web.Request) -> web.StreamResponse:
 get_qr = _session_forwarding("/qr", idempotent=True)
 pairing_code = _session_forwarding("/pairing-code", idempotent=False)
 cancel_pairing_code = _session_forwarding("/pairing-code", idempotent=False)
-restart_session = _session_forwarding("/restart", idempotent=False)
+
+
+async def restart_session(request: web.Request) -> web.StreamResponse:
+    """A restart brings the session (back) to linking: it is admitted like a create, without a
+    token of the create rate (an ended session becomes live again; a ready one links anew)."""
+    session_id = _visible_session_id(request)
+    quotas = request.app[QUOTAS]
+    workspace_id = request[CALLER].scope(request.query.get("workspace_id"), own_by_default=False)
+    if workspace_id is None:  # an admin across workspaces: the session's own
+        workspace_id = await quotas.workspace_of(session_id)
+    if workspace_id is None:  # no such session: the worker says so
+        return _as_not_found(
+            request, to_response(await _session_answer(request, "/restart", idempotent=False))
+        )
+    admission = await quotas.admit(_quota_workspace(workspace_id), session_id, take_token=False)
+    created: bool | None = None
+    try:
+        answer = await _session_answer(request, "/restart", idempotent=False)
+        created = _outcome(answer.status, ok=202)
+    except NoWorkerAvailable:
+        created = False
+        raise
+    finally:
+        await _release(request, admission, created, settle=True)
+    return _as_not_found(request, to_response(answer))
+
+
 logout_session = _session_forwarding("/logout", idempotent=False)
 
 
@@ -172,14 +239,16 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     session_id = _visible_session_id(request)
     workspace_id = request[CALLER].scope(request.query.get("workspace_id"), own_by_default=False)
     path = f"/v1/sessions/{session_id}/events{_query(request)}"
-    response = await relay(
-        request,
-        request.app[PROXY],
-        _session_plan(request, session_id),
-        path,
-        forward_headers(request, workspace_id),
-        request.app[STREAMS],
-    )
+    streams = request.app[STREAMS]
+    with streams.slot(workspace_id):  # held until the stream ends
+        response = await relay(
+            request,
+            request.app[PROXY],
+            _session_plan(request, session_id),
+            path,
+            forward_headers(request, workspace_id),
+            streams,
+        )
     return _as_not_found(request, response)
 
 
@@ -243,6 +312,54 @@ async def event_deliveries(request: web.Request) -> web.Response:
     return to_response(answer)
 
 
+# ---------------------------------------------------------------------------------- quotas
+async def get_quota(request: web.Request) -> web.Response:
+    """The caller's workspace's limits and use (an admin may name any workspace)."""
+    caller = request[CALLER]
+    requested = request.query.get("workspace_id")
+    workspace_id = _quota_workspace(caller.scope(requested))
+    must_exist = caller.is_admin and requested is not None
+    usage = await request.app[QUOTAS].usage(workspace_id, must_exist=must_exist)
+    return json_response(_quota_view(request, usage.view()))
+
+
+def _quota_view(request: web.Request, view: dict[str, Any]) -> dict[str, Any]:
+    streams = request.app[STREAMS]
+    view["streams"] = {
+        "limit": streams.max_per_workspace,
+        "used": streams.open_of(view["workspace_id"]),
+        "gateway_limit": streams.max_total,
+        "gateway_used": streams.clients,
+        "scope": "gateway",
+    }
+    return view
+
+
+async def set_quota(request: web.Request) -> web.Response:
+    """An admin sets a workspace's own limits; a field left out or null keeps the default."""
+    caller = request[CALLER]
+    if not caller.is_admin:
+        raise Forbidden("setting a workspace's quota needs an admin key")
+    data = await read_json_object(request, max_bytes=request.app[SETTINGS].max_body_bytes)
+    check_keys(data, {"workspace_id", *LIMIT_FIELDS})
+    requested = data.get("workspace_id")
+    if not isinstance(requested, str) or not 0 < len(requested) <= 64:
+        raise BadRequest("workspace_id must be a string of 1-64 characters")
+    workspace_id = _quota_workspace(requested)
+    limits: dict[str, int | None] = {}
+    for name in LIMIT_FIELDS:
+        value = data.get(name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LIMIT
+        ):
+            raise BadRequest(f"{name} must be null or a whole number from 0 to {MAX_LIMIT}")
+        limits[name] = value
+    quotas = request.app[QUOTAS]
+    await quotas.set_limits(workspace_id, limits)
+    usage = await quotas.usage(workspace_id, must_exist=True)
+    return json_response(_quota_view(request, usage.view()))
+
+
 # ---------------------------------------------------------------------------------- metrics
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -299,3 +416,5 @@ def add_routes(app: web.Application) -> None:
         name="v1.sessions.set_webhook_events",
     )
     r.add_get("/v1/events/{event_id}/deliveries", event_deliveries, name="v1.events.deliveries")
+    r.add_get("/v1/quota", get_quota, name="v1.quota.get")
+    r.add_put("/v1/quota", set_quota, name="v1.quota.set")

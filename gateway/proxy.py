@@ -129,6 +129,7 @@ class Proxy:
         self,
         http: aiohttp.ClientSession,
         *,
+        stream_http: aiohttp.ClientSession | None = None,
         internal_token: str,
         timeout_s: float,
         stream_idle_s: float,
@@ -138,6 +139,8 @@ class Proxy:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.http = http
+        # event streams hold a connection each: their own pool (default: the calls' one)
+        self.stream_http = stream_http or http
         self.internal_token = internal_token
         connect_s = min(timeout_s, 2.0)
         self.timeout_s = timeout_s
@@ -179,7 +182,8 @@ class Proxy:
                 timeout_s=self.timeout_s,
             )
             return status, headers, body, None
-        resp = await self.http.request(
+        http = self.stream_http if call.stream else self.http
+        resp = await http.request(
             call.method,
             worker.url + call.path,
             headers=self.worker_headers(call.headers),

@@ -7,6 +7,9 @@ Anything that is not a ``WalinkError`` is a bug and becomes a logged 500.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 
 class WalinkError(Exception):
     """Root of every error walink raises on purpose."""
@@ -20,8 +23,12 @@ class WalinkError(Exception):
         if code is not None:
             self.code = code
 
-    def to_dict(self) -> dict[str, dict[str, str]]:
+    def to_dict(self) -> dict[str, dict[str, Any]]:
         return {"error": {"code": self.code, "message": self.message}}
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers of the error's answer (e.g. ``Retry-After``)."""
+        return {}
 
 
 class SettingsError(WalinkError, ValueError):
@@ -136,3 +143,72 @@ class SnapshotInvalid(WalinkError):
 
     status = 422
     code = "snapshot_invalid"
+
+
+# --------------------------------------------------------------------------- limits (docs/limits.md)
+class Forbidden(WalinkError):
+    """The key is valid but may not do this (e.g. an admin route with a workspace key)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(WalinkError):
+    """Over a limit: ``429`` with ``Retry-After`` (whole seconds, at least 1) and, in the body, the
+    limit and the current use (``error.limit``, ``error.used``, ``error.retry_after_s``)."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, limit: int, used: int, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.used = used
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        body = super().to_dict()
+        body["error"] |= {"limit": self.limit, "used": self.used, "retry_after_s": self.retry_after_s}
+        return body
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class QuotaSessions(TooManyRequests):
+    """The workspace has as many live sessions (not ended) as its quota allows."""
+
+    code = "quota_sessions"
+
+
+class QuotaLinkings(TooManyRequests):
+    """The workspace has as many sessions linking at once as its quota allows."""
+
+    code = "quota_linkings"
+
+
+class RateLimited(TooManyRequests):
+    """The workspace created sessions faster than its rate (a token bucket) allows."""
+
+    code = "rate_limited"
+
+
+class QuotaStreams(TooManyRequests):
+    """The workspace has as many event streams open on this gateway as allowed."""
+
+    code = "quota_streams"
+
+
+class StreamsFull(TooManyRequests):
+    """This gateway has as many event streams open as it allows (another gateway may have room)."""
+
+    code = "streams_full"
+
+
+class QuotaUnavailable(Unavailable):
+    """The quota cannot be checked now (Redis or Postgres unreachable): the create is refused."""
+
+    code = "quota_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}

@@ -82,3 +82,14 @@ WEBHOOK_LAG = Histogram(
     "From an event's commit to its successful delivery",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
+# --- limits (labels: the quota's name, never the workspace)
+QUOTA_REFUSALS = Counter(
+    "walink_quota_refusals_total",
+    "Requests refused over a limit, by quota (sessions, linkings, rate, streams_workspace, "
+    "streams_gateway) or because the quota could not be checked (unavailable)",
+    ["quota"],
+)
+GATEWAY_SSE_STREAMS = Gauge("walink_gateway_sse_streams", "Event streams open on this gateway")
+GATEWAY_SSE_STREAMS_MAX = Gauge(
+    "walink_gateway_sse_streams_max", "Event streams this gateway allows at once (WALINK_SSE_MAX_PER_GATEWAY)"
+)

@@ -129,6 +129,21 @@ class Settings:
     # required by a worker that listens on anything but loopback (see validate_worker)
     internal_token: str = field(default="", repr=False)
     sse_keepalive_s: float = 15.0
+    # open event streams through one gateway: in all, and of one workspace (429 beyond either);
+    # the streams have their own connection pool of this size, apart from calls and health probes
+    sse_max_per_gateway: int = 1000
+    sse_max_per_workspace: int = 250
+    # --- per-workspace quotas (docs/limits.md), enforced cluster-wide; 0: derived from the cluster
+    # (its configured workers and their browser capacity) so that one workspace takes at most
+    # quota_share of it; a workspace's own limits (PUT /v1/quota, admin) override these
+    quota_share: float = 0.25
+    # live sessions (not ended: linking, ready or hibernated)
+    quota_sessions: int = 0
+    # sessions linking at once (starting, qr, authenticated, passkey_required): each holds a browser
+    quota_linkings: int = 0
+    # creates per minute (a token bucket in Redis) and its burst (0: the linkings quota)
+    quota_creates_per_minute: int = 0
+    quota_create_burst: int = 0
     # --- lifecycle
     shutdown_deadline_s: float = 20.0
     browser_close_timeout_s: float = 5.0
@@ -190,6 +205,14 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
+        for name in ("sse_max_per_gateway", "sse_max_per_workspace"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
+        for name in ("quota_sessions", "quota_linkings", "quota_creates_per_minute", "quota_create_burst"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"WALINK_{name.upper()} must not be negative (0: derived)")
+        if not 0 < self.quota_share <= 1:
+            raise SettingsError("WALINK_QUOTA_SHARE must be a fraction in (0, 1]")
         if self.launch_budget < 0:
             raise SettingsError("WALINK_LAUNCH_BUDGET must not be negative (0: the machine's cores)")
         if self.warm_pool_max < self.warm_pool_size:
