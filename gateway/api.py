@@ -335,6 +335,17 @@ def _quota_view(request: web.Request, view: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+def _limit(name: str, value: object) -> int | None:
+    """A limit of ``PUT /v1/quota``: null, or a whole number (``3.0`` is one, as in JSON Schema)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_LIMIT:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LIMIT:
+        return value
+    raise BadRequest(f"{name} must be null or a whole number from 0 to {MAX_LIMIT}")
+
+
 async def set_quota(request: web.Request) -> web.Response:
     """An admin sets a workspace's own limits; a field left out or null keeps the default."""
     caller = request[CALLER]
@@ -348,12 +359,7 @@ async def set_quota(request: web.Request) -> web.Response:
     workspace_id = _quota_workspace(requested)
     limits: dict[str, int | None] = {}
     for name in LIMIT_FIELDS:
-        value = data.get(name)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LIMIT
-        ):
-            raise BadRequest(f"{name} must be null or a whole number from 0 to {MAX_LIMIT}")
-        limits[name] = value
+        limits[name] = _limit(name, data.get(name))
     quotas = request.app[QUOTAS]
     await quotas.set_limits(workspace_id, limits)
     usage = await quotas.usage(workspace_id, must_exist=True)

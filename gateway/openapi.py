@@ -71,6 +71,11 @@ def _op(
     return op
 
 
+def _required_body(op: dict[str, Any]) -> dict[str, Any]:
+    op["requestBody"]["required"] = True
+    return op
+
+
 SSE_DESCRIPTION = (
     "Server-sent events of one session. Each frame is `id: <seq>`, `event: <name>`, "
     "`data: <json>`; the events are `status`, `qr`, `session_authenticated`, `session_ready`, "
@@ -115,10 +120,10 @@ def document() -> dict[str, Any]:
                 "Add an account (start a linking session)",
                 "Creates a session and starts its browser; the QR follows on the event stream and at "
                 "`qr_url`. The gateway chooses the id unless one is given; the create is idempotent "
-                "for that id.",
-                {"201": _json(_ref("Created"), "The session, starting")},
+                "for that id. " + QUOTA_DESCRIPTION,
+                {"201": _json(_ref("Created"), "The session, starting") | {"headers": RATE_LIMIT_HEADERS}},
                 body=_ref("CreateSession"),
-                errors=(400, 401, 404, 409, 413, 503),
+                errors=(400, 401, 404, 409, 413, 429, 503),
             ),
             "get": _op(
                 "Sessions driven now",
@@ -183,6 +188,7 @@ def document() -> dict[str, Any]:
                     {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
                     {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                 ],
+                errors=(400, 401, 404, 429, 503),
             ),
         },
         "/v1/sessions/{session_id}/pairing-code": {
@@ -212,9 +218,12 @@ def document() -> dict[str, Any]:
         "/v1/sessions/{session_id}/restart": {
             "post": _op(
                 "Restart",
-                "A linked session reconnects from its profile (no scan); a linking one gets a fresh QR.",
+                "A linked session reconnects from its profile (no scan); a linking one gets a fresh QR. "
+                "Admitted like a create (live sessions, linkings; not the create rate): 429 "
+                "`quota_sessions` or `quota_linkings` over a quota.",
                 {"202": _json(_ref("Created"), "Restarting")},
                 params=[SESSION_ID],
+                errors=(400, 401, 404, 409, 429, 503),
             ),
         },
         "/v1/sessions/{session_id}/logout": {
@@ -336,6 +345,29 @@ def document() -> dict[str, Any]:
                 errors=(400, 401, 404, 502, 503),
             ),
         },
+        "/v1/quota": {
+            "get": _op(
+                "The workspace's quota",
+                "Limits and use of the caller's workspace (an admin key may name any): live sessions, "
+                "sessions linking at once, the create bucket (`remaining`: null while Redis cannot be "
+                "asked), and event streams open on this gateway. " + QUOTA_DESCRIPTION,
+                {"200": _json(_ref("Quota"), "Limits and use")},
+                tag="quotas",
+                params=[WORKSPACE_QUERY],
+                errors=(400, 401, 404, 503),
+            ),
+            "put": _required_body(
+                _op(
+                    "Set a workspace's own limits (admin)",
+                    "Replaces the workspace's own limits; a field left out or null is the cluster's default "
+                    "(`WALINK_QUOTA_*`). Answers the workspace's quota as it is now. Admin key only.",
+                    {"200": _json(_ref("Quota"), "Limits and use")},
+                    tag="quotas",
+                    body=_ref("SetQuota"),
+                    errors=(400, 401, 403, 404, 413, 503),
+                )
+            ),
+        },
         "/health": {
             "get": _op(
                 "Gateway health",
@@ -393,6 +425,7 @@ def document() -> dict[str, Any]:
             {"name": "accounts", "description": "Linked accounts of the workspace."},
             {"name": "events", "description": "The event record and webhooks."},
             {"name": "webhooks", "description": "Webhook URL, signing secret, event filters, delivery log."},
+            {"name": "quotas", "description": "Per-workspace limits and their use."},
             {"name": "operations", "description": "Health and metrics."},
         ],
         "paths": paths,
@@ -432,6 +465,10 @@ def document() -> dict[str, Any]:
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             },
             "responses": {
+                "E429": _json(_ref("LimitError"), "Over a limit: " + ", ".join(LIMIT_CODES))
+                | {"headers": {"Retry-After": RETRY_AFTER_HEADER}}
+            }
+            | {
                 f"E{status}": _json(_ref("Error"), text)
                 for status, text in {
                     400: "Invalid input",
@@ -441,7 +478,7 @@ def document() -> dict[str, Any]:
                     409: "Conflict: invalid_state, session_exists",
                     413: "Body too large",
                     502: "Upstream error",
-                    503: "Unavailable: no_worker_available, unavailable",
+                    503: "Unavailable: no_worker_available, unavailable, quota_unavailable",
                     504: "Upstream timeout",
                 }.items()
             },
@@ -451,6 +488,32 @@ def document() -> dict[str, Any]:
 
 
 STATUSES = [s.value for s in SessionStatus]
+
+LIMIT_CODES = ("quota_sessions", "quota_linkings", "rate_limited", "quota_streams", "streams_full")
+QUOTA_DESCRIPTION = (
+    "Per-workspace quotas, for the whole cluster: live sessions (429 `quota_sessions`), sessions "
+    "linking at once (429 `quota_linkings`) and creates per minute (a token bucket; 429 "
+    "`rate_limited`), each with `Retry-After` (seconds) and the limit and use in the error. While "
+    "the quota cannot be checked (Redis or Postgres unreachable) a create answers 503 "
+    "`quota_unavailable`."
+)
+RETRY_AFTER_HEADER = {
+    "description": "Seconds to wait before trying again",
+    "schema": {"type": "integer", "minimum": 1},
+}
+RATE_LIMIT_HEADERS = {
+    "X-RateLimit-Limit": {
+        "description": "The workspace's create bucket: creates at once",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "X-RateLimit-Remaining": {
+        "description": "Creates left in the bucket now (it refills at the rate per minute)",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+_LIMIT = {"type": "integer", "minimum": 0}
+_OWN_LIMIT = {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000}
+_SOURCE = {"type": "string", "enum": ["default", "workspace"]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -465,6 +528,76 @@ SCHEMAS: dict[str, Any] = {
                     "message": {"type": "string"},
                 },
             }
+        },
+    },
+    "LimitError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message", "limit", "used", "retry_after_s"],
+                "properties": {
+                    "code": {"type": "string", "enum": list(LIMIT_CODES)},
+                    "message": {"type": "string"},
+                    "limit": _LIMIT,
+                    "used": _LIMIT,
+                    "retry_after_s": {"type": "integer", "minimum": 1},
+                },
+            }
+        },
+    },
+    "Quota": {
+        "type": "object",
+        "required": ["workspace_id", "sessions", "linkings", "creates", "streams"],
+        "properties": {
+            "workspace_id": {"type": "string"},
+            "sessions": {
+                "type": "object",
+                "description": "Live sessions (not ended: linking, ready, hibernated)",
+                "required": ["limit", "used", "source"],
+                "properties": {"limit": _LIMIT, "used": _LIMIT, "source": _SOURCE},
+            },
+            "linkings": {
+                "type": "object",
+                "description": "Sessions linking at once (starting, qr, authenticated, passkey_required)",
+                "required": ["limit", "used", "source"],
+                "properties": {"limit": _LIMIT, "used": _LIMIT, "source": _SOURCE},
+            },
+            "creates": {
+                "type": "object",
+                "required": ["per_minute", "burst", "remaining", "source"],
+                "properties": {
+                    "per_minute": _LIMIT,
+                    "burst": _LIMIT,
+                    "remaining": {"type": ["integer", "null"], "minimum": 0},
+                    "source": _SOURCE,
+                },
+            },
+            "streams": {
+                "type": "object",
+                "description": "Event streams open on this gateway (the limits are per gateway)",
+                "required": ["limit", "used", "gateway_limit", "gateway_used", "scope"],
+                "properties": {
+                    "limit": _LIMIT,
+                    "used": _LIMIT,
+                    "gateway_limit": _LIMIT,
+                    "gateway_used": _LIMIT,
+                    "scope": {"type": "string", "enum": ["gateway"]},
+                },
+            },
+        },
+    },
+    "SetQuota": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["workspace_id"],
+        "properties": {
+            "workspace_id": {"type": "string", "minLength": 1, "maxLength": 64},
+            "sessions": _OWN_LIMIT,
+            "linkings": _OWN_LIMIT,
+            "creates_per_minute": _OWN_LIMIT,
+            "create_burst": _OWN_LIMIT,
         },
     },
     "CreateSession": {
