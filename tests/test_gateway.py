@@ -207,6 +207,10 @@ async def start_cluster(
             simulator_url=sim_url,
             health_interval_s=0.2,
             breaker_open_s=1.0,
+            # bursts of one workspace, larger than its fair share of a small cluster (tests/test_limits.py)
+            quota_sessions=1000,
+            quota_linkings=1000,
+            quota_creates_per_minute=100_000,
         )
         gateway = await aiohttp_client(create_app(settings))
         gateways.append(gateway)
