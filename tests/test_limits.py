@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,7 +25,17 @@ from gateway.app import create_app
 from gateway.keys import HEALTH, MEMBERSHIP, PROXY, STREAMS
 from shared.settings import Settings
 from shared.store import Store
-from tests.conftest import REDIS_URL, WAIT_S, AiohttpClient, AiohttpServer, EventStream
+from tests.conftest import (
+    REDIS_URL,
+    WAIT_S,
+    AiohttpClient,
+    AiohttpServer,
+    EventStream,
+    Sim,
+    WorkerProcess,
+    free_port,
+    scan_until_linked,
+)
 
 
 @dataclass
@@ -404,3 +416,55 @@ async def test_health_probes_and_calls_answer_while_the_stream_pool_is_full(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# ------------------------------------------------------------------------------------------ real worker
+@pytest.mark.chromium
+async def test_a_real_linking_that_becomes_ready_frees_its_place_in_the_linkings_quota(
+    tmp_path: Path,
+    sim: Sim,
+    pg_pool: asyncpg.Pool,
+    pg_dsn: str,
+    redis_prefix: str,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """A real worker (Chromium, the simulator) behind the gateway, one linking allowed: the second
+    "add account" waits for the first to link — the count follows the states the worker commits."""
+    port = free_port()
+    worker = WorkerProcess(tmp_path, sim, port, pg_dsn, redis_prefix)
+    await worker.start()
+    try:
+        store = Store(pg_pool)
+        await store.ensure_workspace("ws_a")
+        headers = {"X-API-Key": await store.create_api_key("ws_a")}
+        settings = Settings(
+            workers=f"127.0.0.1:{port}",
+            database_url=pg_dsn,
+            redis_url=REDIS_URL,
+            redis_prefix=redis_prefix,
+            health_interval_s=0.2,
+            quota_linkings=1,
+            quota_create_burst=10,  # the bucket is not what this test is about
+        )
+        gw = await aiohttp_client(create_app(settings))
+        first = await gw.post("/v1/sessions", json={}, headers=headers)
+        assert first.status == 201, await first.text()
+        sid = (await first.json())["id"]
+        refused = await gw.post("/v1/sessions", json={}, headers=headers)
+        assert (await _error(refused, 429, "quota_linkings"))["used"] == 1
+        stream = EventStream(await gw.get(f"/v1/sessions/{sid}/events", headers=headers))
+        try:
+            await scan_until_linked(sim.url, stream.next_qr, "15550001111")
+            await stream.until("session_ready")
+        finally:
+            stream.close()
+        second = await gw.post("/v1/sessions", json={}, headers=headers)
+        assert second.status == 201, await second.text()
+        view = await (await gw.get("/v1/quota", headers=headers)).json()
+        assert (view["sessions"]["used"], view["linkings"]["used"]) == (2, 1)
+        for made in (sid, (await second.json())["id"]):
+            assert (await gw.delete(f"/v1/sessions/{made}", headers=headers)).status == 204
+        view = await (await gw.get("/v1/quota", headers=headers)).json()
+        assert (view["sessions"]["used"], view["linkings"]["used"]) == (0, 0)
+    finally:
+        assert await worker.stop(signal.SIGTERM) == 0
