@@ -88,8 +88,8 @@ _PG_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
-# KEYS: reserved, generation, bucket. ARGV: now is Redis's. Returns {generation, reserved ids...}
-# after pruning the expired reservations (a removal bumps the generation), and the bucket's tokens.
+# KEYS: reserved, generation, bucket. Prunes the expired reservations (a removal bumps the
+# generation); returns {generation, now (ms, Redis's clock), bucket tokens, its at_ms, ids...}.
 _READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -97,13 +97,8 @@ if redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) > 0 then
   redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], 86400000)
 end
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[3], 'tokens', 'at_ms')
-local tokens = tonumber(b[1]) or burst
-local at = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local out = {redis.call('GET', KEYS[2]) or '0', tostring(tokens)}
+local out = {redis.call('GET', KEYS[2]) or '0', tostring(now), b[1] or '', b[2] or ''}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do out[#out + 1] = id end
 return out
 """
@@ -242,6 +237,24 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class _State:
+    """A workspace's reservations and create bucket as Redis holds them now."""
+
+    generation: int
+    now_ms: int
+    tokens: float | None  # None: a full bucket (no key)
+    at_ms: int | None
+    reserved: list[str]
+
+    def bucket(self, limits: Limits) -> float:
+        """The tokens in the bucket now, refilled since it was last taken from (as the script does)."""
+        if self.tokens is None or self.at_ms is None:
+            return float(limits.create_burst)
+        refilled = self.tokens + max(0, self.now_ms - self.at_ms) * limits.rate_per_ms
+        return float(min(limits.create_burst, refilled))
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """A create (or restart) let through: its reservation, and the bucket after it."""
 
@@ -315,16 +328,17 @@ class Quotas:
         )
         return limits, frozenset(own), int(row["live"]), int(row["linking"]), bool(row["known"])
 
-    async def _read_state(self, workspace_id: str, limits: Limits) -> tuple[int, float, list[str]]:
+    async def _read_state(self, workspace_id: str) -> _State:
         raw: list[bytes] = await self._redis(
-            lambda: self._read(
-                keys=self._keys(workspace_id), args=[repr(limits.rate_per_ms), limits.create_burst]
-            ),
-            "read",
+            functools.partial(self._read, keys=self._keys(workspace_id)), "read"
         )
-        generation = int(raw[0])
-        tokens = float(raw[1])
-        return generation, tokens, [r.decode() for r in raw[2:]]
+        return _State(
+            generation=int(raw[0]),
+            now_ms=int(raw[1]),
+            tokens=float(raw[2]) if raw[2] else None,
+            at_ms=int(raw[3]) if raw[3] else None,
+            reserved=[r.decode() for r in raw[4:]],
+        )
 
     async def admit(self, workspace_id: str, session_id: str, *, take_token: bool) -> Admission:
         """Let a create (``take_token``) or a restart of ``session_id`` through, or raise the 429
@@ -336,13 +350,11 @@ class Quotas:
             raise
 
     async def _admit_agreed(self, workspace_id: str, session_id: str, *, take_token: bool) -> Admission:
-        limits = self.defaults
         for _ in range(MAX_ADMISSION_TRIES):
-            # the limits of the last try size the bucket read; the script uses the fresh ones
-            generation, _tokens, reserved = await self._read_state(workspace_id, limits)
-            limits, _, live, linking, _ = await self._counts(workspace_id, [*reserved, session_id])
+            state = await self._read_state(workspace_id)
+            limits, _, live, linking, _ = await self._counts(workspace_id, [*state.reserved, session_id])
             args: list[str | int] = [
-                generation,
+                state.generation,
                 live,
                 linking,
                 limits.sessions,
@@ -418,15 +430,14 @@ class Quotas:
 
     async def usage(self, workspace_id: str, *, must_exist: bool) -> Usage:
         """The workspace's limits and use now (``GET /v1/quota``); the bucket is None without Redis."""
-        tokens: float | None = None
-        reserved: list[str] = []
+        state: _State | None = None
         with contextlib.suppress(QuotaUnavailable):
-            _, tokens, reserved = await self._read_state(workspace_id, self.defaults)
+            state = await self._read_state(workspace_id)
+        reserved = state.reserved if state is not None else []
         limits, overridden, live, linking, known = await self._counts(workspace_id, reserved)
         if must_exist and not known:
             raise NotFound(f"no workspace {workspace_id!r}")
-        if tokens is not None and limits.create_burst != self.defaults.create_burst:
-            tokens = min(tokens, float(limits.create_burst))
+        tokens = state.bucket(limits) if state is not None else None
         return Usage(workspace_id, limits, overridden, live + len(reserved), linking + len(reserved), tokens)
 
     async def workspace_of(self, session_id: str) -> str | None:
