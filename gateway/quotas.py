@@ -306,8 +306,8 @@ class Quotas:
         self, workspace_id: str, exclude: list[str]
     ) -> tuple[Limits, frozenset[str], int, int, bool]:
         try:
-            row = await self.pool.fetchrow(
-                _USAGE_SQL, workspace_id, _ENDED, _LINKING, exclude, timeout=self.db_timeout_s
+            row = await asyncio.wait_for(
+                self.pool.fetchrow(_USAGE_SQL, workspace_id, _ENDED, _LINKING, exclude), self.db_timeout_s
             )
         except _PG_ERRORS as exc:
             log.warning("quota: Postgres: %s", exc or type(exc).__name__)
@@ -443,10 +443,9 @@ class Quotas:
     async def workspace_of(self, session_id: str) -> str | None:
         """The workspace of a session (for an admin's call that names none), or None."""
         try:
-            value = await self.pool.fetchval(
-                "SELECT workspace_id FROM whatsapp_accounts WHERE id = $1",
-                session_id,
-                timeout=self.db_timeout_s,
+            value = await asyncio.wait_for(
+                self.pool.fetchval("SELECT workspace_id FROM whatsapp_accounts WHERE id = $1", session_id),
+                self.db_timeout_s,
             )
         except _PG_ERRORS as exc:
             raise QuotaUnavailable("cannot check the workspace's quota now; retry shortly") from exc
@@ -456,15 +455,19 @@ class Quotas:
         """A workspace's own limits (None: the default), replacing the ones it had."""
         values = [limits.get(name) for name in LIMIT_FIELDS]
         try:
-            await self.pool.execute(
-                "INSERT INTO workspace_quotas (workspace_id, sessions, linkings, creates_per_minute,"
-                " create_burst) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace_id) DO UPDATE SET"
-                " sessions = EXCLUDED.sessions, linkings = EXCLUDED.linkings,"
-                " creates_per_minute = EXCLUDED.creates_per_minute,"
-                " create_burst = EXCLUDED.create_burst, updated_at = now()",
-                workspace_id,
-                *values,
-                timeout=self.db_timeout_s,
+            await asyncio.wait_for(  # shielded: a client that leaves does not cut the write short
+                asyncio.shield(
+                    self.pool.execute(
+                        "INSERT INTO workspace_quotas (workspace_id, sessions, linkings, creates_per_minute,"
+                        " create_burst) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace_id) DO UPDATE SET"
+                        " sessions = EXCLUDED.sessions, linkings = EXCLUDED.linkings,"
+                        " creates_per_minute = EXCLUDED.creates_per_minute,"
+                        " create_burst = EXCLUDED.create_burst, updated_at = now()",
+                        workspace_id,
+                        *values,
+                    )
+                ),
+                self.db_timeout_s,
             )
         except asyncpg.ForeignKeyViolationError as exc:
             raise NotFound(f"no workspace {workspace_id!r}") from exc
