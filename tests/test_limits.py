@@ -249,6 +249,9 @@ async def test_over_the_sessions_quota_deleting_or_ending_a_session_frees_its_pl
     # an ended session restarted becomes live again: over the quota, refused
     restart = await gw.post(f"/v1/sessions/{ids[1]}/restart", headers=setup.h("ws_a"))
     await _error(restart, 429, "quota_sessions")
+    # an admin's restart names no workspace: the session's own quota applies
+    by_admin = await gw.post(f"/v1/sessions/{ids[1]}/restart", headers=setup.h("admin"))
+    await _error(by_admin, 429, "quota_sessions")
     assert await setup.rows("ws_a") == 3  # two live, one expired
     status = await setup.pool.fetchval("SELECT session_status FROM whatsapp_accounts WHERE id = $1", ids[1])
     assert status == "expired"  # the refused restart changed nothing
