@@ -54,7 +54,7 @@ from shared.web import error_middleware, serve_until_signalled
 
 log = logging.getLogger("walink.gateway")
 
-# connections to one worker; an open event stream holds one for its lifetime
+# connections to one worker of the calls aiohttp carries (streams and probes have their own)
 CONNECTIONS_PER_WORKER = 512
 # a health probe at a time per worker, and one to spare for a probe that is timing out
 HEALTH_CONNECTIONS_PER_WORKER = 2
