@@ -69,7 +69,7 @@ SESSIONS_RETRY_S = 60.0
 # a restart's state reaches Postgres just after its answer: its reservation stays this long
 SETTLE_S = 5.0
 # admissions that found the reservations changed under them (a busy workspace) before giving up
-MAX_ADMISSION_TRIES = 8
+MAX_ADMISSION_TRIES = 20
 # the largest limit an admin may set
 MAX_LIMIT = 1_000_000
 LIMIT_FIELDS = ("sessions", "linkings", "creates_per_minute", "create_burst")

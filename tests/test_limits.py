@@ -18,11 +18,14 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.keys import HEALTH, MEMBERSHIP, PROXY, STREAMS
+from gateway.quotas import Quotas
+from shared.errors import QuotaSessions
 from shared.settings import Settings
 from shared.store import Store
 from tests.conftest import (
@@ -44,6 +47,7 @@ class FakeWorker:
 
     pool: asyncpg.Pool
     creates: list[str] = field(default_factory=list)
+    most_live: int = 0  # the most live sessions of a workspace seen just after a create's insert
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     streams_open: int = 0
 
@@ -66,6 +70,11 @@ class FakeWorker:
                 )
             except asyncpg.UniqueViolationError:
                 return web.json_response({"error": {"code": "session_exists", "message": sid}}, status=409)
+            live = await self.pool.fetchval(
+                "SELECT count(*) FROM whatsapp_accounts WHERE workspace_id = $1 AND deleted_at IS NULL",
+                ws,
+            )
+            self.most_live = max(self.most_live, live)
             return web.json_response({"id": sid, "status": "starting"}, status=201)
 
         async def get(request: web.Request) -> web.Response:
@@ -295,6 +304,56 @@ async def test_two_gateways_share_one_count(setup: Setup, gateway: GatewayFactor
     for gw in (one, two):
         view = await (await gw.get("/v1/quota", headers=setup.h("ws_a"))).json()
         assert view["sessions"]["used"] == 3
+
+
+async def test_two_gateways_never_admit_over_the_limit_while_sessions_come_and_go(
+    setup: Setup, gateway: GatewayFactory
+) -> None:
+    """Creates through two gateways while every created session is deleted again at once: the
+    places freed are reused, and at no moment does the workspace have more than its limit."""
+    gws = (await gateway(quota_sessions=3), await gateway(quota_sessions=3))
+    created = 0
+
+    async def one(i: int) -> None:
+        nonlocal created
+        gw = gws[i % 2]
+        resp = await _create(gw, setup, "ws_a")
+        if resp.status == 201:
+            created += 1
+            sid = (await resp.json())["id"]
+            deleted = await gws[(i + 1) % 2].delete(f"/v1/sessions/{sid}", headers=setup.h("ws_a"))
+            assert deleted.status == 204
+        else:
+            await _error(resp, 429, "quota_sessions")
+
+    for _ in range(4):
+        await asyncio.gather(*(one(i) for i in range(12)))
+    assert created >= 4 * 3  # each round gets at least the limit through
+    assert setup.worker.most_live <= 3
+    assert await setup.rows("ws_a") == 0
+
+
+async def test_an_admission_that_read_before_a_reservation_went_reads_again(
+    setup: Setup, redis_client: aioredis.Redis
+) -> None:
+    """The race the generation guards, step by step: gateway B reads the reservations (A's create
+    in flight) and counts Postgres without them; A's row lands and its reservation goes; B's
+    check must not count neither (the row was excluded, the reservation is gone)."""
+    quotas = Quotas(setup.pool, redis_client, setup.settings.replace(quota_sessions=1))
+    a = await quotas.admit("ws_a", "s_a", take_token=True)
+    seen = await quotas._read_state("ws_a")  # B, step 1
+    limits, _, live, linking, _ = await quotas._counts("ws_a", [*seen.reserved, "s_b"])  # B, step 2
+    assert (seen.reserved, live) == (["s_a"], 0)
+    await setup.pool.execute(  # A's create lands, and A's answer releases its reservation
+        "INSERT INTO whatsapp_accounts (id, workspace_id, session_status) VALUES ('s_a', 'ws_a', 'qr')"
+    )
+    await quotas.release(a, created=True)
+    args: list[str | int] = [seen.generation, live, linking, limits.sessions, limits.linkings]
+    args += [repr(limits.rate_per_ms), limits.create_burst, "s_b", quotas.hold_ms, 1]
+    verdict = await quotas._admit(keys=quotas._keys("ws_a"), args=args)  # B, step 3
+    assert verdict[0] == b"again"  # not admitted on a count that missed s_a
+    with pytest.raises(QuotaSessions):  # read again: s_a is in Postgres now
+        await quotas.admit("ws_a", "s_b", take_token=True)
 
 
 async def test_an_admin_sets_a_workspaces_own_limits(setup: Setup, gateway: GatewayFactory) -> None:
