@@ -25,8 +25,8 @@ longest a create can take. Several gateways share the counts exactly; an admissi
 less than is there (at worst a create in flight is counted twice for a moment).
 
 Without Redis (or Postgres) the quota cannot be checked: creates and restarts answer ``503
-quota_unavailable`` with ``Retry-After: 1`` — fail safe (the workers cannot take a session's lease
-without Redis either); every other route works as before.
+quota_unavailable`` with ``Retry-After: 1`` — fail safe (a limit not enforced during a Redis
+outage is none, and a new session's lease needs Redis too); every other route works as before.
 """
 
 from __future__ import annotations
