@@ -195,12 +195,13 @@ async def _error(resp: aiohttp.ClientResponse, status: int, code: str) -> dict[s
     return error
 
 
-async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+async def _until(check: Callable[[], bool | Awaitable[bool]], what: str) -> None:
     """Look again until ``check()`` (another component changes it; there is no event to await)."""
     try:
         async with asyncio.timeout(WAIT_S):
             while True:
-                if await check():
+                done = check()
+                if done if isinstance(done, bool) else await done:
                     return
                 await asyncio.sleep(0.05)
     except TimeoutError:
@@ -439,10 +440,9 @@ async def test_event_streams_are_limited_per_workspace_and_per_gateway_and_an_en
     }
     a_events.close()  # the client leaves: its place is free again
 
-    async def freed() -> bool:
-        return bool(streams.clients == 1 and streams.open_of("ws_a") == 0)
-
-    await _until(freed, "the ended stream's place is freed")
+    await _until(
+        lambda: streams.clients == 1 and streams.open_of("ws_a") == 0, "the ended stream's place is freed"
+    )
     again = await _stream(gw, setup, "ws_a", "s_two")
     assert again.status == 200
     metrics = await (await gw.get("/metrics")).text()
@@ -460,10 +460,10 @@ async def test_health_probes_and_calls_answer_while_the_stream_pool_is_full(
     gw = await gateway(sse_max_per_workspace=2, sse_max_per_gateway=2)
     held = [await _stream(gw, setup, "ws_a", f"s_{n}") for n in range(2)]
     assert [r.status for r in held] == [200, 200]
-    await _until(lambda: _true(setup.worker.streams_open == 2), "both streams reach the worker")
+    await _until(lambda: setup.worker.streams_open == 2, "both streams reach the worker")
     checker = gw.app[HEALTH]
     rounds = checker.rounds
-    await _until(lambda: _true(checker.rounds >= rounds + 3), "health rounds go on")
+    await _until(lambda: checker.rounds >= rounds + 3, "health rounds go on")
     (worker,) = gw.app[MEMBERSHIP].all()
     assert checker.http is not gw.app[PROXY].stream_http
     assert worker.reachable and worker.error is None and worker.up
@@ -474,10 +474,6 @@ async def test_health_probes_and_calls_answer_while_the_stream_pool_is_full(
     assert got.status == 200
     for resp in held:
         resp.close()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # ------------------------------------------------------------------------------------------ real worker
