@@ -22,8 +22,9 @@ from gateway.proxy import WORKER_HEADER, Answer, Call, forward_headers, to_respo
 from gateway.routing import Kind, Plan
 from gateway.sse import STARTED_AT, relay
 from shared import metrics
-from shared.errors import BadRequest, WalinkError
+from shared.errors import WalinkError
 from shared.ids import check_session_id, new_session_id
+from shared.inputs import check_create_body
 from shared.web import Handler, json_response, read_json_object
 
 LIST_TIMEOUT_S = 5.0
@@ -31,14 +32,6 @@ LIST_TIMEOUT_S = 5.0
 
 def _query(request: web.Request) -> str:
     return f"?{request.query_string}" if request.query_string else ""
-
-
-def _requested_workspace(value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadRequest("workspace_id must be a string")
-    return value
 
 
 def _session_plan(request: web.Request, session_id: str) -> Plan:
@@ -77,9 +70,9 @@ async def create_session(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     caller = request[CALLER]
     data = await read_json_object(request, max_bytes=settings.max_body_bytes)
-    workspace_id = caller.scope(_requested_workspace(data.get("workspace_id")))
-    given = data.get("id")
-    session_id = check_session_id(given) if given is not None else new_session_id()
+    body = check_create_body(data)  # refused here whole: nothing reaches a worker that would fail there
+    workspace_id = caller.scope(body.workspace_id)
+    session_id = body.id or new_session_id()
     data["id"] = session_id
     if workspace_id is not None:
         data["workspace_id"] = workspace_id

@@ -47,6 +47,19 @@ class InvalidPhoneNumber(BadRequest):
     code = "invalid_phone_number"
 
 
+class InvalidText(BadRequest):
+    """A string holds a character it may not (a NUL, which Postgres refuses; a control character
+    in an id that travels in a header)."""
+
+    code = "invalid_text"
+
+
+class InvalidMetadata(BadRequest):
+    """``metadata`` is not an object, holds a NUL, nests too deep or is too large."""
+
+    code = "invalid_metadata"
+
+
 class Unauthorized(WalinkError):
     status = 401
     code = "unauthorized"
