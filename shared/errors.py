@@ -123,3 +123,17 @@ class SnapshotInvalid(WalinkError):
 
     status = 422
     code = "snapshot_invalid"
+
+
+class SnapshotKeyUnknown(Unavailable):
+    """A snapshot was sealed with a key this worker lacks (or, v1, none of its keys opens it).
+
+    The snapshot may be perfectly good: the session is left as it was (hibernated or ready, its
+    stored snapshot untouched, its lease released) for a worker that holds the key. ``key_id`` is
+    the hex id of the missing key (``"v1"`` for an old snapshot, which names none)."""
+
+    code = "snapshot_key_unknown"
+
+    def __init__(self, message: str, *, key_id: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id

@@ -60,6 +60,12 @@ GATEWAY_WORKERS_UP = Gauge("walink_gateway_workers_up", "Workers reachable with 
 GATEWAY_SSE_RESUMES = Counter(
     "walink_gateway_sse_resumes_total", "Event streams resumed on another worker after the upstream ended"
 )
+SNAPSHOT_KEY_UNKNOWN = Counter(
+    "walink_snapshot_key_unknown_total",
+    "Restores refused because the snapshot's key is not among this worker's keys (the session is "
+    "left as it was), by the missing key's id ('v1': an old snapshot that no key opens)",
+    ["key_id"],
+)
 ADOPTED = Counter(
     "walink_sessions_adopted_total",
     "Sessions this worker took over from a worker that died, drained or paused",

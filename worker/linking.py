@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 from shared import metrics
-from shared.errors import BrowserError, InvalidState, SnapshotInvalid, Unavailable
+from shared.errors import BrowserError, InvalidState, SnapshotInvalid, SnapshotKeyUnknown, Unavailable
 from shared.ids import new_profile_id
 from shared.models import LINKING, QR_PENDING, EventType, Reason, SessionStatus, now_ms
 from worker import qr_queue
@@ -125,6 +125,8 @@ class Linking:
         except BrowserError as exc:
             log.warning("%s: %s", session.id, exc)
             self.fail(session, Reason.BROWSER_LAUNCH_FAILED)
+        except SnapshotKeyUnknown as exc:  # not the session's fault: left as it was
+            await self._hibernation.cannot_open(session, exc)
         except SnapshotInvalid as exc:
             log.error("%s: cannot restore: %s", session.id, exc)
             self.fail(session, Reason.CLIENT_FATAL)
