@@ -31,7 +31,9 @@ LIST_TIMEOUT_S = 5.0
 
 
 def _query(request: web.Request) -> str:
-    return f"?{request.query_string}" if request.query_string else ""
+    """The query string as it came, still percent-encoded (it goes on the wire to a worker)."""
+    raw = request.rel_url.raw_query_string
+    return f"?{raw}" if raw else ""
 
 
 def _session_plan(request: web.Request, session_id: str) -> Plan:

@@ -65,6 +65,7 @@ def _op(
         op["parameters"] = params
     if body is not None:
         op["requestBody"] = {"required": False, "content": {JSON: {"schema": body}}}
+        op["responses"] |= _errors(413)  # a body beyond max_body_bytes
     if not security:
         op["security"] = []
     return op
@@ -194,7 +195,7 @@ def document() -> dict[str, Any]:
                 "active.",
                 {"202": _json(_ref("Created"), "Going back to the QR")},
                 params=[SESSION_ID],
-                errors=(401, 404, 409, 502, 503),
+                errors=(400, 401, 404, 409, 502, 503),
             ),
         },
         "/v1/sessions/{session_id}/restart": {
