@@ -13,6 +13,13 @@ from typing import Any
 import orjson
 
 from shared.ids import SESSION_ID_RE
+from shared.inputs import (
+    MAX_LABEL_CHARS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    MAX_WEBHOOK_URL_CHARS,
+    MAX_WORKSPACE_ID_CHARS,
+)
 from shared.models import EventType, SessionStatus
 
 JSON = "application/json"
@@ -354,14 +361,17 @@ def document() -> dict[str, Any]:
             "responses": {
                 f"E{status}": _json(_ref("Error"), text)
                 for status, text in {
-                    400: "Invalid input",
+                    400: "Invalid input: invalid_request, invalid_session_id, invalid_text (a NUL or "
+                    "control character), invalid_metadata, invalid_phone_number",
                     401: "Missing or invalid API key",
                     403: "Not allowed for this key",
                     404: "Not found (in the caller's workspace)",
                     409: "Conflict: invalid_state, session_exists",
                     413: "Body too large",
                     502: "Upstream error",
-                    503: "Unavailable: no_worker_available, unavailable",
+                    503: "Unavailable: no_worker_available, unavailable, snapshot_key_unknown (no "
+                    "worker reached holds the key of the session's snapshot; the session is left as it "
+                    "was, see docs/snapshot-keys.md)",
                     504: "Upstream timeout",
                 }.items()
             },
@@ -392,10 +402,21 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "id": {"type": "string", "pattern": SESSION_ID_RE.pattern},
-            "workspace_id": {"type": "string", "description": "Admin keys only (else your own)"},
-            "label": {"type": "string", "maxLength": 200},
-            "webhook_url": {"type": "string", "format": "uri"},
-            "metadata": {"type": "object", "description": "Echoed in every webhook of the session"},
+            "workspace_id": {
+                "type": "string",
+                "maxLength": MAX_WORKSPACE_ID_CHARS,
+                "description": "Admin keys only (else your own). No control characters.",
+            },
+            "label": {"type": "string", "maxLength": MAX_LABEL_CHARS, "description": "No NUL (\\u0000)"},
+            "webhook_url": {"type": "string", "format": "uri", "maxLength": MAX_WEBHOOK_URL_CHARS},
+            "metadata": {
+                "type": "object",
+                "description": (
+                    "Echoed in every event and webhook of the session: at most "
+                    f"{MAX_METADATA_BYTES} bytes as JSON and {MAX_METADATA_DEPTH} levels deep, no NUL "
+                    "(\\u0000) in any key or string (400 `invalid_metadata`)"
+                ),
+            },
         },
     },
     "Created": {
