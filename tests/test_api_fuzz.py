@@ -9,7 +9,8 @@ code, a documented content type, a body that conforms to the documented schema.
 
 Bounded: a fixed number of examples per operation and generation mode, derandomized (the same
 requests on every run), no shrinking, a timeout on every request. A session the fuzzer manages to
-create is deleted at once, so at most one browser starts at a time and none stays.
+create is deleted at once, so at most one browser starts at a time and none stays; one session
+showing its QR (one more browser) is there for the reads of a session that exists.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import requests
@@ -32,13 +34,14 @@ from schemathesis.core.result import Ok
 from gateway.app import create_app as create_gateway
 from shared.settings import Settings
 from shared.store import Store
-from tests.conftest import REDIS_URL, AiohttpServer, Sim, free_port, worker_settings
+from tests.conftest import REDIS_URL, AiohttpServer, EventStream, Sim, free_port, worker_settings
 from worker.app import create_app as create_worker
 from worker.keys import MANAGER
 
 pytestmark = [pytest.mark.chromium, pytest.mark.timeout(300)]
 
 EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}
+LIVE_EXAMPLES = 15
 REQUEST_TIMEOUT_S = 15.0
 CHECKS = [
     schemathesis.checks.not_a_server_error,
@@ -73,9 +76,10 @@ class Tally:
         return "\n".join(lines)
 
 
-def fuzz(base_url: str, api_key: str) -> Tally:
+def fuzz(base_url: str, api_key: str, live_session: str) -> Tally:
     """Every operation of the gateway's document, in both generation modes, then with a NUL in
-    each of its string inputs (runs in a thread: schemathesis and requests block)."""
+    each of its string inputs; the reads of one session also on ``live_session``, a session
+    showing its QR (runs in a thread: schemathesis and requests block)."""
     document = requests.get(base_url + "/openapi.json", timeout=REQUEST_TIMEOUT_S).json()
     schema = schemathesis.openapi.from_dict(document)
     auth = {"Authorization": f"Bearer {api_key}"}
@@ -91,7 +95,27 @@ def fuzz(base_url: str, api_key: str) -> Tally:
             _fuzz_operation(operation, mode, examples, name, base_url, auth, http, tally)
         for case in nul_cases(operation, document):
             _call_and_check(operation, case, f"{operation.label} [nul]", base_url, auth, http, tally)
+        if _reads_one_session(operation):
+            name = f"{operation.label} [live session]"
+            _fuzz_operation(
+                operation,
+                GenerationMode.POSITIVE,
+                LIVE_EXAMPLES,
+                name,
+                base_url,
+                auth,
+                http,
+                tally,
+                path_parameters={"session_id": live_session},
+            )
     return tally
+
+
+def _reads_one_session(operation: Any) -> bool:
+    """A read of one session that answers at once (not its event stream, which never ends)."""
+    responses = operation.definition.raw.get("responses", {})
+    streams = any("text/event-stream" in (r.get("content") or {}) for r in responses.values())
+    return operation.method.upper() == "GET" and "{session_id}" in operation.path and not streams
 
 
 def _resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -170,9 +194,10 @@ def _fuzz_operation(
     auth: dict[str, str],
     http: requests.Session,
     tally: Tally,
+    path_parameters: dict[str, Any] | None = None,
 ) -> None:
     try:
-        strategy = operation.as_strategy(generation_mode=mode)
+        strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
     except Exception as exc:  # e.g. nothing to make invalid in an operation without parameters
         tally.skipped.append(f"{name}: {type(exc).__name__}: {exc}")
         return
@@ -243,9 +268,20 @@ async def test_the_gateway_fuzzed_against_its_openapi_document_has_no_server_err
     gateway = await aiohttp_server(create_gateway(gateway_settings))
     base_url = str(gateway.make_url("")).rstrip("/")
 
-    started = time.monotonic()
-    tally = await asyncio.to_thread(fuzz, base_url, api_key)
-    elapsed_s = time.monotonic() - started
+    # one session showing its QR, for the reads of a session that exists
+    auth = {"Authorization": f"Bearer {api_key}"}
+    async with aiohttp.ClientSession(base_url) as http:
+        async with http.post("/v1/sessions", json={"label": "fuzz"}, headers=auth) as resp:
+            assert resp.status == 201, await resp.text()
+            live = (await resp.json())["id"]
+        async with http.get(f"/v1/sessions/{live}/events", headers=auth) as resp:
+            await EventStream(resp).until("qr")
+
+        started = time.monotonic()
+        tally = await asyncio.to_thread(fuzz, base_url, api_key, live)
+        elapsed_s = time.monotonic() - started
+        async with http.delete(f"/v1/sessions/{live}", headers=auth) as resp:
+            assert resp.status == 204, await resp.text()
     print(f"\nschemathesis against {base_url}/openapi.json in {elapsed_s:.1f} s\n" + tally.summary())
 
     manager = worker_app[MANAGER]
