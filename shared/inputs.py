@@ -7,6 +7,8 @@ and a bad one is a 400 that changes nothing:
 
 * text fields (``label``, ``webhook_url``, query values): no NUL; strings that end up in a
   header or a key (``workspace_id``) no control character at all;
+* text walink cannot refuse (a push name, chosen by the phone's owner) is stored without its
+  NULs (:func:`storable`);
 * ``metadata``: a JSON object, no NUL in any key or string value, at most
   :data:`MAX_METADATA_DEPTH` levels of nesting and :data:`MAX_METADATA_BYTES` serialized, since it
   is copied into every event of its session (webhook bodies, ``GET /v1/events``).
@@ -44,6 +46,12 @@ def check_text(value: str, name: str) -> str:
     if "\x00" in value:
         raise InvalidText(f"{name} must not contain the NUL character (\\u0000)")
     return value
+
+
+def storable(value: str) -> str:
+    """Text that comes from outside and cannot be refused (a WhatsApp push name, set by the phone's
+    owner), made storable: without its NUL characters."""
+    return value.replace("\x00", "")
 
 
 def check_workspace_id(value: object, name: str = "workspace_id") -> str:

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from shared.errors import BadRequest, InvalidMetadata
 from shared.inputs import MAX_METADATA_BYTES, MAX_METADATA_DEPTH, check_create_body, check_metadata
-from tests.conftest import WorkerFactory, manager_of
+from tests.conftest import Sim, WorkerFactory, create, events, get_json, manager_of
 
 pytestmark = pytest.mark.chromium  # a real worker (Playwright), though no browser starts
 
@@ -85,3 +85,21 @@ async def test_nul_in_a_workspace_query_is_a_400_not_a_500(start_worker: WorkerF
         resp = await client.get(path, params={"workspace_id": f"ws{NUL}"})
         assert resp.status == 400, (path, await resp.text())
         assert (await resp.json())["error"]["code"] == "invalid_text"
+
+
+async def test_a_push_name_with_a_nul_still_links_and_is_stored_without_it(
+    sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
+) -> None:
+    """The phone's owner chooses the push name: walink cannot refuse it, so it stores it without NULs."""
+    client = await start_worker()
+    sid = (await create(client))["id"]
+    stream = await events(client, sid)
+    try:
+        await sim.scan_linking(stream, "14155550177", push_name=f"An{NUL}a")
+        ready = await stream.until("session_ready")
+    finally:
+        stream.close()
+    assert ready["push_name"] == "Ana"
+    assert (await get_json(client, f"/v1/sessions/{sid}"))["push_name"] == "Ana"
+    row = await pg_pool.fetchrow("SELECT session_status, push_name FROM whatsapp_accounts WHERE id = $1", sid)
+    assert row is not None and (row["session_status"], row["push_name"]) == ("ready", "Ana")

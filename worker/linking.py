@@ -16,6 +16,7 @@ from typing import Any
 from shared import metrics
 from shared.errors import BrowserError, InvalidState, SnapshotInvalid, SnapshotKeyUnknown, Unavailable
 from shared.ids import new_profile_id
+from shared.inputs import storable
 from shared.models import LINKING, QR_PENDING, EventType, Reason, SessionStatus, now_ms
 from worker import qr_queue
 from worker import whatsapp_web as wa
@@ -327,7 +328,8 @@ class Linking:
         restoring = session.id in self._ctx.restoring
         self._ctx.restoring.discard(session.id)
         session.phone_number = phone
-        session.push_name = str(data["push_name"]) if data.get("push_name") else None
+        # the phone owner's name: a NUL in it must not keep the session from becoming ready
+        session.push_name = storable(str(data["push_name"])) if data.get("push_name") else None
         session.phone_method = str(data.get("method") or "")
         at = session.mark("ready_at_ms")
         if restoring:
