@@ -18,10 +18,13 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.proxy import Call
+from gateway.routing import Kind
 from shared.errors import SettingsError, SnapshotInvalid, SnapshotKeyUnknown
 from shared.redis_keys import Keys
 from shared.store import Store
-from tests.conftest import SNAPSHOT_KEY, Sim, WorkerFactory, events, link_id, manager_of
+from tests.conftest import SNAPSHOT_KEY, AiohttpServer, Sim, WorkerFactory, events, link_id, manager_of
+from tests.test_gateway_units import fake_cluster, forward
 from tests.test_snapshot import GOOD, make_tar
 from tests.test_snapshot import seal as seal_v1
 from worker import rekey as rekey_mod
@@ -245,3 +248,24 @@ async def test_a_worker_without_the_key_leaves_the_session_as_it_was_and_one_wit
     rotated_manager = manager_of(rotated)
     await rotated_manager.hibernate(rotated_manager.get(sid))
     assert blob_key_id(await _blob(pg_pool, sid)) == key_id(NEW).hex()
+
+
+# ---------------------------------------------------------------------------------------- the gateway
+
+
+async def test_the_gateway_takes_a_missing_snapshot_key_to_the_next_worker(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """Any route (a restart is not idempotent: nothing was changed where the key was missing)."""
+    sid = "s_rotating"
+    lacking = (503, {"error": {"code": "snapshot_key_unknown", "message": "sealed with key 487e…"}})
+    membership, router, fakes = await fake_cluster(
+        aiohttp_server, {"w1": [lacking], "w2": [lacking], "w3": [(202, {"id": sid, "status": "starting"})]}
+    )
+    call = Call("POST", f"/v1/sessions/{sid}/restart", {}, b"")
+    answer = await forward(router, call, Kind.SESSION, sid)
+    assert answer.status == 202 and answer.worker.name == "w3"
+    for name in set(fakes.names) - {"w3"}:  # a worker without a key is healthy, and not draining
+        worker = membership.get(name)
+        assert worker is not None and worker.breaker.snapshot()["consecutive_failures"] == 0
+        assert not worker.draining
