@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
@@ -22,7 +23,7 @@ from gateway.proxy import WORKER_HEADER, Answer, Call, forward_headers, to_respo
 from gateway.routing import Kind, Plan
 from gateway.sse import STARTED_AT, relay
 from shared import metrics
-from shared.errors import WalinkError
+from shared.errors import EventNotFound, WalinkError
 from shared.ids import check_session_id, new_session_id
 from shared.inputs import check_create_body
 from shared.web import Handler, json_response, read_json_object
@@ -47,8 +48,9 @@ async def _forward(request: web.Request, call: Call, plan: Plan) -> Answer:
 async def _pass_on(
     request: web.Request, path: str, workspace_id: str | None, plan: Plan, *, idempotent: bool
 ) -> Answer:
-    """The request as it came (its query string; its body on POST) to ``path`` on a worker."""
-    body = await request.read() if request.method == "POST" else None  # at most max_body_bytes, else 413
+    """The request as it came (its query string; its body on POST and PUT) to ``path`` on a worker."""
+    # at most max_body_bytes, else 413
+    body = await request.read() if request.method in {"POST", "PUT"} else None
     headers = forward_headers(request, workspace_id)
     call = Call(request.method, path + _query(request), headers, body, idempotent)
     return await _forward(request, call, plan)
@@ -179,6 +181,23 @@ async def _workspace_answer(request: web.Request, path: str, *, idempotent: bool
 list_accounts = _forwarding(_workspace_answer, "/v1/accounts", idempotent=True)
 list_events = _forwarding(_workspace_answer, "/v1/events", idempotent=True)
 replay_webhooks = _forwarding(_workspace_answer, "/v1/webhooks/replay", idempotent=False)
+get_webhook = _forwarding(_workspace_answer, "/v1/webhook", idempotent=True)
+put_webhook = _forwarding(_workspace_answer, "/v1/webhook", idempotent=True)
+# not retried: a second attempt would rotate again, and the first answer's secret would be lost
+rotate_webhook_secret = _forwarding(_workspace_answer, "/v1/webhook/secret", idempotent=False)
+get_session_webhook_events = _forwarding(_session_answer, "/webhook-events", idempotent=True)
+put_session_webhook_events = _forwarding(_session_answer, "/webhook-events", idempotent=True)
+
+
+async def event_deliveries(request: web.Request) -> web.Response:
+    """The delivery log of one of the workspace's events (another workspace's event: 404)."""
+    event_id = request.match_info["event_id"]
+    try:
+        checked = str(uuid.UUID(event_id))
+    except ValueError:
+        raise EventNotFound(f"no event {event_id[:64]!r}") from None
+    answer = await _workspace_answer(request, f"/v1/events/{checked}/deliveries", idempotent=True)
+    return to_response(answer)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -223,3 +242,17 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/accounts", list_accounts, name="v1.accounts")
     r.add_get("/v1/events", list_events, name="v1.events")
     r.add_post("/v1/webhooks/replay", replay_webhooks, name="v1.webhooks.replay")
+    r.add_get("/v1/webhook", get_webhook, name="v1.webhook.get")
+    r.add_put("/v1/webhook", put_webhook, name="v1.webhook.put")
+    r.add_post("/v1/webhook/secret", rotate_webhook_secret, name="v1.webhook.secret")
+    r.add_get(
+        "/v1/sessions/{session_id}/webhook-events",
+        get_session_webhook_events,
+        name="v1.sessions.webhook_events",
+    )
+    r.add_put(
+        "/v1/sessions/{session_id}/webhook-events",
+        put_session_webhook_events,
+        name="v1.sessions.set_webhook_events",
+    )
+    r.add_get("/v1/events/{event_id}/deliveries", event_deliveries, name="v1.events.deliveries")

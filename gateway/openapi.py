@@ -21,6 +21,7 @@ from shared.inputs import (
     MAX_WORKSPACE_ID_CHARS,
 )
 from shared.models import EventType, SessionStatus
+from shared.webhook_config import WEBHOOK_EVENT_TYPES
 
 JSON = "application/json"
 
@@ -93,14 +94,25 @@ SSE_DESCRIPTION = (
 )
 
 WEBHOOK_DESCRIPTION = (
-    "Webhooks (`qr_code_generated`, `session_authenticated`, `session_ready`, "
+    "Webhooks (`qr_code_generated`, `session_authenticated`, `session_ready`, `session_synced`, "
     "`session_disconnected`, `session_failed`) are POSTed as JSON with the headers "
     "`X-Walink-Event`, `X-Walink-Event-Id` and `X-Walink-Signature: t=<unix>,v1=<hex>` where "
-    "`hex = HMAC-SHA256(workspace secret, t + '.' + raw body)`. Check the signature over the exact "
-    "bytes received, in constant time, and refuse a `t` older than 5 minutes. Delivery is at least "
-    "once (deduplicate on `event_id`), with exponential backoff and jitter; after the retry budget "
-    "an event is dead-lettered and can be replayed with `POST /v1/webhooks/replay`."
+    "`hex = HMAC-SHA256(workspace secret, t + '.' + raw body)`; for a while after a secret rotation "
+    "the header carries one `v1=` per secret (`t=<unix>,v1=<new>,v1=<old>`): accept the request when "
+    "one matches. Check the signature over the exact bytes received, in constant time, and refuse a "
+    "`t` older than 5 minutes. Delivery is at least once (deduplicate on `event_id`), with "
+    "exponential backoff and jitter; after the retry budget an event is dead-lettered and can be "
+    "replayed with `POST /v1/webhooks/replay`. Webhook URLs must resolve to public addresses "
+    "(loopback, private, link-local, CGNAT, multicast and other internal addresses are refused "
+    "unless the operator admits them with `WALINK_WEBHOOK_ALLOW`); a refused delivery is "
+    "dead-lettered at once with the reason in its delivery log."
 )
+EVENT_ID = {
+    "name": "event_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
 
 
 def document() -> dict[str, Any]:
@@ -250,6 +262,74 @@ def document() -> dict[str, Any]:
                 errors=(400, 401, 404, 503),
             ),
         },
+        "/v1/webhook": {
+            "get": _op(
+                "The workspace's webhook",
+                "Its URL (events of sessions created without a `webhook_url` go there) and the state of "
+                "its signing secret. The secret itself is never returned here: rotate it to get one.",
+                {"200": _json(_ref("WebhookConfig"), "The webhook configuration")},
+                tag="webhooks",
+                params=[WORKSPACE_QUERY],
+                errors=(400, 401, 404, 503),
+            ),
+            "put": _op(
+                "Set the workspace's webhook URL",
+                "`url` null clears it. Applies to events written from now on. A URL whose host is an "
+                "internal address or name is refused with 400 `webhook_url_refused` and why; the real "
+                "check is at delivery (DNS), where a refusal dead-letters the event with its reason.",
+                {"200": _json(_ref("WebhookConfig"), "The webhook configuration")},
+                tag="webhooks",
+                params=[WORKSPACE_QUERY],
+                body=_ref("SetWebhook"),
+                errors=(400, 401, 404, 413, 503),
+            ),
+        },
+        "/v1/webhook/secret": {
+            "post": _op(
+                "Rotate the signing secret",
+                "A new secret, returned in this answer only (store it: no route shows it again). "
+                "Deliveries are signed with both the new and the replaced secret until "
+                "`previous_secret_valid_until_ms` (the operator's `WALINK_WEBHOOK_SECRET_OVERLAP_S`, "
+                "24 h by default), so a receiver can switch without losing a delivery. Not retried "
+                "by the gateway.",
+                {"201": _json(_ref("WebhookSecret"), "The new secret")},
+                tag="webhooks",
+                params=[WORKSPACE_QUERY],
+                errors=(400, 401, 404, 502, 503),
+            ),
+        },
+        "/v1/sessions/{session_id}/webhook-events": {
+            "get": _op(
+                "A session's webhook event filter",
+                "The event types the session's webhook receives (`null`: all of them).",
+                {"200": _json(_ref("WebhookEvents"), "The filter")},
+                tag="webhooks",
+                params=[SESSION_ID],
+            ),
+            "put": _op(
+                "Set a session's webhook event filter",
+                "Only these types are POSTed from now on (events not delivered yet included); the "
+                "others are kept as `skipped` and still listed by `GET /v1/events` and the event "
+                "stream. `null`: every type; `[]`: none.",
+                {"200": _json(_ref("WebhookEvents"), "The filter")},
+                tag="webhooks",
+                params=[SESSION_ID],
+                body=_ref("SetWebhookEvents"),
+                errors=(400, 401, 404, 413, 503),
+            ),
+        },
+        "/v1/events/{event_id}/deliveries": {
+            "get": _op(
+                "An event's delivery log",
+                "The event's delivery state and every attempt, oldest first: when, the receiver's "
+                "status code or the error (a refusal by the address rules says why), how long it took. "
+                "Another workspace's event is 404.",
+                {"200": _json(_ref("DeliveryLog"), "The delivery log")},
+                tag="webhooks",
+                params=[EVENT_ID, WORKSPACE_QUERY],
+                errors=(400, 401, 404, 503),
+            ),
+        },
         "/v1/webhooks/replay": {
             "post": _op(
                 "Replay webhooks",
@@ -320,6 +400,7 @@ def document() -> dict[str, Any]:
             sessions_tag,
             {"name": "accounts", "description": "Linked accounts of the workspace."},
             {"name": "events", "description": "The event record and webhooks."},
+            {"name": "webhooks", "description": "Webhook URL, signing secret, event filters, delivery log."},
             {"name": "operations", "description": "Health and metrics."},
         ],
         "paths": paths,
@@ -408,7 +489,12 @@ SCHEMAS: dict[str, Any] = {
                 "description": "Admin keys only (else your own). No control characters.",
             },
             "label": {"type": "string", "maxLength": MAX_LABEL_CHARS, "description": "No NUL (\\u0000)"},
-            "webhook_url": {"type": "string", "format": "uri", "maxLength": MAX_WEBHOOK_URL_CHARS},
+            "webhook_url": {
+                "type": "string",
+                "format": "uri",
+                "maxLength": MAX_WEBHOOK_URL_CHARS,
+                "description": "This session's webhook (else the workspace's); internal hosts are refused",
+            },
             "metadata": {
                 "type": "object",
                 "description": (
@@ -416,6 +502,107 @@ SCHEMAS: dict[str, Any] = {
                     f"{MAX_METADATA_BYTES} bytes as JSON and {MAX_METADATA_DEPTH} levels deep, no NUL "
                     "(\\u0000) in any key or string (400 `invalid_metadata`)"
                 ),
+            },
+            "events": {
+                "type": ["array", "null"],
+                "maxItems": 16,
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)},
+                "description": "The event types this session's webhook receives (default: all)",
+            },
+        },
+    },
+    "WebhookConfig": {
+        "type": "object",
+        "required": ["url", "secret_rotated_at_ms", "previous_secret_valid_until_ms"],
+        "additionalProperties": False,
+        "properties": {
+            "url": {"type": ["string", "null"]},
+            "secret_rotated_at_ms": {
+                "type": ["integer", "null"],
+                "description": "When the secret was last rotated (null: never handed out)",
+            },
+            "previous_secret_valid_until_ms": {
+                "type": ["integer", "null"],
+                "description": "Until when the replaced secret also signs (null: no overlap now)",
+            },
+        },
+    },
+    "SetWebhook": {
+        "type": "object",
+        "required": ["url"],
+        "additionalProperties": False,
+        "properties": {"url": {"type": ["string", "null"], "format": "uri", "maxLength": 2048}},
+    },
+    "WebhookSecret": {
+        "type": "object",
+        "required": ["secret", "url", "secret_rotated_at_ms", "previous_secret_valid_until_ms"],
+        "additionalProperties": False,
+        "properties": {
+            "secret": {"type": "string", "description": "The new signing secret (shown once)"},
+            "url": {"type": ["string", "null"]},
+            "secret_rotated_at_ms": {"type": "integer"},
+            "previous_secret_valid_until_ms": {"type": ["integer", "null"]},
+        },
+    },
+    "WebhookEvents": {
+        "type": "object",
+        "required": ["id", "events"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string"},
+            "events": {
+                "type": ["array", "null"],
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)},
+            },
+        },
+    },
+    "SetWebhookEvents": {
+        "type": "object",
+        "required": ["events"],
+        "additionalProperties": False,
+        "properties": {
+            "events": {
+                "type": ["array", "null"],
+                "maxItems": 16,
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)},
+            }
+        },
+    },
+    "DeliveryLog": {
+        "type": "object",
+        "required": [
+            "event_id",
+            "session_id",
+            "seq",
+            "type",
+            "state",
+            "attempts",
+            "last_error",
+            "deliveries",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "event_id": {"type": "string", "format": "uuid"},
+            "session_id": {"type": "string"},
+            "seq": {"type": "integer"},
+            "type": {"type": "string"},
+            "state": {"type": "string", "enum": ["pending", "delivered", "dead", "skipped"]},
+            "attempts": {"type": "integer", "description": "Attempts since the last replay"},
+            "last_error": {"type": ["string", "null"]},
+            "deliveries": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["attempt", "at_ms", "status_code", "error", "duration_ms"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "attempt": {"type": "integer"},
+                        "at_ms": {"type": "integer"},
+                        "status_code": {"type": ["integer", "null"]},
+                        "error": {"type": ["string", "null"]},
+                        "duration_ms": {"type": "integer"},
+                    },
+                },
             },
         },
     },

@@ -519,6 +519,7 @@ class Harness:
                 "WALINK_SIMULATOR_URL": self.sim_url,
                 "WALINK_SNAPSHOT_KEY": self.snapshot_key,
                 "WALINK_LOG_LEVEL": "INFO",
+                "WALINK_WEBHOOK_ALLOW": "127.0.0.0/8,::1",  # the benchmark's receiver is on loopback
                 **self.config.extra_env,
                 **env,
             }

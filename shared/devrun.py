@@ -187,6 +187,8 @@ def run() -> None:
     env = dict(os.environ)
     for key, value in dev_env().items():
         env.setdefault(key, value)
+    # the dev cluster's webhook receivers are on this machine: loopback admitted, explicitly
+    env.setdefault("WALINK_WEBHOOK_ALLOW", "127.0.0.0/8,::1")
     env.setdefault("SIMULATOR_AUTOSTART", "true" if settings.target == "simulator" else "false")
     print(
         "walink: dashboard http://127.0.0.1:8080/  ·  API key "

@@ -43,6 +43,12 @@ class InvalidSessionId(BadRequest):
     code = "invalid_session_id"
 
 
+class WebhookUrlRefused(BadRequest):
+    """A ``webhook_url`` the SSRF rules refuse when it is set (:mod:`shared.webhook_guard`)."""
+
+    code = "webhook_url_refused"
+
+
 class InvalidPhoneNumber(BadRequest):
     code = "invalid_phone_number"
 
@@ -72,6 +78,10 @@ class NotFound(WalinkError, LookupError):
 
 class SessionNotFound(NotFound):
     code = "session_not_found"
+
+
+class EventNotFound(NotFound):
+    code = "event_not_found"
 
 
 class Conflict(WalinkError):

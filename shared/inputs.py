@@ -27,6 +27,7 @@ import orjson
 
 from shared.errors import BadRequest, InvalidMetadata, InvalidText
 from shared.ids import check_session_id
+from shared.webhook_config import check_event_filter
 
 MAX_METADATA_BYTES = 4096
 """``metadata`` serialized (compact JSON, UTF-8) may not exceed this; every event embeds it."""
@@ -36,7 +37,7 @@ MAX_LABEL_CHARS = 200
 MAX_WEBHOOK_URL_CHARS = 2048
 MAX_WORKSPACE_ID_CHARS = 64
 
-CREATE_FIELDS = frozenset({"id", "workspace_id", "label", "webhook_url", "metadata"})
+CREATE_FIELDS = frozenset({"id", "workspace_id", "label", "webhook_url", "metadata", "events"})
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -115,10 +116,13 @@ class CreateBody:
     label: str | None
     webhook_url: str | None
     metadata: dict[str, Any]
+    events: list[str] | None  # the event types its webhook receives (None: all)
 
 
 def check_create_body(data: dict[str, Any]) -> CreateBody:
-    """Every field of a create, checked (unknown fields refused): nothing of it can fail later."""
+    """Every field of a create, checked (unknown fields refused): nothing of it can fail later.
+
+    (Whether ``webhook_url`` may be reached is the workers' call: :mod:`shared.webhook_guard`.)"""
     extra = sorted(set(data) - CREATE_FIELDS)
     if extra:
         raise BadRequest(f"unknown field(s): {', '.join(extra)}; allowed: {', '.join(sorted(CREATE_FIELDS))}")
@@ -133,4 +137,5 @@ def check_create_body(data: dict[str, Any]) -> CreateBody:
         label=optional_text(data, "label", max_len=MAX_LABEL_CHARS),
         webhook_url=webhook_url,
         metadata=check_metadata(data.get("metadata")),
+        events=check_event_filter(data.get("events")),
     )

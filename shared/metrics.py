@@ -73,7 +73,8 @@ ADOPTED = Counter(
 )
 WEBHOOK_DELIVERIES = Counter(
     "walink_webhook_deliveries_total",
-    "Webhook delivery attempts by outcome (delivered, retry, dead = dead-lettered, lost = claim lost)",
+    "Webhook delivery attempts by outcome (delivered, retry, dead = dead-lettered, lost = claim lost,"
+    " refused = destination refused by the SSRF rules, filtered = not in the session's events filter)",
     ["outcome"],
 )
 WEBHOOK_LAG = Histogram(

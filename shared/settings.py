@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from shared.errors import SettingsError
+from shared.webhook_guard import WebhookAllow
 
 ENV_PREFIX = "WALINK_"
 
@@ -106,6 +107,16 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_backoff_base_s: float = 0.5
     webhook_backoff_max_s: float = 300.0
+    # destinations admitted despite not being public addresses (SSRF guard, shared/webhook_guard.py):
+    # comma-separated CIDRs, addresses or host names (".example.com" for a zone); `make run` and
+    # the tests set 127.0.0.0/8,::1 explicitly; empty: public addresses only
+    webhook_allow: str = ""
+    # after a secret rotation, deliveries are signed with the old secret too for this long
+    webhook_secret_overlap_s: float = 24 * 3600.0
+    # deliveries in flight at once to one endpoint (scheme://host:port), so a slow endpoint only
+    # holds its own lane; and in flight at once per dispatcher, all endpoints together
+    webhook_lane_concurrency: int = 4
+    webhook_concurrency: int = 32
     # --- HTTP edge
     max_body_bytes: int = 64 * 1024
     internal_token: str = field(default="", repr=False)
@@ -165,6 +176,8 @@ class Settings:
             "max_body_bytes",
             "max_active_sessions",
             "webhook_max_attempts",
+            "webhook_lane_concurrency",
+            "webhook_concurrency",
             "lease_ttl_ms",
         ):
             if getattr(self, name) < 1:
@@ -175,6 +188,9 @@ class Settings:
             raise SettingsError("WALINK_WARM_POOL_MAX must be at least WALINK_WARM_POOL_SIZE")
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
+        if self.webhook_secret_overlap_s < 0:
+            raise SettingsError("WALINK_WEBHOOK_SECRET_OVERLAP_S must not be negative")
+        WebhookAllow.parse(self.webhook_allow)  # a bad entry fails at start, not at the first delivery
         if not 0 < self.worker_port < 65536:
             raise SettingsError("WALINK_WORKER_PORT must be a TCP port")
         if not self.headless and self.chromium_path.name == HEADLESS_SHELL.name:

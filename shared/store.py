@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -52,7 +52,7 @@ class Workspace:
     id: str
     name: str
     webhook_url: str | None
-    webhook_secret: str
+    webhook_secret: str = field(repr=False)  # never in a log line, not even by repr()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +142,16 @@ class Store:
         return (row["workspace_id"], row["is_admin"]) if row else None
 
     # ------------------------------------------------------------------ sessions
-    async def insert_session(self, rec: dict[str, Any], *, owner: str, token: int) -> None:
+    async def insert_session(
+        self, rec: dict[str, Any], *, owner: str, token: int, webhook_events: list[str] | None = None
+    ) -> None:
+        """The new session's row; ``webhook_events``: the types its webhook receives (None: all)."""
         values = _column_values(rec)
         try:
             await self.pool.execute(
                 "INSERT INTO whatsapp_accounts (id, workspace_id, session_status, reason, label, metadata,"
-                " webhook_url, history, timings, profile_id, owner, fencing_token, status)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+                " webhook_url, history, timings, profile_id, owner, fencing_token, status, webhook_events)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14::text[])",
                 rec["id"],
                 rec["workspace_id"],
                 values["session_status"],
@@ -162,6 +165,7 @@ class Store:
                 owner,
                 token,
                 values["status"],
+                webhook_events,
             )
         except asyncpg.UniqueViolationError as exc:
             raise SessionExists(f"session {rec['id']} already exists") from exc

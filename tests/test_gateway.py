@@ -34,6 +34,7 @@ from shared.settings import Settings
 from shared.store import Store
 from tests.conftest import (
     CHROMIUM,
+    LOOPBACK_WEBHOOKS,
     REDIS_URL,
     SNAPSHOT_KEY,
     WAIT_S,
@@ -177,6 +178,7 @@ async def start_cluster(
                     WALINK_WARM_POOL_SIZE="0",
                     WALINK_INTERNAL_TOKEN=INTERNAL_TOKEN,
                     WALINK_SHUTDOWN_DEADLINE_S="10",
+                    WALINK_WEBHOOK_ALLOW=LOOPBACK_WEBHOOKS,
                     CHROMIUM_PATH=str(CHROMIUM),
                 ),
             )

@@ -25,6 +25,7 @@ from shared.outbox import WebhookDispatcher
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.web import DEFAULT_WORKSPACE, error_middleware, serve_until_signalled
+from shared.webhook_guard import WebhookAllow
 from worker import chromium
 from worker.browser import BrowserLauncher
 from worker.durable import Durable
@@ -210,11 +211,14 @@ async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
         app[DB],
         app[HTTP],
         worker_name=app[NAME],
+        allow=WebhookAllow.parse(settings.webhook_allow),
         attempt_timeout_s=settings.webhook_timeout_s,
         max_attempts=settings.webhook_max_attempts,
         backoff_base_s=settings.webhook_backoff_base_s,
         backoff_max_s=settings.webhook_backoff_max_s,
         claim_ttl_s=max(2.0, settings.webhook_timeout_s * 3),
+        batch_size=settings.webhook_concurrency,
+        lane_concurrency=settings.webhook_lane_concurrency,
     )
     app[DISPATCHER] = dispatcher
     task = asyncio.create_task(dispatcher.run(), name="webhooks")

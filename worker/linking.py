@@ -69,9 +69,13 @@ class Linking:
         if session.status == S.HIBERNATED:
             await self._hibernation.wake(session)
             return session
-        keep_profile = session.status == S.READY or (
-            session.status in {S.STARTING, S.AUTHENTICATED} and session.id in ctx.restoring
-        )
+        async with session.op_lock:  # a wake unpacking the profile finishes that first
+            pass
+        if session.id in ctx.restoring and session.status in {S.STARTING, S.AUTHENTICATED}:
+            # already coming back from its own profile (a wake or a restore): cancelling that
+            # half-way would leave a half-unpacked profile, i.e. a QR instead of the login
+            return session
+        keep_profile = session.status == S.READY
         # the work in flight ends first: a launch it was in must let go of the profile
         await ctx.tasks.stop_work(session, ctx.settings.start_timeout_s)
         await self._ending.end_browser(session, wipe=not keep_profile)

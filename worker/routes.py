@@ -12,10 +12,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
-from shared import metrics, outbox
+from shared import metrics, outbox, webhook_config, webhook_guard
 from shared.errors import BadRequest, InvalidState, Unauthorized
 from shared.ids import check_session_id, normalize_phone
-from shared.inputs import check_create_body, check_workspace_id
+from shared.inputs import MAX_WEBHOOK_URL_CHARS, check_create_body, check_workspace_id, optional_text
 from shared.models import ENDED, SessionStatus
 from shared.settings import Settings
 from shared.web import (
@@ -87,12 +87,15 @@ async def create_session(request: web.Request) -> web.Response:
     workspace_id = body.workspace_id or caller_ws or DEFAULT_WORKSPACE
     if caller_ws is not None and workspace_id != caller_ws:
         raise BadRequest("workspace_id does not match the caller's workspace")
+    if body.webhook_url is not None:
+        webhook_guard.check_url(body.webhook_url, _webhook_allow(settings))
     session = await request.app[MANAGER].create(
         session_id=body.id,
         workspace_id=workspace_id,
         label=body.label,
         webhook_url=body.webhook_url,
         metadata=body.metadata,
+        webhook_events=body.events,
     )
     reply = {"id": session.id, "status": session.status.value, **_links(session)}
     return json_response(reply, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
@@ -286,6 +289,64 @@ async def replay_webhooks(request: web.Request) -> web.Response:
     return json_response({"replayed": replayed})
 
 
+# ---------------------------------------------------------------------------------- webhook configuration
+def _webhook_allow(settings: Settings) -> webhook_guard.WebhookAllow:
+    return webhook_guard.WebhookAllow.parse(settings.webhook_allow)  # checked at start: cannot fail here
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    pool = request.app[MANAGER].store.pool
+    return json_response(await webhook_config.read_config(pool, _scope(request)))
+
+
+async def put_webhook(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    data = await read_json_object(request, max_bytes=settings.max_body_bytes)
+    check_keys(data, {"url"})
+    if "url" not in data:
+        raise BadRequest("url is required (null clears it)")
+    url = optional_text(data, "url", max_len=MAX_WEBHOOK_URL_CHARS)
+    if url is not None:
+        webhook_guard.check_url(url, _webhook_allow(settings))
+    pool = request.app[MANAGER].store.pool
+    return json_response(await webhook_config.set_url(pool, _scope(request), url))
+
+
+async def rotate_webhook_secret(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    pool = request.app[MANAGER].store.pool
+    body = await webhook_config.rotate_secret(
+        pool, _scope(request), overlap_s=settings.webhook_secret_overlap_s
+    )
+    return json_response(body, status=201, headers={"Cache-Control": "no-store"})
+
+
+async def get_session_webhook_events(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    pool = request.app[MANAGER].store.pool
+    events = await webhook_config.session_events_filter(pool, _workspace(request), sid)
+    return json_response({"id": sid, "events": events})
+
+
+async def put_session_webhook_events(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    data = await read_json_object(request, max_bytes=request.app[SETTINGS].max_body_bytes)
+    check_keys(data, {"events"})
+    if "events" not in data:
+        raise BadRequest("events is required (null: every event type)")
+    events = webhook_config.check_event_filter(data["events"])
+    pool = request.app[MANAGER].store.pool
+    stored = await webhook_config.set_session_events(pool, _workspace(request), sid, events)
+    return json_response({"id": sid, "events": stored})
+
+
+async def event_deliveries(request: web.Request) -> web.Response:
+    pool = request.app[MANAGER].store.pool
+    return json_response(
+        await webhook_config.deliveries(pool, _scope(request), request.match_info["event_id"])
+    )
+
+
 def _own_rss_pages() -> int:
     with open("/proc/self/statm") as fh:  # procfs: answers from memory, never blocks
         return int(fh.read().split()[1])
@@ -373,3 +434,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/accounts", list_accounts)
     app.router.add_get("/v1/events", list_events)
     app.router.add_post("/v1/webhooks/replay", replay_webhooks)
+    app.router.add_get("/v1/webhook", get_webhook)
+    app.router.add_put("/v1/webhook", put_webhook)
+    app.router.add_post("/v1/webhook/secret", rotate_webhook_secret)
+    app.router.add_get("/v1/sessions/{session_id}/webhook-events", get_session_webhook_events)
+    app.router.add_put("/v1/sessions/{session_id}/webhook-events", put_session_webhook_events)
+    app.router.add_get("/v1/events/{event_id}/deliveries", event_deliveries)

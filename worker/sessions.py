@@ -207,6 +207,7 @@ class SessionManager:
         label: str | None = None,
         webhook_url: str | None = None,
         metadata: dict[str, Any] | None = None,
+        webhook_events: list[str] | None = None,
     ) -> Session:
         if self.closing:
             raise Unavailable("this worker is shutting down; retry on another worker")
@@ -228,7 +229,9 @@ class SessionManager:
         if token is None:
             raise NotOwner(f"session {sid} is being created elsewhere")
         session.fencing_token = token
-        await self.store.insert_session(session.record(), owner=self.name, token=token)
+        await self.store.insert_session(
+            session.record(), owner=self.name, token=token, webhook_events=webhook_events
+        )
         self.sessions[sid] = session
         self.keeper.hold(sid, token)
         self._linking.start_link(session)
