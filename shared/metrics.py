@@ -46,7 +46,8 @@ GATEWAY_LATENCY = Histogram(
 )
 GATEWAY_RETRIES = Counter(
     "walink_gateway_retries_total",
-    "Proxied attempts retried, by reason (connect, timeout, server_error, not_owner, unavailable, driver)",
+    "Proxied attempts retried, by reason (connect, timeout, server_error, not_owner, unavailable, "
+    "snapshot_key, driver)",
     ["reason"],
 )
 GATEWAY_FAILOVERS = Counter(
