@@ -32,21 +32,16 @@ from gateway.sse import STARTED_AT, relay
 from shared import metrics
 from shared.errors import BadRequest, EventNotFound, Forbidden, SessionNotFound, WalinkError
 from shared.ids import check_chosen_session_id, check_session_id, namespace_of, new_session_id
+from shared.inputs import check_create_body
 from shared.web import DEFAULT_WORKSPACE, Handler, check_keys, json_response, read_json_object
 
 LIST_TIMEOUT_S = 5.0
 
 
 def _query(request: web.Request) -> str:
-    return f"?{request.query_string}" if request.query_string else ""
-
-
-def _requested_workspace(value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadRequest("workspace_id must be a string")
-    return value
+    """The query string as it came, still percent-encoded (it goes on the wire to a worker)."""
+    raw = request.rel_url.raw_query_string
+    return f"?{raw}" if raw else ""
 
 
 def _visible_session_id(request: web.Request) -> str:
@@ -119,8 +114,9 @@ async def create_session(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     caller = request[CALLER]
     data = await read_json_object(request, max_bytes=settings.max_body_bytes)
-    workspace_id = caller.scope(_requested_workspace(data.get("workspace_id")))
-    given = data.get("id")
+    body = check_create_body(data)  # refused here whole: nothing reaches a worker that would fail there
+    workspace_id = caller.scope(body.workspace_id)
+    given = body.id
     if given is not None:  # in the namespace of the workspace the session is made in
         session_id = check_chosen_session_id(given, workspace_id or DEFAULT_WORKSPACE)
     else:

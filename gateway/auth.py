@@ -25,6 +25,7 @@ import asyncpg
 from aiohttp import web
 
 from shared.errors import NotFound, Unauthorized, Unavailable
+from shared.inputs import check_workspace_id
 from shared.loopback import PROXY_HEADERS, host_of_header, is_loopback_host
 from shared.store import hash_key
 from shared.web import DEFAULT_WORKSPACE, Handler, error_response
@@ -51,6 +52,8 @@ class Caller:
         A workspace key naming another workspace gets the same 404 as for anything else of it."""
         if requested is not None and not 0 < len(requested) <= 64:
             raise NotFound(f"no workspace {requested[:64]!r}")
+        if requested is not None:
+            check_workspace_id(requested)  # it travels in a header to the workers
         if self.is_admin:
             return requested or (self.workspace_id if own_by_default else None)
         if requested is not None and requested != self.workspace_id:

@@ -13,6 +13,13 @@ from typing import Any
 import orjson
 
 from shared.ids import CHOSEN_SESSION_ID_RE, SESSION_ID_RE
+from shared.inputs import (
+    MAX_LABEL_CHARS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    MAX_WEBHOOK_URL_CHARS,
+    MAX_WORKSPACE_ID_CHARS,
+)
 from shared.models import EventType, SessionStatus
 from shared.webhook_config import WEBHOOK_EVENT_TYPES
 
@@ -66,6 +73,7 @@ def _op(
         op["parameters"] = params
     if body is not None:
         op["requestBody"] = {"required": False, "content": {JSON: {"schema": body}}}
+        op["responses"] |= _errors(413)  # a body beyond max_body_bytes
     if not security:
         op["security"] = []
     return op
@@ -212,7 +220,7 @@ def document() -> dict[str, Any]:
                 "active.",
                 {"202": _json(_ref("Created"), "Going back to the QR")},
                 params=[SESSION_ID],
-                errors=(401, 404, 409, 502, 503),
+                errors=(400, 401, 404, 409, 502, 503),
             ),
         },
         "/v1/sessions/{session_id}/restart": {
@@ -471,14 +479,17 @@ def document() -> dict[str, Any]:
             | {
                 f"E{status}": _json(_ref("Error"), text)
                 for status, text in {
-                    400: "Invalid input",
+                    400: "Invalid input: invalid_request, invalid_session_id, invalid_text (a NUL or "
+                    "control character), invalid_metadata, invalid_phone_number",
                     401: "Missing or invalid API key",
                     403: "Not allowed for this key",
                     404: "Not found (in the caller's workspace)",
                     409: "Conflict: invalid_state, session_exists",
                     413: "Body too large",
                     502: "Upstream error",
-                    503: "Unavailable: no_worker_available, unavailable, quota_unavailable",
+                    503: "Unavailable: no_worker_available, unavailable, quota_unavailable, "
+                    "snapshot_key_unknown (no worker reached holds the key of the session's snapshot; "
+                    "the session is left as it was, see docs/snapshot-keys.md)",
                     504: "Upstream timeout",
                 }.items()
             },
@@ -611,15 +622,26 @@ SCHEMAS: dict[str, Any] = {
                 "`<workspace id>.<name>` (e.g. `acme.acct-1`); anything else is refused with 400 "
                 "`session_id_outside_workspace`. Leave it out for a generated `s_…` id.",
             },
-            "workspace_id": {"type": "string", "description": "Admin keys only (else your own)"},
-            "label": {"type": "string", "maxLength": 200},
+            "workspace_id": {
+                "type": "string",
+                "maxLength": MAX_WORKSPACE_ID_CHARS,
+                "description": "Admin keys only (else your own). No control characters.",
+            },
+            "label": {"type": "string", "maxLength": MAX_LABEL_CHARS, "description": "No NUL (\\u0000)"},
             "webhook_url": {
                 "type": "string",
                 "format": "uri",
-                "maxLength": 2048,
+                "maxLength": MAX_WEBHOOK_URL_CHARS,
                 "description": "This session's webhook (else the workspace's); internal hosts are refused",
             },
-            "metadata": {"type": "object", "description": "Echoed in every webhook of the session"},
+            "metadata": {
+                "type": "object",
+                "description": (
+                    "Echoed in every event and webhook of the session: at most "
+                    f"{MAX_METADATA_BYTES} bytes as JSON and {MAX_METADATA_DEPTH} levels deep, no NUL "
+                    "(\\u0000) in any key or string (400 `invalid_metadata`)"
+                ),
+            },
             "events": {
                 "type": ["array", "null"],
                 "maxItems": 16,

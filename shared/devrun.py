@@ -189,6 +189,8 @@ def run() -> None:
     ensure_postgres(settings.database_url)
     env = dict(os.environ)
     for key, value in dev_env().items():
+        if key == "WALINK_SNAPSHOT_KEY" and env.get("WALINK_SNAPSHOT_KEYS"):
+            continue  # the operator gave the keys (a rotation): one or the other, never both
         env.setdefault(key, value)
     # the dev cluster's webhook receivers are on this machine: loopback admitted, explicitly
     env.setdefault("WALINK_WEBHOOK_ALLOW", "127.0.0.0/8,::1")

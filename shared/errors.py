@@ -76,6 +76,19 @@ class InvalidPhoneNumber(BadRequest):
     code = "invalid_phone_number"
 
 
+class InvalidText(BadRequest):
+    """A string holds a character it may not (a NUL, which Postgres refuses; a control character
+    in an id that travels in a header)."""
+
+    code = "invalid_text"
+
+
+class InvalidMetadata(BadRequest):
+    """``metadata`` is not an object, holds a NUL, nests too deep or is too large."""
+
+    code = "invalid_metadata"
+
+
 class Unauthorized(WalinkError):
     status = 401
     code = "unauthorized"
@@ -212,3 +225,17 @@ class QuotaUnavailable(Unavailable):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class SnapshotKeyUnknown(Unavailable):
+    """A snapshot was sealed with a key this worker lacks (or, v1, none of its keys opens it).
+
+    The snapshot may be perfectly good: the session is left as it was (hibernated or ready, its
+    stored snapshot untouched, its lease released) for a worker that holds the key. ``key_id`` is
+    the hex id of the missing key (``"v1"`` for an old snapshot, which names none)."""
+
+    code = "snapshot_key_unknown"
+
+    def __init__(self, message: str, *, key_id: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id

@@ -52,7 +52,8 @@ GATEWAY_LATENCY = Histogram(
 )
 GATEWAY_RETRIES = Counter(
     "walink_gateway_retries_total",
-    "Proxied attempts retried, by reason (connect, timeout, server_error, not_owner, unavailable, driver)",
+    "Proxied attempts retried, by reason (connect, timeout, server_error, not_owner, unavailable, "
+    "snapshot_key, driver)",
     ["reason"],
 )
 GATEWAY_FAILOVERS = Counter(
@@ -65,6 +66,12 @@ GATEWAY_BREAKER_STATE = Gauge(
 GATEWAY_WORKERS_UP = Gauge("walink_gateway_workers_up", "Workers reachable with their breaker not open")
 GATEWAY_SSE_RESUMES = Counter(
     "walink_gateway_sse_resumes_total", "Event streams resumed on another worker after the upstream ended"
+)
+SNAPSHOT_KEY_UNKNOWN = Counter(
+    "walink_snapshot_key_unknown_total",
+    "Restores refused because the snapshot's key is not among this worker's keys (the session is "
+    "left as it was), by the missing key's id ('v1': an old snapshot that no key opens)",
+    ["key_id"],
 )
 ADOPTED = Counter(
     "walink_sessions_adopted_total",

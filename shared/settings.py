@@ -102,6 +102,9 @@ class Settings:
     lease_ttl_ms: int = 10_000
     # AES-256-GCM key of profile snapshots: base64 of 32 bytes (empty: snapshots disabled)
     snapshot_key: str = field(default="", repr=False)
+    # several snapshot keys, comma separated, instead of snapshot_key: the first seals new
+    # snapshots, every one opens them (rotation: docs/snapshot-keys.md; `walink rekey`)
+    snapshot_keys: str = field(default="", repr=False)
     # a snapshot of a ready session's live profile this long after ready, for crash failover
     # (Chromium commits localStorage to disk in batches up to ~5 s late, so not sooner)
     live_snapshot_delay_s: float = 8.0

@@ -15,6 +15,7 @@ from prometheus_async.aio.web import server_stats
 from shared import metrics, outbox, webhook_config, webhook_guard
 from shared.errors import BadRequest, InvalidState, Unauthorized
 from shared.ids import check_new_session_id, check_session_id, normalize_phone
+from shared.inputs import MAX_WEBHOOK_URL_CHARS, check_create_body, check_workspace_id, optional_text
 from shared.models import ENDED, SessionStatus
 from shared.settings import Settings
 from shared.web import (
@@ -23,7 +24,6 @@ from shared.web import (
     WORKSPACE_HEADER,
     check_keys,
     json_response,
-    optional_str,
     read_json_object,
 )
 from worker import qr_image, sse
@@ -47,9 +47,7 @@ PUBLIC_PATHS = frozenset({"/", "/health", "/metrics", "/dashboard/config"})
 def _workspace(request: web.Request) -> str | None:
     """The workspace the caller may see (set by the gateway); None = this worker's own operator."""
     value = request.headers.get(WORKSPACE_HEADER)
-    if value is not None and not (0 < len(value) <= 64):
-        raise BadRequest(f"{WORKSPACE_HEADER} must be 1-64 characters")
-    return value
+    return None if value is None else check_workspace_id(value, WORKSPACE_HEADER)
 
 
 def _session_id(request: web.Request) -> str:
@@ -84,31 +82,25 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
 async def create_session(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     data = await read_json_object(request, max_bytes=settings.max_body_bytes)
-    check_keys(data, {"id", "workspace_id", "label", "webhook_url", "metadata", "events"})
+    body = check_create_body(data)  # every field checked before anything is written or started
     caller_ws = _workspace(request)
-    workspace_id = optional_str(data, "workspace_id", max_len=64) or caller_ws or DEFAULT_WORKSPACE
+    workspace_id = body.workspace_id or caller_ws or DEFAULT_WORKSPACE
     if caller_ws is not None and workspace_id != caller_ws:
         raise BadRequest("workspace_id does not match the caller's workspace")
-    webhook_url = optional_str(data, "webhook_url", max_len=2048)
-    if webhook_url is not None:
-        webhook_guard.check_url(webhook_url, _webhook_allow(settings))
-    events = webhook_config.check_event_filter(data.get("events"))
-    metadata = data.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise BadRequest("metadata must be a JSON object")
-    session_id = data.get("id")
-    if session_id is not None:  # made by the gateway, or chosen in the workspace's namespace
-        check_new_session_id(session_id, workspace_id)
+    if body.webhook_url is not None:
+        webhook_guard.check_url(body.webhook_url, _webhook_allow(settings))
+    if body.id is not None:  # made by the gateway, or chosen in the workspace's namespace
+        check_new_session_id(body.id, workspace_id)
     session = await request.app[MANAGER].create(
-        session_id=session_id,
+        session_id=body.id,
         workspace_id=workspace_id,
-        label=optional_str(data, "label", max_len=200),
-        webhook_url=webhook_url,
-        metadata=metadata,
-        webhook_events=events,
+        label=body.label,
+        webhook_url=body.webhook_url,
+        metadata=body.metadata,
+        webhook_events=body.events,
     )
-    body = {"id": session.id, "status": session.status.value, **_links(session)}
-    return json_response(body, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
+    reply = {"id": session.id, "status": session.status.value, **_links(session)}
+    return json_response(reply, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -239,10 +231,7 @@ def _scope(request: web.Request) -> str:
     asked = request.query.get("workspace_id")
     if caller is not None and asked is not None and asked != caller:
         raise BadRequest("workspace_id does not match the caller's workspace")
-    scope = caller or asked or DEFAULT_WORKSPACE
-    if not 0 < len(scope) <= 64:
-        raise BadRequest("workspace_id must be 1-64 characters")
-    return scope
+    return check_workspace_id(caller or asked or DEFAULT_WORKSPACE)
 
 
 def _int_query(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
@@ -318,7 +307,7 @@ async def put_webhook(request: web.Request) -> web.Response:
     check_keys(data, {"url"})
     if "url" not in data:
         raise BadRequest("url is required (null clears it)")
-    url = optional_str(data, "url", max_len=2048)
+    url = optional_text(data, "url", max_len=MAX_WEBHOOK_URL_CHARS)
     if url is not None:
         webhook_guard.check_url(url, _webhook_allow(settings))
     pool = request.app[MANAGER].store.pool

@@ -61,7 +61,8 @@ class SessionManager:
         self.durable = durable
         self.store = durable.store
         self.name = name
-        self.snapshot_key = snapshot.load_key(settings.snapshot_key) if settings.snapshot_key else None
+        keys = snapshot.SnapshotKeys.from_settings(settings.snapshot_key, settings.snapshot_keys)
+        self.snapshot_keys = keys
         self.keeper = LeaseKeeper(durable.leases, on_lost=self._lease_lost, on_token=self._lease_token)
         self._ctx = ctx = Context(
             settings=settings,
@@ -71,7 +72,7 @@ class SessionManager:
             durable=durable,
             name=name,
             keeper=self.keeper,
-            snapshot_key=self.snapshot_key,
+            snapshot_keys=self.snapshot_keys,
         )
         self.sessions: dict[str, Session] = ctx.sessions
         self._ending = Ending(ctx)
