@@ -1,8 +1,11 @@
 """Postgres, the source of truth: workspaces and API keys, accounts (sessions), snapshots.
 
-Every write by a worker carries its lease's fencing token; ``UPDATE … WHERE fencing_token <= $t``
-refuses a write from an owner that has been replaced (:class:`StaleOwner`). Events are written to
-the outbox in the same transaction as the state they describe, and published only after commit.
+Every write by a worker carries its lease's fencing token and is fenced strictly
+(:data:`FENCE`): the row's driver writes on the row's own token; a new owner must present a
+strictly greater one (its first write takes the row over). Anything else is refused
+(:class:`StaleOwner`): an owner that has been replaced, or another worker with an equal token.
+Events are written to the outbox in the same transaction as the state they describe, and
+published only after commit.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ _SESSION_COLUMNS = (
     "metadata, webhook_url, history, timings, profile_id, owner, fencing_token, last_seq, lid, synced, "
     "deleted_at IS NOT NULL AS deleted"
 )
+
+
+FENCE = "(fencing_token < $11 OR (fencing_token = $11 AND owner IS NOT DISTINCT FROM $10))"
+"""The fencing compare of a session write (``$10`` the writer, ``$11`` its token): accepted when the
+token is strictly greater than the row's (a new lease was issued: the writer takes the row over,
+and from then on is its owner) or equal to it *and* the writer is the row's owner (the current
+driver, on the token it holds). Equal tokens from two workers, or any older token, are refused.
+Tokens come only from the lease counter in Redis (floored by the row's token), so each issue of
+a lease has its own token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +206,32 @@ class Store:
         )
         return [_record(r) for r in rows]
 
+    async def claim(self, session_id: str, *, owner: str, token: int) -> bool:
+        """A new owner takes the row over on its new lease's token, before it drives the session:
+        from now on the former owner's writes are refused. False when the row already carries
+        this token or a newer one (someone else took it over since the caller read it)."""
+        done = await self.pool.fetchval(
+            "UPDATE whatsapp_accounts SET owner = $2, fencing_token = $3, updated_at = now()"
+            " WHERE id = $1 AND fencing_token < $3 RETURNING true",
+            session_id,
+            owner,
+            token,
+        )
+        return bool(done)
+
+    async def replaced_among(self, owner: str, session_ids: list[str]) -> list[str]:
+        """Which of ``session_ids`` (driven by ``owner``) were soft-deleted by someone else — a newer
+        link of the same phone replaced them (:meth:`mark_ready`) — and must end where they run."""
+        if not session_ids:
+            return []
+        rows = await self.pool.fetch(
+            "SELECT id FROM whatsapp_accounts WHERE id = ANY($1::text[]) AND owner = $2"
+            " AND deleted_at IS NOT NULL",
+            session_ids,
+            owner,
+        )
+        return [str(r["id"]) for r in rows]
+
     async def list_accounts(
         self, workspace_id: str, *, include_deleted: bool = False
     ) -> list[dict[str, Any]]:
@@ -289,11 +327,12 @@ class Store:
     ) -> None:
         values = _column_values(rec)
         done = await conn.fetchval(
-            "UPDATE whatsapp_accounts SET session_status = $2, status = $3, reason = $4, phone_number = $5,"
-            " push_name = $6, history = $7, timings = $8, profile_id = $9, owner = $10, fencing_token = $11,"
+            "UPDATE whatsapp_accounts SET session_status = $2, status = $3,"  # noqa: S608 - constant
+            " reason = $4, phone_number = $5, push_name = $6, history = $7, timings = $8,"
+            " profile_id = $9, owner = $10, fencing_token = $11,"
             " label = $12, metadata = $13, webhook_url = $14, lid = $16, synced = $17, updated_at = now(),"
             " deleted_at = CASE WHEN $15 THEN coalesce(deleted_at, now()) ELSE deleted_at END"
-            " WHERE id = $1 AND fencing_token <= $11 RETURNING true",
+            " WHERE id = $1 AND " + FENCE + " RETURNING true",
             rec["id"],
             values["session_status"],
             values["status"],
@@ -314,10 +353,15 @@ class Store:
         )
         if done:
             return
-        current = await conn.fetchval("SELECT fencing_token FROM whatsapp_accounts WHERE id = $1", rec["id"])
+        current = await conn.fetchrow(
+            "SELECT fencing_token, owner FROM whatsapp_accounts WHERE id = $1", rec["id"]
+        )
         if current is None:
             raise SessionNotFound(f"no session {rec['id']}")
-        raise StaleOwner(f"session {rec['id']} has a newer owner (token {current} > {token}); write refused")
+        raise StaleOwner(
+            f"session {rec['id']} is owned by {current['owner']} on token {current['fencing_token']};"
+            f" a write by {owner} on token {token} is refused"
+        )
 
     async def _enqueue(
         self, conn: Conn, rec: dict[str, Any], events: list[NewEvent]

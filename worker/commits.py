@@ -1,5 +1,7 @@
 """Committing a session: its state and pending events go to Postgres in one transaction, fenced
-by the session's lease token, and only then are the events delivered (SSE, Redis, webhooks)."""
+by the session's lease token, and only then are the events delivered (SSE, Redis, webhooks).
+Once an ended session's end is committed, it is retired: nothing of it stays on this worker.
+"""
 
 from __future__ import annotations
 
@@ -62,18 +64,22 @@ class Commits:
                 session.deliver(event)
             await ctx.durable.publish(session.id, [e.to_dict() for e in committed])
         for other in replaced:
-            self._replaced(other, by=session.id)
+            self.end_replaced(other, by=session.id)
+        if session.ended and session.status != S.DELETED and not session.pending:
+            self._ending.retire(session)  # its end is in Postgres: lease and memory go
 
     async def _write_later(self, session: Session) -> None:
         await asyncio.sleep(0.5)  # back off while Postgres is unreachable
         await self.write(session)
 
-    def _replaced(self, session_id: str, *, by: str) -> None:
-        """An older session of the same phone was soft-deleted by a newer link: end it here."""
+    def end_replaced(self, session_id: str, *, by: str | None) -> None:
+        """An older session of the same phone was soft-deleted by a newer link (``by``; None when
+        this worker learnt it from Postgres, see :mod:`worker.duplicates`): end it here and
+        unlink its device from the phone."""
         session = self._ctx.sessions.get(session_id)
         if session is None or session.ended:
             return
-        log.info("%s: replaced by %s (same phone in the workspace)", session_id, by)
+        log.info("%s: replaced by %s (same phone in the workspace)", session_id, by or "a newer link")
         session.phone_number = None
         self._ending.end(session, S.FAILED, Reason.REPLACED, unlink=True)
         self.flush(session)
