@@ -8,6 +8,8 @@ breaker lets it through. What happens next depends on how the attempt ended:
 - ``503 unavailable`` (the worker is draining) on any route → next worker, short backoff;
 - ``409 not_owner`` on any route → the lease holder (read again), short backoff; while that
   holder is down the budget stretches to the lease TTL, after which the worker tried takes over;
+- ``503 lease_unavailable`` (no lease can be had: Redis is down or just back) → the answer as
+  is, at once: every worker would say the same, and the worker is healthy (not a failure);
 - other 5xx: idempotent calls only → next worker; otherwise the answer as is;
 - an answer from a worker that does not drive the session (``X-Walink-Driver`` names another):
   the lease is read again and, when its holder is up, the request goes there once, at once;
@@ -38,7 +40,7 @@ from gateway.errors import NoWorkerAvailable, UpstreamError, UpstreamTimeout
 from gateway.membership import Worker
 from gateway.routing import Plan
 from shared import metrics
-from shared.errors import WalinkError
+from shared.errors import LeaseUnavailable, WalinkError
 from shared.web import DRIVER_HEADER, WORKSPACE_HEADER
 
 log = logging.getLogger("walink.gateway.proxy")
@@ -335,6 +337,9 @@ class Proxy:
             t.exclude.add(worker.name)
             t.last = answer
             return "unavailable", None
+        if status == 503 and code == LeaseUnavailable.code:
+            breaker.success()  # the worker is fine; Redis is not (see docs/ownership.md)
+            return None, answer
         if status == 409 and code == "not_owner":
             breaker.success()
             plan.not_landed(worker)

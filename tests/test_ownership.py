@@ -327,3 +327,24 @@ async def test_a_duplicate_replaced_on_another_worker_ends_there_and_its_device_
     )
     view = await get_json(b, f"/v1/sessions/{new}")
     assert view["status"] == "ready" and view["phone_number"] == PHONE
+
+
+async def test_the_gateway_answers_lease_unavailable_at_once_without_blaming_the_worker(
+    aiohttp_server: Any,
+) -> None:
+    from gateway.proxy import Call
+    from gateway.routing import Kind
+    from tests.test_gateway_units import fake_cluster, forward
+
+    sid = "s_nolease"
+    refused = (503, {"error": {"code": "lease_unavailable", "message": "Redis unreachable; retry"}})
+    membership, router, fakes = await fake_cluster(aiohttp_server, {"w1": [refused], "w2": [refused]})
+    for _ in range(5):
+        sleeps: list[float] = []
+        call = Call("POST", f"/v1/sessions/{sid}/restart", {}, b"")
+        answer = await forward(router, call, Kind.SESSION, sid, sleeps)
+        assert answer.status == 503 and answer.code == "lease_unavailable" and sleeps == []
+    assert len(fakes.seen) == 5  # one attempt each: every worker would say the same
+    for name in ("w1", "w2"):  # Redis is down, not the worker: its breaker stays closed
+        worker = membership.get(name)
+        assert worker is not None and worker.breaker.snapshot()["consecutive_failures"] == 0
