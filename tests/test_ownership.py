@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
+from redis.exceptions import RedisError
 
 from shared.errors import LeaseUnavailable, StaleOwner
 from shared.leases import LeaseKeeper, Leases
@@ -213,6 +214,27 @@ async def test_two_hundred_expired_qrs_leave_no_lease_and_no_session_in_memory(
     assert manager.sessions == {}
 
 
+async def test_an_ended_session_a_command_brought_back_is_retired_when_unused(
+    sim: Sim,
+    start_worker: WorkerFactory,
+    pg_pool: asyncpg.Pool,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    client = await start_worker()
+    manager = manager_of(client)
+    await Store(pg_pool).insert_session(_rec("s_oldend", status="expired"), owner="worker-gone", token=3)
+    resp = await client.get("/v1/sessions/s_oldend/qr")  # a command takes it over from Postgres
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "invalid_state"
+    assert "s_oldend" in manager.sessions and await _lease_keys(redis_client, redis_prefix) != []
+    assert manager.retire_ended() == 0  # just used: it stays a while
+    assert manager.retire_ended(grace_s=0) == 1
+    await asyncio.wait_for(manager.settle(), WAIT_S)
+    assert manager.sessions == {} and manager.keeper.held == {}
+    assert await _lease_keys(redis_client, redis_prefix) == []
+    assert (await get_json(client, "/v1/sessions/s_oldend"))["status"] == "expired"
+
+
 # ---------------------------------------------------------------------------- Redis down
 def _drivers(sid: str, *managers: Any) -> list[str]:
     """The workers that have a browser for the session now."""
@@ -277,14 +299,46 @@ async def test_redis_stopped_mid_run_leaves_exactly_one_browser_per_session_on_t
 
             await _until(owner_holds, "worker-a holds the lease again")
             await sample(b)
-            assert samples >= 4
-            # still driven on A, which kept writing (a newer token of its own, taken back)
             session = ma.get(sid)
             assert session.status.value == "ready" and session.fencing_token >= token_before
+            # A's renewals sent while Redis was stopped may have run when it resumed (and taken
+            # the expired lease back for A at once): either way A holds it and writes on its token
+            await ma.store.save(session.record(), owner="worker-a", token=session.fencing_token, events=[])
+
+            # Redis stops for good (SIGTERM: its data is gone), then a new one starts empty
+            token_before = session.fencing_token
+            os.kill(server_pid, signal.SIGTERM)
+
+            async def redis_gone() -> bool:
+                try:
+                    await fresh.ping()
+                except (OSError, RedisError):
+                    return True
+                return False
+
+            await _until(redis_gone, "Redis stopped")
+            for _ in range(3):
+                await sample(b)
+            _start()
+            await _until(owner_holds, "worker-a holds the lease of the new Redis")
+            back_at = time.monotonic()
+            while time.monotonic() - back_at < 4.0:  # past the settling window of one lease TTL
+                await sample(b)
+            assert samples >= 8
+            session = ma.get(sid)
+            # the new Redis had no counter: the token is floored by the one A held
+            assert session.status.value == "ready" and session.fencing_token > token_before
+            assert int(await fresh.get(keys.fence(sid)) or 0) == session.fencing_token
+            await ma.store.save(session.record(), owner="worker-a", token=session.fencing_token, events=[])
             row = await pg_pool.fetchrow(
-                "SELECT owner, session_status FROM whatsapp_accounts WHERE id = $1", sid
+                "SELECT owner, session_status, fencing_token FROM whatsapp_accounts WHERE id = $1", sid
             )
-            assert row is not None and (row["owner"], row["session_status"]) == ("worker-a", "ready")
+            assert row is not None
+            assert (row["owner"], row["session_status"], row["fencing_token"]) == (
+                "worker-a",
+                "ready",
+                session.fencing_token,
+            )
             assert len(await sim.devices(PHONE)) == 1  # no second device, no re-scan
         finally:
             await fresh.aclose()

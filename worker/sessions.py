@@ -239,19 +239,22 @@ class SessionManager:
                 log.warning("replaced-session check failed: %s", exc)
 
     def retire_ended(self, *, grace_s: float = ENDED_GRACE_S) -> int:
-        """Retire the ended sessions left here (committed, unused for ``grace_s``); how many."""
+        """Retire the ended sessions left here unused for ``grace_s`` (one with uncommitted events
+        is committed first, and retired by that commit); how many."""
         now = time.monotonic()
         stale = [
             s
             for s in self.sessions.values()
             if s.ended
             and s.status != S.DELETED
-            and not s.pending
             and not s.write_lock.locked()
             and now - s.last_used >= grace_s
         ]
         for session in stale:
-            self._ending.retire(session)
+            if session.pending:
+                self._commits.flush(session)
+            else:
+                self._ending.retire(session)
         return len(stale)
 
     # ------------------------------------------------------------------ commands
