@@ -360,7 +360,7 @@ def document() -> dict[str, Any]:
                     409: "Conflict: invalid_state, session_exists",
                     413: "Body too large",
                     502: "Upstream error",
-                    503: "Unavailable: no_worker_available, unavailable",
+                    503: "Unavailable: no_worker_available, unavailable, lease_unavailable (retry)",
                     504: "Upstream timeout",
                 }.items()
             },

@@ -161,7 +161,10 @@ class TakeOver:
             return 0
         ring = self._ring(tuple(serving))
         adopted = 0
-        for rec in await ctx.store.orphans(set(serving) - {ctx.name}):
+        # this worker's own sessions it does not drive count too when it restores at start (those
+        # it could not restore then, for want of a lease)
+        own = {ctx.name} if ctx.settings.restore_on_start else set()
+        for rec in await ctx.store.orphans(set(serving) - own):
             if rec["id"] in ctx.sessions:
                 continue
             if rec.get("owner") != ctx.name and ring.get_node(rec["id"]) != ctx.name:
