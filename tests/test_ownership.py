@@ -344,6 +344,56 @@ async def test_redis_stopped_mid_run_leaves_exactly_one_browser_per_session_on_t
             await fresh.aclose()
 
 
+async def test_a_worker_started_while_redis_is_down_restores_its_sessions_only_with_their_leases(
+    sim: Sim, start_worker: WorkerFactory
+) -> None:
+    async with private_redis() as (port, start_redis):
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        common: dict[str, Any] = {
+            "worker_name": "worker-a",
+            "redis_url": redis_url,
+            "redis_timeout_s": 0.2,
+            "lease_ttl_ms": 3000,
+        }
+        first = await start_worker(**common)
+        sid = await link_id(first, sim, PHONE)
+        await first.close()  # hands its session over: snapshot stored, lease freed, profile kept
+        fresh = aioredis.from_url(redis_url)
+        try:
+            os.kill(int((await fresh.info("server"))["process_id"]), signal.SIGTERM)
+
+            async def redis_gone() -> bool:
+                try:
+                    await fresh.ping()
+                except (OSError, RedisError):
+                    return True
+                return False
+
+            await _until(redis_gone, "Redis stopped")
+            second = await start_worker(**common)  # the same worker again, Redis still down
+            manager = manager_of(second)
+            assert manager.local(sid) is None and not manager.browsers()  # not without a lease
+            view = await get_json(second, f"/v1/sessions/{sid}")  # the record answers meanwhile
+            assert view["status"] == "ready" and view["phone_number"] == PHONE
+            restart = await second.post(f"/v1/sessions/{sid}/restart")
+            assert restart.status == 503
+            assert (await restart.json())["error"]["code"] == "lease_unavailable"
+            assert manager.local(sid) is None and not manager.browsers()
+
+            start_redis()  # Redis is back (empty): the orphan watch takes the session back
+
+            async def restored() -> bool:
+                session = manager.sessions.get(sid)
+                return session is not None and session.status.value == "ready"
+
+            await _until(restored, "the session is restored once its lease can be had")
+            assert await fresh.get(manager.durable.keys.lease(sid)) == b"worker-a"
+            assert len(manager.browsers()) == 1
+            assert len(await sim.devices(PHONE)) == 1  # no re-scan
+        finally:
+            await fresh.aclose()
+
+
 # ---------------------------------------------------------------------------- duplicates
 async def test_a_duplicate_replaced_on_another_worker_ends_there_and_its_device_is_unlinked(
     tmp_path: Path, sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
