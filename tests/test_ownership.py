@@ -224,6 +224,9 @@ async def test_an_ended_session_a_command_brought_back_is_retired_when_unused(
     client = await start_worker()
     manager = manager_of(client)
     await Store(pg_pool).insert_session(_rec("s_oldend", status="expired"), owner="worker-gone", token=3)
+    taken = await client.post("/v1/sessions", json={"id": "s_oldend"})
+    assert taken.status == 409 and (await taken.json())["error"]["code"] == "session_exists"
+    assert await redis_client.exists(manager.durable.keys.lease("s_oldend")) == 0  # not kept
     resp = await client.get("/v1/sessions/s_oldend/qr")  # a command takes it over from Postgres
     assert resp.status == 409 and (await resp.json())["error"]["code"] == "invalid_state"
     assert "s_oldend" in manager.sessions and await _lease_keys(redis_client, redis_prefix) != []

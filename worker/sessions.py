@@ -287,7 +287,11 @@ class SessionManager:
         if token is None:
             raise NotOwner(f"session {sid} is being created elsewhere")
         session.fencing_token = token
-        await self.store.insert_session(session.record(), owner=self.name, token=token)
+        try:
+            await self.store.insert_session(session.record(), owner=self.name, token=token)
+        except SessionExists:
+            await self.durable.release(sid)  # the lease of an id already taken is not ours to keep
+            raise
         self.sessions[sid] = session
         self.keeper.hold(sid, token)
         self._linking.start_link(session)
