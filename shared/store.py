@@ -74,6 +74,14 @@ class NewEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ChangedUnder:
+    """See :meth:`Store.changed_under`."""
+
+    taken: list[str]
+    replaced: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class ReadyResult:
     is_primary: bool
     replaced: list[str]
@@ -219,18 +227,21 @@ class Store:
         )
         return bool(done)
 
-    async def replaced_among(self, owner: str, session_ids: list[str]) -> list[str]:
-        """Which of ``session_ids`` (driven by ``owner``) were soft-deleted by someone else — a newer
-        link of the same phone replaced them (:meth:`mark_ready`) — and must end where they run."""
+    async def changed_under(self, owner: str, session_ids: list[str]) -> ChangedUnder:
+        """What Postgres says changed under the sessions ``owner`` drives (``session_ids``): those
+        another worker has taken over since (the row names another owner), and those a newer link
+        of the same phone replaced (soft-deleted by :meth:`mark_ready`, still ``owner``'s)."""
         if not session_ids:
-            return []
+            return ChangedUnder([], [])
         rows = await self.pool.fetch(
-            "SELECT id FROM whatsapp_accounts WHERE id = ANY($1::text[]) AND owner = $2"
-            " AND deleted_at IS NOT NULL",
+            "SELECT id, owner, deleted_at IS NOT NULL AS deleted FROM whatsapp_accounts"
+            " WHERE id = ANY($1::text[]) AND (owner IS DISTINCT FROM $2 OR deleted_at IS NOT NULL)",
             session_ids,
             owner,
         )
-        return [str(r["id"]) for r in rows]
+        taken = [str(r["id"]) for r in rows if r["owner"] != owner]
+        replaced = [str(r["id"]) for r in rows if r["owner"] == owner and r["deleted"]]
+        return ChangedUnder(taken=taken, replaced=replaced)
 
     async def list_accounts(
         self, workspace_id: str, *, include_deleted: bool = False

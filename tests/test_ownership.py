@@ -397,6 +397,41 @@ async def test_a_worker_started_while_redis_is_down_restores_its_sessions_only_w
             await fresh.aclose()
 
 
+async def test_a_worker_cut_off_from_redis_lets_go_of_a_session_taken_over_in_postgres(
+    tmp_path: Path, sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
+) -> None:
+    """A worker that alone cannot reach Redis cannot learn from its lease that another worker took
+    its session over; it learns it from the row (the record) and lets the session go."""
+    async with private_redis() as (port, _start):
+        client = await start_worker(
+            worker_name="worker-a", redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.2
+        )
+        manager = manager_of(client)
+        sid = await link_id(client, sim, PHONE)
+        session = manager.get(sid)
+        fresh = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
+        server_pid = int((await fresh.info("server"))["process_id"])
+        await fresh.aclose()
+        os.kill(server_pid, signal.SIGSTOP)  # only this worker's Redis: a partition
+        try:
+            # another worker (on a Redis this one cannot reach) took the session over
+            assert await Store(pg_pool).claim(sid, owner="worker-b", token=session.fencing_token + 1)
+
+            async def let_go() -> bool:
+                return manager.local(sid) is None and not chromium.groups_under(tmp_path / "var")
+
+            await _until(let_go, "worker-a lets the session go and its browser ends")
+            assert not manager.browsers()
+            with pytest.raises(StaleOwner):  # and anything it still tried to write is refused
+                await manager.store.save(
+                    session.record(), owner="worker-a", token=session.fencing_token, events=[]
+                )
+        finally:
+            os.kill(server_pid, signal.SIGCONT)
+        row = await pg_pool.fetchrow("SELECT owner, session_status FROM whatsapp_accounts WHERE id = $1", sid)
+        assert row is not None and (row["owner"], row["session_status"]) == ("worker-b", "ready")
+
+
 # ---------------------------------------------------------------------------- duplicates
 async def test_a_duplicate_replaced_on_another_worker_ends_there_and_its_device_is_unlinked(
     tmp_path: Path, sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool

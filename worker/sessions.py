@@ -34,6 +34,7 @@ from shared.ids import check_session_id, new_profile_id, new_session_id
 from shared.leases import LeaseKeeper
 from shared.models import ENDED, Reason, SessionStatus
 from shared.settings import Settings
+from shared.store import ChangedUnder
 from worker import snapshot
 from worker.browser import BrowserLauncher, BrowserSlot
 from worker.commits import Commits
@@ -223,20 +224,29 @@ class SessionManager:
         await self._takeover.watch_orphans(interval_s)
 
     # ------------------------------------------------------------------ duplicates, ended sessions
-    async def end_replaced_elsewhere(self) -> list[str]:
-        """End the sessions driven here that a newer link on another worker replaced."""
-        return await self._duplicates.end_replaced_elsewhere()
+    async def check_rows(self) -> ChangedUnder:
+        """What Postgres says changed under the sessions driven here, acted on: one another worker
+        took over is let go (also when this worker cannot reach Redis to learn it from the lease),
+        one a newer link of its phone replaced ends here (see :mod:`worker.duplicates`)."""
+        live = [sid for sid, s in self.sessions.items() if not s.ended]
+        changed = await self.store.changed_under(self.name, live)
+        for sid in changed.taken:
+            session = self.sessions.get(sid)
+            if session is not None:
+                self._ending.let_go(session, Reason.LEASE_LOST)
+        self._duplicates.end_replaced(changed.replaced)
+        return changed
 
     async def keep_house(self, interval_s: float) -> None:
-        """Every ``interval_s``: sessions replaced by a link on another worker end here, and ended
-        sessions left here retire."""
+        """Every ``interval_s``: sessions another worker took over are let go, those replaced by a
+        link on another worker end here (:meth:`check_rows`), and ended sessions left here retire."""
         while True:
             await asyncio.sleep(interval_s)  # the housekeeping period, not a wait for a state
             self.retire_ended()
             try:
-                await self.end_replaced_elsewhere()
+                await self.check_rows()
             except DB_ERRORS as exc:
-                log.warning("replaced-session check failed: %s", exc)
+                log.warning("session row check failed: %s", exc)
 
     def retire_ended(self, *, grace_s: float = ENDED_GRACE_S) -> int:
         """Retire the ended sessions left here unused for ``grace_s`` (one with uncommitted events
