@@ -228,11 +228,12 @@ class SessionManager:
         """What Postgres says changed under the sessions driven here, acted on: one another worker
         took over is let go (also when this worker cannot reach Redis to learn it from the lease),
         one a newer link of its phone replaced ends here (see :mod:`worker.duplicates`)."""
-        live = [sid for sid, s in self.sessions.items() if not s.ended]
-        changed = await self.store.changed_under(self.name, live)
+        asked = {sid: (s, s.fencing_token) for sid, s in self.sessions.items() if not s.ended}
+        changed = await self.store.changed_under(self.name, list(asked))
         for sid in changed.taken:
-            session = self.sessions.get(sid)
-            if session is not None:
+            session, token = asked[sid]
+            # unless it was taken (back) here meanwhile, with a newer token: then the answer is old
+            if self.sessions.get(sid) is session and session.fencing_token == token:
                 self._ending.let_go(session, Reason.LEASE_LOST)
         self._duplicates.end_replaced(changed.replaced)
         return changed
