@@ -214,33 +214,21 @@ class Store:
         )
         return [_record(r) for r in rows]
 
-    async def claim(self, session_id: str, *, owner: str, token: int) -> bool:
-        """A new owner takes the row over on its new lease's token, before it drives the session:
-        from now on the former owner's writes are refused. False when the row already carries
-        this token or a newer one (someone else took it over since the caller read it)."""
-        done = await self.pool.fetchval(
-            "UPDATE whatsapp_accounts SET owner = $2, fencing_token = $3, updated_at = now()"
-            " WHERE id = $1 AND fencing_token < $3 RETURNING true",
-            session_id,
-            owner,
-            token,
-        )
-        return bool(done)
-
-    async def changed_under(self, owner: str, session_ids: list[str]) -> ChangedUnder:
-        """What Postgres says changed under the sessions ``owner`` drives (``session_ids``): those
-        another worker has taken over since (the row names another owner), and those a newer link
-        of the same phone replaced (soft-deleted by :meth:`mark_ready`, still ``owner``'s)."""
-        if not session_ids:
+    async def changed_under(self, held: dict[str, int]) -> ChangedUnder:
+        """What Postgres says changed under sessions a worker drives (``held``: id → the token it
+        holds): those another worker has taken over since (the row carries a newer token), and
+        those a newer link of the same phone replaced (soft-deleted by :meth:`mark_ready`)."""
+        if not held:
             return ChangedUnder([], [])
         rows = await self.pool.fetch(
-            "SELECT id, owner, deleted_at IS NOT NULL AS deleted FROM whatsapp_accounts"
-            " WHERE id = ANY($1::text[]) AND (owner IS DISTINCT FROM $2 OR deleted_at IS NOT NULL)",
-            session_ids,
-            owner,
+            "SELECT a.id, a.fencing_token > h.token AS taken FROM whatsapp_accounts a"
+            " JOIN unnest($1::text[], $2::bigint[]) AS h(id, token) ON a.id = h.id"
+            " WHERE a.fencing_token > h.token OR a.deleted_at IS NOT NULL",
+            list(held),
+            list(held.values()),
         )
-        taken = [str(r["id"]) for r in rows if r["owner"] != owner]
-        replaced = [str(r["id"]) for r in rows if r["owner"] == owner and r["deleted"]]
+        taken = [str(r["id"]) for r in rows if r["taken"]]
+        replaced = [str(r["id"]) for r in rows if not r["taken"]]
         return ChangedUnder(taken=taken, replaced=replaced)
 
     async def list_accounts(

@@ -75,10 +75,11 @@ async def test_an_equal_token_from_another_worker_is_refused_and_a_new_owner_nee
     # another worker with the same token (e.g. both "fenced with Postgres alone") is refused
     with pytest.raises(StaleOwner):
         await store.save({**rec, "status": "failed"}, owner="worker-b", token=5, events=[])
-    # a new owner with a greater token takes the row over; from then on the old one is refused,
-    # on its old token and on the new owner's token alike
-    assert await store.claim("s_strict", owner="worker-b", token=6)
-    assert not await store.claim("s_strict", owner="worker-c", token=6)
+    # a new owner with a greater token takes the row over with its first write; from then on the
+    # old one is refused, on its old token and on the new owner's token alike
+    await store.save({**rec, "status": "authenticated"}, owner="worker-b", token=6, events=[])
+    with pytest.raises(StaleOwner):
+        await store.save({**rec, "status": "failed"}, owner="worker-c", token=6, events=[])
     with pytest.raises(StaleOwner):
         await store.save({**rec, "status": "failed"}, owner="worker-a", token=5, events=[])
     with pytest.raises(StaleOwner):
@@ -415,7 +416,9 @@ async def test_a_worker_cut_off_from_redis_lets_go_of_a_session_taken_over_in_po
         os.kill(server_pid, signal.SIGSTOP)  # only this worker's Redis: a partition
         try:
             # another worker (on a Redis this one cannot reach) took the session over
-            assert await Store(pg_pool).claim(sid, owner="worker-b", token=session.fencing_token + 1)
+            await Store(pg_pool).save(
+                session.record(), owner="worker-b", token=session.fencing_token + 1, events=[]
+            )
 
             async def let_go() -> bool:
                 return manager.local(sid) is None and not chromium.groups_under(tmp_path / "var")

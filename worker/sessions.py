@@ -226,10 +226,11 @@ class SessionManager:
     # ------------------------------------------------------------------ duplicates, ended sessions
     async def check_rows(self) -> ChangedUnder:
         """What Postgres says changed under the sessions driven here, acted on: one another worker
-        took over is let go (also when this worker cannot reach Redis to learn it from the lease),
-        one a newer link of its phone replaced ends here (see :mod:`worker.duplicates`)."""
+        took over (its row carries a newer token than ours) is let go — also when this worker
+        cannot reach Redis to learn it from the lease — and one a newer link of its phone replaced
+        ends here (see :mod:`worker.duplicates`)."""
         asked = {sid: (s, s.fencing_token) for sid, s in self.sessions.items() if not s.ended}
-        changed = await self.store.changed_under(self.name, list(asked))
+        changed = await self.store.changed_under({sid: token for sid, (_, token) in asked.items()})
         for sid in changed.taken:
             session, token = asked[sid]
             # unless it was taken (back) here meanwhile, with a newer token: then the answer is old

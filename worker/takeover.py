@@ -69,10 +69,6 @@ class TakeOver:
         if token is None:
             owner = await ctx.durable.lease_owner(sid)
             raise NotOwner(f"session {sid} is driven by {owner or 'another worker'}")
-        # the row is ours from now on: the former owner's writes are refused
-        if not await ctx.store.claim(sid, owner=ctx.name, token=token):
-            await ctx.durable.release(sid)
-            raise NotOwner(f"session {sid} was taken over by another worker meanwhile")
         session = Session.from_record(rec)
         session.fencing_token = token
         session.needs_resume = True
