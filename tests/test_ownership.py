@@ -226,19 +226,21 @@ async def test_an_ended_session_a_command_brought_back_is_retired_when_unused(
 ) -> None:
     client = await start_worker()
     manager = manager_of(client)
-    await Store(pg_pool).insert_session(_rec("s_oldend", status="expired"), owner="worker-gone", token=3)
-    taken = await client.post("/v1/sessions", json={"id": "s_oldend"})
+    await Store(pg_pool).insert_session(
+        _rec("default.oldend", status="expired"), owner="worker-gone", token=3
+    )
+    taken = await client.post("/v1/sessions", json={"id": "default.oldend"})
     assert taken.status == 409 and (await taken.json())["error"]["code"] == "session_exists"
-    assert await redis_client.exists(manager.durable.keys.lease("s_oldend")) == 0  # not kept
-    resp = await client.get("/v1/sessions/s_oldend/qr")  # a command takes it over from Postgres
+    assert await redis_client.exists(manager.durable.keys.lease("default.oldend")) == 0  # not kept
+    resp = await client.get("/v1/sessions/default.oldend/qr")  # a command takes it over from Postgres
     assert resp.status == 409 and (await resp.json())["error"]["code"] == "invalid_state"
-    assert "s_oldend" in manager.sessions and await _lease_keys(redis_client, redis_prefix) != []
+    assert "default.oldend" in manager.sessions and await _lease_keys(redis_client, redis_prefix) != []
     assert manager.retire_ended() == 0  # just used: it stays a while
     assert manager.retire_ended(grace_s=0) == 1
     await asyncio.wait_for(manager.settle(), WAIT_S)
     assert manager.sessions == {} and manager.keeper.held == {}
     assert await _lease_keys(redis_client, redis_prefix) == []
-    assert (await get_json(client, "/v1/sessions/s_oldend"))["status"] == "expired"
+    assert (await get_json(client, "/v1/sessions/default.oldend"))["status"] == "expired"
 
 
 # ---------------------------------------------------------------------------- Redis down
