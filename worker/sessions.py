@@ -78,6 +78,7 @@ class SessionManager:
         self.durable = durable
         self.store = durable.store
         self.name = name
+        self._creating = 0  # creates between their first await and memory (see placement_load)
         keys = snapshot.SnapshotKeys.from_settings(settings.snapshot_key, settings.snapshot_keys)
         self.snapshot_keys = keys
         self.keeper = LeaseKeeper(
@@ -303,19 +304,25 @@ class SessionManager:
             reason=Reason.CREATED,
         )
         session.mark("requested_at_ms")
-        await self.store.ensure_workspace(workspace_id)
-        token = await self.durable.acquire(sid, floor=0)
-        if token is None:
-            raise NotOwner(f"session {sid} is being created elsewhere")
-        session.fencing_token = token
+        # counted in the heartbeat's load from now on: the gateway forgets its placement once a
+        # heartbeat is newer than it, even when the create is still on its way to memory here
+        self._creating += 1
         try:
-            await self.store.insert_session(
-                session.record(), owner=self.name, token=token, webhook_events=webhook_events
-            )
-        except SessionExists:
-            await self.durable.release(sid)  # the lease of an id already taken is not ours to keep
-            raise
-        self.sessions[sid] = session
+            await self.store.ensure_workspace(workspace_id)
+            token = await self.durable.acquire(sid, floor=0)
+            if token is None:
+                raise NotOwner(f"session {sid} is being created elsewhere")
+            session.fencing_token = token
+            try:
+                await self.store.insert_session(
+                    session.record(), owner=self.name, token=token, webhook_events=webhook_events
+                )
+            except SessionExists:
+                await self.durable.release(sid)  # the lease of an id already taken is not ours to keep
+                raise
+            self.sessions[sid] = session
+        finally:
+            self._creating -= 1
         self.keeper.hold(sid, token)
         self._linking.start_link(session)
         await self._commits.write(session)  # the answer to "add account" already carries a committed state
@@ -488,8 +495,8 @@ class SessionManager:
 
     def placement_load(self) -> dict[str, int]:
         """What new sessions are placed by: sessions with a browser or starting one (not
-        hibernated, not ended), and of them those showing a QR."""
-        sessions = qr = 0
+        hibernated, not ended) and those being created, and of them those showing a QR."""
+        sessions, qr = self._creating, 0
         for s in self.sessions.values():
             if s.slot is not None or s.status == S.STARTING:
                 sessions += 1
