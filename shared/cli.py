@@ -93,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--port", type=int, default=3100)
     sim.add_argument("--profile", default="instant")
     args = parser.parse_args(argv)
+    from shared.errors import WalinkError
+
+    try:
+        return _dispatch(parser, args)
+    except WalinkError as exc:  # bad input or settings: one clear line, not a traceback
+        print(f"walink {args.command}: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "worker":
         from worker.app import main as worker_main
 

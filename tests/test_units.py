@@ -349,3 +349,14 @@ async def test_make_run_says_up_only_when_every_pool_is_warm(
     assert asked.count("a") > 3  # it kept asking while a's pool was cold
     await asyncio.to_thread(devrun.announce_when_up, workers, 1, timeout_s=0.5)  # no gateway there
     assert "walink: not up after" in capsys.readouterr().err
+
+
+def test_the_cli_answers_bad_input_with_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import cli
+
+    monkeypatch.setenv("WALINK_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    assert cli.main(["api-key", "--workspace", "Bad.Id"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("walink api-key: workspace id must be") and "Traceback" not in err
