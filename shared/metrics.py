@@ -98,6 +98,14 @@ COMMIT_FAILURES = Counter(
     "walink_commit_failures_total",
     "Session commits whose retry budget ran out (events kept for the next round, or a 503)",
 )
+REPLACED_UNLINKS = Counter(
+    "walink_replaced_unlinks_total",
+    "Replaced hibernated sessions whose device was to be unlinked (worker.unlinking), by outcome:"
+    " 'unlinked' (logged out through the page), 'not_linked' (the page showed no login: nothing"
+    " left to unlink), 'failed' (an attempt failed; retried later), 'gave_up' (no profile nor"
+    " snapshot to log in with)",
+    ["outcome"],
+)
 HIBERNATE_FAILURES = Counter(
     "walink_hibernate_failures_total",
     "Hibernations given up because the snapshot could not be packed or stored (session kept ready)",

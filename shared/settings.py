@@ -108,6 +108,11 @@ class Settings:
     # a snapshot of a ready session's live profile this long after ready, for crash failover
     # (Chromium commits localStorage to disk in batches up to ~5 s late, so not sooner)
     live_snapshot_delay_s: float = 8.0
+    # a replaced hibernated session's device is unlinked by logging in on its profile and out
+    # again (worker.unlinking): one attempt is bounded by this; a failed one is tried again after
+    # unlink_retry_s (also how often every worker looks for such sessions left undone)
+    unlink_timeout_s: float = 120.0
+    unlink_retry_s: float = 60.0
     # --- hibernation (the seed's LRU of 20 and 5-minute idle timeout)
     idle_timeout_s: float = 300.0
     max_active_sessions: int = 20

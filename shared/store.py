@@ -90,6 +90,8 @@ class ReadyResult:
     is_primary: bool
     replaced: list[str]
     events: list[outbox.OutboxEvent]
+    hibernated: list[str] = field(default_factory=list)
+    """Those of ``replaced`` that were hibernated (no browser anywhere to unlink their device)."""
 
 
 def hash_key(key: str) -> bytes:
@@ -285,23 +287,26 @@ class Store:
                     await conn.execute(
                         "SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE", rec["workspace_id"]
                     )
-                    replaced = [
-                        r["id"]
-                        for r in await conn.fetch(
-                            "UPDATE whatsapp_accounts"
-                            " SET status = 'failed', phone_number = NULL, deleted_at = now(),"
-                            "     is_primary = false,"
-                            "     session_status = CASE WHEN session_status IN ('ready', 'hibernated')"
-                            "                      THEN 'failed' ELSE session_status END,"
-                            "     reason = 'replaced', updated_at = now()"
-                            " WHERE workspace_id = $1 AND phone_number = $2 AND id != $3"
-                            " AND deleted_at IS NULL"
-                            " RETURNING id",
-                            rec["workspace_id"],
-                            rec["phone_number"],
-                            rec["id"],
-                        )
-                    ]
+                    # each replaced row with the status it had: a hibernated one has no browser
+                    # to log out with, its device is unlinked apart (worker.unlinking)
+                    rows = await conn.fetch(
+                        "UPDATE whatsapp_accounts a"
+                        " SET status = 'failed', phone_number = NULL, deleted_at = now(),"
+                        "     is_primary = false,"
+                        "     session_status = CASE WHEN a.session_status IN ('ready', 'hibernated')"
+                        "                      THEN 'failed' ELSE a.session_status END,"
+                        "     reason = 'replaced', updated_at = now()"
+                        " FROM (SELECT id, session_status FROM whatsapp_accounts"
+                        "       WHERE workspace_id = $1 AND phone_number = $2 AND id != $3"
+                        "       AND deleted_at IS NULL FOR UPDATE) AS was"
+                        " WHERE a.id = was.id"
+                        " RETURNING a.id, was.session_status AS was_status",
+                        rec["workspace_id"],
+                        rec["phone_number"],
+                        rec["id"],
+                    )
+                    replaced = [str(r["id"]) for r in rows]
+                    hibernated = [str(r["id"]) for r in rows if r["was_status"] == "hibernated"]
                     await self._fenced_update(conn, rec, owner=owner, token=token)
                     is_primary = bool(
                         await conn.fetchval(
@@ -325,7 +330,7 @@ class Store:
                         for e in events
                     ]
                     written = await self._enqueue(conn, rec, ready_events)
-                return ReadyResult(is_primary, replaced, written)
+                return ReadyResult(is_primary, replaced, written, hibernated)
             except asyncpg.UniqueViolationError:
                 if attempt == 2:
                     raise
@@ -427,6 +432,17 @@ class Store:
             "SELECT blob FROM profile_snapshots WHERE session_id = $1", session_id
         )
         return bytes(blob) if blob is not None else None
+
+    async def replaced_with_snapshot(self, limit: int = 20) -> list[str]:
+        """Sessions a newer link of their phone replaced (deleted) whose snapshot is still stored:
+        their device is still to be unlinked (see :mod:`worker.unlinking`), oldest first."""
+        rows = await self.pool.fetch(
+            "SELECT a.id FROM whatsapp_accounts a JOIN profile_snapshots s ON s.session_id = a.id"
+            " WHERE a.deleted_at IS NOT NULL AND a.reason = 'replaced'"
+            " ORDER BY a.updated_at LIMIT $1",
+            limit,
+        )
+        return [str(r["id"]) for r in rows]
 
     async def delete_snapshot(self, session_id: str) -> None:
         await self.pool.execute("DELETE FROM profile_snapshots WHERE session_id = $1", session_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from shared import metrics, retry
 from shared.errors import DatabaseUnavailable, StaleOwner
@@ -32,9 +33,12 @@ S = SessionStatus
 
 
 class Commits:
-    def __init__(self, ctx: Context, ending: Ending) -> None:
+    def __init__(self, ctx: Context, ending: Ending, *, unlink: Callable[[str], None]) -> None:
+        """``unlink(session_id)`` unlinks the device of a replaced session that is hibernated
+        (no browser to log out with: :mod:`worker.unlinking`)."""
         self._ctx = ctx
         self._ending = ending
+        self._unlink = unlink
         self._in_flight: set[asyncio.Task[None]] = set()
 
     def flush(self, session: Session) -> None:
@@ -79,6 +83,7 @@ class Commits:
                 return
             rec = session.record()
             replaced: list[str] = []
+            hibernated: list[str] = []
             written: list[OutboxEvent] = []
             try:
                 async for attempt in retry.attempts(DB_ERRORS):
@@ -97,6 +102,7 @@ class Commits:
                                 rec, owner=ctx.name, token=session.fencing_token, events=events
                             )
                             written, replaced = result.events, result.replaced
+                            hibernated = result.hibernated
                             session.is_primary = result.is_primary
                         else:
                             written = await ctx.store.save(
@@ -136,7 +142,7 @@ class Commits:
                 session.deliver(event)
             await ctx.durable.publish(session.id, [e.to_dict() for e in committed])
         for other in replaced:
-            self.end_replaced(other, by=session.id)
+            self.end_replaced(other, by=session.id, hibernated=other in hibernated)
         if session.ended and session.status != S.DELETED and not session.pending:
             self._ending.retire(session)  # its end is in Postgres: lease and memory go
 
@@ -145,12 +151,26 @@ class Commits:
         await asyncio.sleep(retry.BACKOFF.wait_max_s)
         await self.write(session)
 
-    def end_replaced(self, session_id: str, *, by: str | None) -> None:
+    def end_replaced(self, session_id: str, *, by: str | None, hibernated: bool = False) -> None:
         """An older session of the same phone was soft-deleted by a newer link (``by``; None when
         this worker learnt it from Postgres, see :mod:`worker.duplicates`): end it here and
-        unlink its device from the phone."""
+        unlink its device from the phone. One that was hibernated (``hibernated``: so the ready
+        transaction said, wherever it is held; or so it is here) has no browser: it leaves this
+        worker's table as it is in Postgres and its device is unlinked apart, on its profile or
+        snapshot (:mod:`worker.unlinking`)."""
         session = self._ctx.sessions.get(session_id)
-        if session is None or session.ended:
+        if session is not None and session.status == S.HIBERNATED:
+            log.info("%s: replaced by %s while hibernated", session_id, by or "a newer link")
+            self._ending.stand_down(session)
+            session.pending.clear()  # nothing of the old session is written again: its row is final
+            self._ending.forget(session)
+            self._unlink(session_id)
+            return
+        if session is None:
+            if hibernated:
+                self._unlink(session_id)
+            return
+        if session.ended:
             return
         log.info("%s: replaced by %s (same phone in the workspace)", session_id, by or "a newer link")
         session.phone_number = None

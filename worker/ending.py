@@ -3,6 +3,7 @@ lets it go because another one owns it now; either way its browser and profile g
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import shutil
@@ -10,7 +11,7 @@ import shutil
 from shared import metrics
 from shared.errors import WalinkError
 from shared.models import LINKING, EventType, Reason, SessionStatus
-from worker.context import Context
+from worker.context import DB_ERRORS, Context
 from worker.session import Session
 
 log = logging.getLogger("walink.sessions")
@@ -33,9 +34,17 @@ class Ending:
             metrics.LINKS.labels(status.value, reason.value).inc()
         event = EventType.SESSION_DISCONNECTED if status == S.LOGGED_OUT else EventType.SESSION_FAILED
         session.publish(event, {"status": status.value, "reason": reason.value})
-        self._ctx.tasks.spawn(
-            session, self.end_browser(session, wipe=True, unlink=unlink), cancel_on_end=False
-        )
+        ending = self._unlink_and_end(session) if unlink else self.end_browser(session, wipe=True)
+        self._ctx.tasks.spawn(session, ending, cancel_on_end=False)
+
+    async def _unlink_and_end(self, session: Session) -> None:
+        """Log out through the page (its device leaves the phone), end the browser, and drop its
+        profile and its snapshot: nothing of the login is kept (a replaced session's snapshot
+        left stored would be taken for an unlink still owed, see :mod:`worker.unlinking`)."""
+        await self.end_browser(session, wipe=True, unlink=True)
+        with contextlib.suppress(*DB_ERRORS):
+            timeout_s = self._ctx.settings.db_timeout_s
+            await asyncio.wait_for(self._ctx.store.delete_snapshot(session.id), timeout_s)
 
     async def end_browser(self, session: Session, *, wipe: bool, unlink: bool = False) -> None:
         slot, session.slot = session.slot, None

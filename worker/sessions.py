@@ -49,6 +49,7 @@ from worker.linking import MAX_CRASH_RESTARTS, Linking
 from worker.qr_queue import QrQueue
 from worker.session import Session, public_from_record
 from worker.takeover import TakeOver
+from worker.unlinking import Unlinking
 from worker.warm_pool import WarmPool
 
 __all__ = ["DB_ERRORS", "MAX_CRASH_RESTARTS", "NotOwner", "SessionManager", "close_with_deadline"]
@@ -99,7 +100,8 @@ class SessionManager:
         )
         self.sessions: dict[str, Session] = ctx.sessions
         self._ending = Ending(ctx)
-        self._commits = Commits(ctx, self._ending)
+        # a replaced hibernated session's device is unlinked apart (built below, on hibernation)
+        self._commits = Commits(ctx, self._ending, unlink=lambda sid: self._unlinking.start(sid))
         # linking starts browsers and is built on hibernation, which restores through it
         self._hibernation = Hibernation(
             ctx,
@@ -110,6 +112,7 @@ class SessionManager:
         self._linking = Linking(ctx, self._ending, self._commits, self._hibernation)
         self._takeover = TakeOver(ctx, self._linking, self._hibernation, self._commits)
         self._duplicates = Duplicates(ctx, self._commits)
+        self._unlinking = Unlinking(ctx, self._ending, self._hibernation)
         self.qr_times_ms: deque[int] = self._linking.qr_times_ms
         self.phone_times_ms: deque[int] = self._linking.phone_times_ms
 
@@ -258,6 +261,16 @@ class SessionManager:
                 await self.check_rows()
             except DB_ERRORS as exc:
                 log.warning("session row check failed: %s", exc)
+
+    async def watch_unlinks(self, interval_s: float) -> None:
+        """Every ``interval_s``: unlink the devices of replaced hibernated sessions left linked
+        (an attempt that failed, a worker that died mid-way; see :mod:`worker.unlinking`)."""
+        await self._unlinking.watch(interval_s)
+
+    @property
+    def unlinking(self) -> frozenset[str]:
+        """The replaced hibernated sessions whose device this worker is unlinking now."""
+        return self._unlinking.running
 
     def retire_ended(self, *, grace_s: float = ENDED_GRACE_S) -> int:
         """Retire the ended sessions left here unused for ``grace_s`` (one with uncommitted events
