@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,6 +40,7 @@ from tests.chaos.services import (
     PrivateRedis,
     free_port,
     python_child,
+    run_quietly,
     walink_env,
 )
 from tests.conftest import CHROMIUM, SNAPSHOT_KEY, EventStream
@@ -84,6 +83,7 @@ class Ready:
     sid: str
     phone: str
     qrs_in_history: int
+    devices: int  # linked devices on the phone once it was ready (a re-scan would add one)
 
 
 @dataclass
@@ -124,13 +124,13 @@ class Outcome:
 
 
 class ChaosCluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, logs: Path) -> None:
         self.root = root
         self.data_dir = root / "var"
-        self.logs = root / "logs"
+        self.logs = logs  # kept after the run (the data dir is pytest's and goes)
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.pg = PrivatePostgres()
-        self.redis = PrivateRedis(root)
+        self.pg = PrivatePostgres(logs)
+        self.redis = PrivateRedis(root, logs)
         self.sim_port = free_port()
         self.sim_url = f"http://127.0.0.1:{self.sim_port}"
         self.gateway_port = free_port()
@@ -148,11 +148,21 @@ class ChaosCluster:
             self.sim_port,
         )
         self.gateway = python_child(
-            "gateway", "gateway", [], self.logs / "gateway.log", walink_env(**self._gateway_env()), self.gateway_port
+            "gateway",
+            "gateway",
+            [],
+            self.logs / "gateway.log",
+            walink_env(**self._gateway_env()),
+            self.gateway_port,
         )
         self.workers = {
             self.name(p): python_child(
-                f"worker {p}", "worker", [], self.logs / f"worker-{p}.log", walink_env(**self._worker_env(p)), p
+                f"worker {p}",
+                "worker",
+                [],
+                self.logs / f"worker-{p}.log",
+                walink_env(**self._worker_env(p)),
+                p,
             )
             for p in self.worker_ports
         }
@@ -208,21 +218,18 @@ class ChaosCluster:
             "CHROMIUM_PATH": str(CHROMIUM),
         }
 
-    def mount_profile_fs(self) -> None:
+    async def mount_profile_fs(self) -> None:
         """The last worker's own directory on a small tmpfs, so that it can be filled up."""
         target = self.data_dir / f"worker-{self.full_disk_port}"
         target.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={PROFILE_FS_MB}m,mode=0700", "tmpfs", str(target)],
-            check=True,
-            capture_output=True,
-        )
-        self.mounted = target
+        options = f"size={PROFILE_FS_MB}m,mode=0700"
+        if await run_quietly("mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)) == 0:
+            self.mounted = target
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            self.mount_profile_fs()
+            await self.mount_profile_fs()
         await self.pg.init()
         await asyncio.gather(self.pg.start(), self.redis.start(), self.sim.start(), self.receiver.start())
         for child in self.workers.values():  # one at a time: each migrates/checks Postgres first
@@ -239,6 +246,12 @@ class ChaosCluster:
 
     def _internal(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {INTERNAL_TOKEN}"}
+
+    async def _all_snapshotted(self) -> bool:
+        rows = await self.pg_fetch(
+            "SELECT session_id FROM profile_snapshots WHERE session_id = ANY($1)", list(self.ready)
+        )
+        return len(rows) == len(self.ready)
 
     async def _all_reachable(self) -> bool:
         status, _, _, body = await answer_of(self.h, "GET", self.base + "/health/cluster", headers=AUTH)
@@ -259,7 +272,7 @@ class ChaosCluster:
             chromium.reap(self.data_dir / f"worker-{port}" / "profiles")
         await asyncio.gather(self.sim.stop(), self.redis.stop(), self.pg.stop(), self.receiver.stop())
         if self.mounted is not None:
-            subprocess.run(["umount", "-l", str(self.mounted)], check=False, capture_output=True)
+            await run_quietly("umount", "-l", str(self.mounted))
         self.pg.remove()
 
     # ------------------------------------------------------------------------------ helpers
@@ -397,7 +410,8 @@ class ChaosCluster:
     async def track(self, linking: Linking) -> Ready:
         body = await self.session(linking.sid)
         assert body["status"] == "ready" and body["phone_number"] == linking.phone, body
-        ready = Ready(linking.sid, linking.phone, sum(1 for h in body["history"] if h["status"] == "qr"))
+        qrs = sum(1 for h in body["history"] if h["status"] == "qr")
+        ready = Ready(linking.sid, linking.phone, qrs, await self.devices(linking.phone))
         self.ready[ready.sid] = ready
         if self.api is not None:
             self.api.session_ids = list(self.ready)
@@ -419,8 +433,11 @@ class ChaosCluster:
         """Run a fault's body, then every check; the outcome goes into the table either way."""
         outcome = Outcome(name)
         self.outcomes.append(outcome)
-        self.set_phase(name)
         try:
+            # the steady state a fault meets: every followed session has the live snapshot that
+            # lets another worker restore it (WALINK_LIVE_SNAPSHOT_DELAY_S after ready)
+            await self.until("every ready session has its snapshot", self._all_snapshotted, RECOVER_S)
+            self.set_phase(name)
             yield outcome
             if not outcome.injected_at:
                 outcome.injected()
@@ -499,9 +516,9 @@ class ChaosCluster:
                     f"({body.get('reason')}), worker {body.get('worker')}, phone {body.get('phone_number')}, "
                     f"QRs in history {qrs} (was {ready.qrs_in_history})"
                 )
-            elif devices != 1:
+            elif devices != ready.devices:
                 outcome.rescans += 1
-                outcome.problem(f"{sid}: {devices} linked devices on {ready.phone} (expected the one)")
+                outcome.problem(f"{sid}: {devices} linked devices on {ready.phone} (was {ready.devices})")
 
     async def finish_linking(self, outcome: Outcome, linking: Linking) -> None:
         """A linking in flight: ready once scanned, or a clear end (never stuck in between)."""
@@ -515,7 +532,7 @@ class ChaosCluster:
                 return True
             if status == "ready":
                 return True
-            return status == "qr" and worker not in outcome.dead and not linking.scanned
+            return status == "qr" and worker not in outcome.dead
 
         try:
             await self.until(f"linking {linking.sid} settles", settled, RECOVER_S)
@@ -523,6 +540,8 @@ class ChaosCluster:
             outcome.problem(f"linking {linking.sid} stuck: {end.get('status')} on {end.get('worker')}")
             return
         if end["status"] == "qr":
+            if linking.scanned:  # the scan was lost with its browser: the user scans the new QR
+                outcome.notes.append("the linking's scan was lost: scanned again")
             await self.scan(linking)
             try:
                 await self.until(
@@ -536,8 +555,10 @@ class ChaosCluster:
                 return
             end = await self.session(linking.sid)
         if end["status"] == "ready":
-            await self.track(linking)
+            ready = await self.track(linking)
             outcome.notes.append("linking ready")
+            if ready.devices != 1:
+                outcome.notes.append(f"{ready.devices} linked devices on the linking's phone (a stale one)")
         else:
             outcome.notes.append(f"linking {end['status']}/{end.get('reason')}")
 
@@ -562,7 +583,8 @@ class ChaosCluster:
 
     async def check_events(self, outcome: Outcome) -> None:
         """Every committed event delivered to the receiver and seen on the client's feed."""
-        assert self.feed is not None
+        feed = self.feed
+        assert feed is not None
         rows: list[asyncpg.Record] = []
 
         async def all_arrived() -> bool:
@@ -573,10 +595,10 @@ class ChaosCluster:
                 )
             except (OSError, asyncpg.PostgresError):
                 return False
-            await self.feed_catch_up()
+            await feed.read_once()
             return all(
                 (not r["hooked"] or (r["state"] == "delivered" and r["event_id"] in self.receiver.events))
-                and r["event_id"] in self.feed.seen
+                and r["event_id"] in feed.seen
                 for r in rows
             )
 
@@ -585,7 +607,7 @@ class ChaosCluster:
         committed = {r["event_id"] for r in rows}
         undelivered = [r for r in rows if r["hooked"] and r["event_id"] not in self.receiver.events]
         dead = [r for r in rows if r["state"] == "dead"]
-        unseen = [r for r in rows if r["event_id"] not in self.feed.seen]
+        unseen = [r for r in rows if r["event_id"] not in feed.seen]
         phantom = [e for e in self.receiver.events if e not in committed]
         outcome.lost_events = len({r["event_id"] for r in undelivered + unseen})
         if undelivered:
@@ -599,9 +621,5 @@ class ChaosCluster:
             outcome.problem(f"{len(unseen)} committed event(s) missing from GET /v1/events")
         if phantom:
             outcome.problem(f"{len(phantom)} delivered event(s) not in the outbox: {phantom[:3]}")
-        if self.feed.out_of_order:
-            outcome.problem(f"events out of order on the feed: {self.feed.out_of_order[:3]}")
-
-    async def feed_catch_up(self) -> None:
-        assert self.feed is not None
-        await self.feed.read_once()
+        if feed.out_of_order:
+            outcome.problem(f"events out of order on the feed: {feed.out_of_order[:3]}")

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +17,13 @@ import pytest_asyncio
 from tests.chaos.cluster import ChaosCluster, Outcome
 
 OUTCOMES: list[Outcome] = []
+LOGS: list[Path] = []
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def chaos(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ChaosCluster]:
-    cluster = ChaosCluster(tmp_path_factory.mktemp("chaos"))
+    logs = Path("var/chaos") / time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
+    cluster = ChaosCluster(tmp_path_factory.mktemp("chaos"), logs.resolve())
     try:
         await asyncio.wait_for(cluster.start(), 300)
         for _ in range(4):  # ready sessions before the first fault
@@ -28,6 +32,7 @@ async def chaos(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Chaos
         yield cluster
     finally:
         OUTCOMES.extend(cluster.outcomes)
+        LOGS.append(cluster.logs)
         await asyncio.wait_for(cluster.close(), 300)
 
 
@@ -36,7 +41,16 @@ def _errors(outcome: Outcome) -> str:
 
 
 def table(outcomes: list[Outcome]) -> list[str]:
-    head = ("fault", "outcome", "recovery", "errors during it", "re-scans", "lost events", "orphans", "2 drivers")
+    head = (
+        "fault",
+        "outcome",
+        "recovery",
+        "errors during it",
+        "re-scans",
+        "lost events",
+        "orphans",
+        "2 drivers",
+    )
     rows = [
         (
             o.fault,
@@ -51,7 +65,7 @@ def table(outcomes: list[Outcome]) -> list[str]:
         for o in outcomes
     ]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [line.format(*head), line.format(*("-" * w for w in widths))]
     out += [line.format(*r) for r in rows]
     for o in outcomes:
@@ -68,3 +82,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("chaos: fault -> outcome")
     for text in table(OUTCOMES):
         terminalreporter.write_line(text)
+    for logs in LOGS:
+        terminalreporter.write_line(f"logs of every process: {logs}")

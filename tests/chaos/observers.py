@@ -85,7 +85,9 @@ def _error_code(status: int, body: bytes, content_type: str) -> tuple[str, bool]
     return code or "no code", bool(code and error.get("message"))
 
 
-async def answer_of(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, str, bool, Any]:
+async def answer_of(
+    http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> tuple[int, str, bool, Any]:
     """``(status, error code, clear, JSON body or None)``; status 0 when no answer came."""
     try:
         async with http.request(method, url, timeout=aiohttp.ClientTimeout(total=ANSWER_S), **kwargs) as resp:

@@ -44,8 +44,10 @@ async def port_answers(port: int) -> bool:
     return True
 
 
-def _as_postgres() -> list[str]:
-    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+def _as_postgres() -> dict[str, str]:
+    """Popen's ``user``/``group`` as root (initdb and postgres refuse to run as root). The server
+    is our child itself (no ``runuser`` in between), so that our signals reach it."""
+    return {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
 
 
 def _child_setup() -> None:
@@ -59,8 +61,17 @@ def _child_setup() -> None:
 class Child:
     """A child process whose output goes to a log file (read back by ``log_since``)."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str], port: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: Mapping[str, str],
+        port: int,
+        as_user: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
+        self.as_user = dict(as_user or {})
         self.argv = argv
         self.log_path = log_path
         self.env = dict(env)
@@ -100,6 +111,7 @@ class Child:
                 stdout=out,
                 stderr=out,
                 preexec_fn=_child_setup,
+                **self.as_user,  # type: ignore[arg-type]
             )
         self.starts += 1
         async with asyncio.timeout(START_S):
@@ -115,13 +127,12 @@ class Child:
 
     async def wait_log(self, needle: str, *, after: int, timeout_s: float) -> str:
         """The log from ``after`` once it contains ``needle`` (AssertionError after the deadline)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                while needle not in (text := self.log_since(after)):
-                    await asyncio.sleep(0.2)  # written by another process: we can only look again
+        for _ in range(int(timeout_s / 0.2) + 1):
+            text = self.log_since(after)
+            if needle in text:
                 return text
-        except TimeoutError:
-            raise AssertionError(f"{self.name} never logged {needle!r}") from None
+            await asyncio.sleep(0.2)  # written by another process: we can only look again
+        raise AssertionError(f"{self.name} never logged {needle!r} within {timeout_s:.0f}s")
 
     def send(self, sig: int) -> None:
         assert self.proc is not None and self.proc.returncode is None, f"{self.name} is not running"
@@ -144,7 +155,7 @@ class Child:
 class PrivateRedis:
     """A Redis of the suite's own on a spare port, without persistence: a restart starts empty."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, logs: Path) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         argv = [
@@ -160,7 +171,7 @@ class PrivateRedis:
             "--dir",
             str(root),
         ]
-        self.child = Child("redis", argv, root / "redis.log", os.environ, self.port)
+        self.child = Child("redis", argv, logs / "redis.log", os.environ, self.port)
 
     async def start(self) -> None:
         await self.child.start()
@@ -172,13 +183,12 @@ class PrivateRedis:
 class PrivatePostgres:
     """A Postgres cluster of the suite's own (initdb'd under /tmp, owned by ``postgres``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, logs: Path) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="walink-chaos-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/walink_chaos"
         argv = [
-            *_as_postgres(),
             str(PG_BIN / "postgres"),
             "-D",
             str(self.data),
@@ -191,13 +201,12 @@ class PrivatePostgres:
             "-c",
             "fsync=off",  # a test cluster: durability across a machine crash is not what is tested
         ]
-        self.child = Child("postgres", argv, self.root / "postgres.log", os.environ, self.port)
+        self.child = Child("postgres", argv, logs / "postgres.log", os.environ, self.port, _as_postgres())
 
     async def init(self) -> None:
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
         proc = await asyncio.create_subprocess_exec(
-            *_as_postgres(),
             str(PG_BIN / "initdb"),
             "-D",
             str(self.data),
@@ -207,6 +216,7 @@ class PrivatePostgres:
             "postgres",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            **_as_postgres(),  # type: ignore[arg-type]
         )
         _, err = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode == 0, err.decode()
@@ -222,6 +232,14 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+async def run_quietly(*argv: str) -> int:
+    """Run a short command (mount, umount) to its end; its exit code."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    return await asyncio.wait_for(proc.wait(), 60)
+
+
 def walink_env(**values: str) -> dict[str, str]:
     """The environment of a walink child: ours without any WALINK_* key, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALINK_")}
@@ -229,5 +247,7 @@ def walink_env(**values: str) -> dict[str, str]:
     return env
 
 
-def python_child(name: str, module: str, args: list[str], log_path: Path, env: Mapping[str, str], port: int) -> Child:
+def python_child(
+    name: str, module: str, args: list[str], log_path: Path, env: Mapping[str, str], port: int
+) -> Child:
     return Child(name, [sys.executable, "-m", module, *args], log_path, env, port)
