@@ -306,6 +306,17 @@ class ChaosCluster:
         status, _, _, body = await answer_of(self.h, method, self.base + path, headers=AUTH, **kwargs)
         return status, body
 
+    async def client_call(self, outcome: Outcome, method: str, path: str, **kwargs: Any) -> int:
+        """A client's call during a fault: its answer goes into the outcome (a 500, a hang or an
+        unclear error is a problem); the status."""
+        status, code, clear, _ = await answer_of(self.h, method, self.base + path, headers=AUTH, **kwargs)
+        outcome.notes.append(f"{method} {path} during the fault: {status} {code}".rstrip())
+        if not 200 <= status < 300:
+            outcome.errors[f"{status or '-'} {code}"] += 1
+        if status in {0, 500} or not clear:
+            outcome.problem(f"{method} {path} during the fault: {status} {code}")
+        return status
+
     async def session(self, sid: str) -> dict[str, Any]:
         status, body = await self.call("GET", f"/v1/sessions/{sid}")
         return dict(body) if status == 200 and isinstance(body, dict) else {"status": f"http {status}"}

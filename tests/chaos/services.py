@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import pwd
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -44,18 +46,26 @@ async def port_answers(port: int) -> bool:
     return True
 
 
-def _as_postgres() -> dict[str, str]:
-    """Popen's ``user``/``group`` as root (initdb and postgres refuse to run as root). The server
-    is our child itself (no ``runuser`` in between), so that our signals reach it."""
-    return {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+def _postgres_user() -> str | None:
+    """``postgres`` when we are root (initdb and postgres refuse to run as root). The server is
+    then our child itself, not behind ``runuser``, so that our signals reach it."""
+    return "postgres" if os.geteuid() == 0 else None
 
 
-def _child_setup() -> None:
-    """In the child: SIGTERM when the test process dies, so no child outlives a killed run."""
-    import ctypes
+def _child_setup(user: str | None) -> Callable[[], None]:
+    """In the child: become ``user`` if given, then ask for SIGTERM when the test process dies
+    (after the change of user, which clears that setting), so no child outlives a killed run."""
+    ids = pwd.getpwnam(user) if user is not None else None
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    def setup() -> None:
+        if ids is not None:
+            os.setgroups([])
+            os.setgid(ids.pw_gid)
+            os.setuid(ids.pw_uid)
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return setup
 
 
 class Child:
@@ -68,10 +78,10 @@ class Child:
         log_path: Path,
         env: Mapping[str, str],
         port: int,
-        as_user: Mapping[str, str] | None = None,
+        user: str | None = None,
     ) -> None:
         self.name = name
-        self.as_user = dict(as_user or {})
+        self.user = user
         self.argv = argv
         self.log_path = log_path
         self.env = dict(env)
@@ -110,8 +120,7 @@ class Child:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
-                preexec_fn=_child_setup,
-                **self.as_user,  # type: ignore[arg-type]
+                preexec_fn=_child_setup(self.user),
             )
         self.starts += 1
         async with asyncio.timeout(START_S):
@@ -201,7 +210,7 @@ class PrivatePostgres:
             "-c",
             "fsync=off",  # a test cluster: durability across a machine crash is not what is tested
         ]
-        self.child = Child("postgres", argv, logs / "postgres.log", os.environ, self.port, _as_postgres())
+        self.child = Child("postgres", argv, logs / "postgres.log", os.environ, self.port, _postgres_user())
 
     async def init(self) -> None:
         if os.geteuid() == 0:
@@ -216,7 +225,7 @@ class PrivatePostgres:
             "postgres",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            **_as_postgres(),  # type: ignore[arg-type]
+            preexec_fn=_child_setup(_postgres_user()),
         )
         _, err = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode == 0, err.decode()

@@ -92,8 +92,7 @@ async def test_redis_restarted(chaos: ChaosCluster) -> None:
         f.injected()
         await chaos.redis.stop()
         # an "add account" while Redis is away: a clear answer either way
-        status, body = await chaos.call("POST", "/v1/sessions", json={})
-        f.notes.append(f"create while Redis down: {status} {_code(body)}")
+        await chaos.client_call(f, "POST", "/v1/sessions", json={})
         await asyncio.sleep(REDIS_DOWN_S)  # the outage itself: a duration, not a wait for a state
         await chaos.redis.start()
     passed(f)
@@ -107,8 +106,7 @@ async def test_postgres_restarted(chaos: ChaosCluster) -> None:
         await chaos.pg.stop()
         # the phone scans while Postgres is down: session_ready must be committed once it is back
         await chaos.scan(linking)
-        status, body = await chaos.call("POST", "/v1/sessions", json={})
-        f.notes.append(f"create while Postgres down: {status} {_code(body)}")
+        await chaos.client_call(f, "POST", "/v1/sessions", json={})
         await asyncio.sleep(POSTGRES_DOWN_S)  # the outage itself
         await chaos.pg.start()
     passed(f)
@@ -216,8 +214,7 @@ async def test_profile_writes_failing(chaos: ChaosCluster) -> None:
             f.notes.append(f"{victim}'s filesystem full ({free} blocks free)")
             mine = chaos.sessions_on(victim, await chaos.owners())
             for sid in mine:  # its browsers relaunch on a full disk
-                status, body = await chaos.call("POST", f"/v1/sessions/{sid}/restart")
-                f.notes.append(f"restart {sid}: {status} {_code(body)}")
+                await chaos.client_call(f, "POST", f"/v1/sessions/{sid}/restart")
             # and the worker itself restarts on it (shutdown snapshots, start-up restores)
             child = chaos.workers[victim]
             await child.stop(signal.SIGTERM)
@@ -227,9 +224,3 @@ async def test_profile_writes_failing(chaos: ChaosCluster) -> None:
             raise
     filler.unlink(missing_ok=True)
     passed(f)
-
-
-def _code(body: object) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("code"))
-    return ""
