@@ -1,10 +1,10 @@
 """The gateway's aiohttp application: one cleanup context per resource, in dependency order.
 
-Start: HTTP client (to the workers) → Postgres (API keys) → Redis (heartbeats, leases) → cluster
-(membership, breakers, ring, health checks: one round before the first request, then every
-``health_interval_s``). SIGTERM/SIGINT: stop listening, end the open event streams (clients
-resume on another gateway), let running requests finish within ``shutdown_deadline_s``, then
-release the resources backwards.
+Start: HTTP clients (to the workers: calls, streams, health probes) → Postgres (API keys) →
+Redis (heartbeats, leases, quotas) → cluster (membership, breakers, ring, health checks: one
+round before the first request, then every ``health_interval_s``). SIGTERM/SIGINT: stop
+listening, end the open event streams (clients resume on another gateway), let running requests
+finish within ``shutdown_deadline_s``, then release the resources backwards.
 """
 
 from __future__ import annotations
@@ -25,44 +25,67 @@ from gateway.health import HealthChecker, probe_timeout_s, stop
 from gateway.keys import (
     AUTH,
     HEALTH,
+    HEALTH_HTTP,
     HTTP,
     MEMBERSHIP,
+    POOL,
     PROXY,
+    QUOTAS,
     REDIS,
     RING,
     ROUTER,
     SETTINGS,
     STARTED_AT,
+    STREAM_HTTP,
     STREAMS,
 )
 from gateway.membership import Membership, read_heartbeats
 from gateway.proxy import Proxy
+from gateway.quotas import Quotas
 from gateway.ring import Ring
 from gateway.routing import Router, lease_reader
 from gateway.sse import Streams
-from shared import aio, resources
+from shared import aio, metrics, resources
 from shared import store as store_mod
+from shared.heartbeats import HeartbeatAuth
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.web import error_middleware, serve_until_signalled
 
 log = logging.getLogger("walink.gateway")
 
-# connections to one worker; an open event stream holds one for its lifetime
+# connections to one worker of the calls aiohttp carries (streams and probes have their own)
 CONNECTIONS_PER_WORKER = 512
+# a health probe at a time per worker, and one to spare for a probe that is timing out
+HEALTH_CONNECTIONS_PER_WORKER = 2
 # below the workers' server keep-alive (aiohttp: 75 s), so a socket is never reused as it closes
 KEEPALIVE_S = 30.0
 
 
-async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+def _client(limit: int, limit_per_host: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=CONNECTIONS_PER_WORKER, keepalive_timeout=KEEPALIVE_S
+        limit=limit, limit_per_host=limit_per_host, keepalive_timeout=KEEPALIVE_S
     )
     # no cookie jar: a proxy must never carry one client's cookies to another (and it is faster)
-    async with aiohttp.ClientSession(
+    return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
-    ) as http:
+    )
+
+
+async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Three connection pools to the workers: calls (aiohttp's, for what the gateway's own client
+    does not handle, and listings), event streams (one connection each for their lifetime, as many
+    as the gateway allows streams) and health probes (small: one probe per worker at a time), so
+    that open streams or heavy traffic never keep a health probe waiting for a connection."""
+    settings = app[SETTINGS]
+    async with (
+        _client(0, CONNECTIONS_PER_WORKER) as http,
+        _client(settings.sse_max_per_gateway, settings.sse_max_per_gateway) as stream_http,
+        _client(0, HEALTH_CONNECTIONS_PER_WORKER) as health_http,
+    ):
         app[HTTP] = http
+        app[STREAM_HTTP] = stream_http
+        app[HEALTH_HTTP] = health_http
         yield
 
 
@@ -70,6 +93,7 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
     """Postgres for API keys (created and migrated if missing, like the workers do)."""
     settings = app[SETTINGS]
     async with resources.open_pool(settings, max_size=5) as pool:
+        app[POOL] = pool
         app[AUTH] = Authenticator(
             store_mod.Store(pool).key_scope,
             dev_api_key=settings.dev_api_key,
@@ -82,6 +106,7 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     async with resources.open_redis(app[SETTINGS]) as client:
         app[REDIS] = client
+        app[QUOTAS] = Quotas(app[POOL], client, app[SETTINGS])
         yield
 
 
@@ -108,16 +133,23 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[PROXY] = Proxy(
         app[HTTP],
+        stream_http=app[STREAM_HTTP],
         internal_token=settings.internal_token,
         timeout_s=settings.proxy_timeout_s,
         stream_idle_s=2 * settings.sse_keepalive_s + 5,
         takeover_budget_s=settings.lease_ttl_ms / 1000 + 1,
     )
     checker = HealthChecker(
-        app[HTTP],
+        app[HEALTH_HTTP],
         membership,
         ring,
-        functools.partial(read_heartbeats, redis, keys, timeout_s=settings.redis_timeout_s),
+        functools.partial(
+            read_heartbeats,
+            redis,
+            keys,
+            auth=HeartbeatAuth(settings.internal_token),
+            timeout_s=settings.redis_timeout_s,
+        ),
         interval_s=settings.health_interval_s,
     )
     app[HEALTH] = checker
@@ -152,7 +184,10 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[STARTED_AT] = time.monotonic()
-    app[STREAMS] = Streams()
+    app[STREAMS] = Streams(
+        max_total=settings.sse_max_per_gateway, max_per_workspace=settings.sse_max_per_workspace
+    )
+    metrics.GATEWAY_SSE_STREAMS_MAX.set(settings.sse_max_per_gateway)
     app.cleanup_ctx.extend([http_ctx, db_ctx, redis_ctx, cluster_ctx])
     app.on_shutdown.append(on_shutdown)
     pages.add_routes(app)

@@ -8,7 +8,8 @@ cannot answer, a key seen valid in the last ``stale_s`` keeps working.
 A workspace key acts on its own workspace only; an admin key may name any workspace
 (``?workspace_id=`` or the body's ``workspace_id``) and may read ``/health/cluster``. The
 settings' ``dev_api_key`` is a key of workspace ``default`` (``make run``), and with it set
-``/health/cluster`` is open.
+``/health/cluster`` is open to a local visit (:func:`is_local_visit`), as the dashboard's filled-in
+key is: anyone else signs in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import asyncpg
 from aiohttp import web
 
 from shared.errors import NotFound, Unauthorized, Unavailable
+from shared.inputs import check_workspace_id
+from shared.loopback import PROXY_HEADERS, host_of_header, is_loopback_host
 from shared.store import hash_key
 from shared.web import DEFAULT_WORKSPACE, Handler, error_response
 
@@ -49,6 +52,8 @@ class Caller:
         A workspace key naming another workspace gets the same 404 as for anything else of it."""
         if requested is not None and not 0 < len(requested) <= 64:
             raise NotFound(f"no workspace {requested[:64]!r}")
+        if requested is not None:
+            check_workspace_id(requested)  # it travels in a header to the workers
         if self.is_admin:
             return requested or (self.workspace_id if own_by_default else None)
         if requested is not None and requested != self.workspace_id:
@@ -155,6 +160,18 @@ class Authenticator:
 AUTH = web.AppKey("auth", Authenticator)
 
 
+def is_local_visit(request: web.Request) -> bool:
+    """Does this request come from this machine, to this machine, with no proxy in between?
+
+    The peer address must be loopback (``request.remote``, the socket's, not a header) AND the
+    ``Host`` header a loopback name or address: a remote page that makes a browser here call us
+    (DNS rebinding) names its own host, and a reverse proxy on this machine sets forwarding headers.
+    """
+    if any(name in request.headers for name in PROXY_HEADERS):
+        return False
+    return is_loopback_host(request.remote) and is_loopback_host(host_of_header(request.headers.get("Host")))
+
+
 def presented_key(request: web.Request) -> str | None:
     auth = request.headers.get("Authorization", "")
     scheme, _, value = auth.partition(" ")
@@ -175,7 +192,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.path in OPEN_PATHS:
         return await handler(request)
     auth = request.app[AUTH]
-    if request.path in CLUSTER_PATHS and auth.dev_mode:
+    if request.path in CLUSTER_PATHS and auth.dev_mode and is_local_visit(request):
         return await handler(request)
     key = presented_key(request)
     if key is None:

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.breaker import Breaker, BreakerPolicy, BreakerState
-from shared.heartbeats import scan_heartbeats
+from shared.heartbeats import HeartbeatAuth, scan_heartbeats
 from shared.models import now_ms
 from shared.redis_keys import Keys
 
@@ -218,11 +218,14 @@ class Membership:
 
 
 async def read_heartbeats(
-    redis: aioredis.Redis, keys: Keys, *, timeout_s: float
+    redis: aioredis.Redis, keys: Keys, *, auth: HeartbeatAuth, timeout_s: float
 ) -> dict[str, dict[str, Any]] | None:
-    """Every live heartbeat by worker name; None when Redis cannot tell (keep what we know)."""
+    """Every live heartbeat that ``auth`` believes (signed with the internal token; without one,
+    naming a loopback URL), by worker name; None when Redis cannot tell (keep what we know).
+
+    So the gateway probes, and sends its token to, only configured workers and authentic ones."""
     try:
-        return await asyncio.wait_for(scan_heartbeats(redis, keys), timeout_s)
+        return await asyncio.wait_for(scan_heartbeats(redis, keys, auth), timeout_s)
     except (RedisError, OSError, TimeoutError) as exc:
         log.debug("heartbeats not read: %s", exc)
         return None

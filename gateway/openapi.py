@@ -12,8 +12,16 @@ from typing import Any
 
 import orjson
 
-from shared.ids import SESSION_ID_RE
+from shared.ids import CHOSEN_SESSION_ID_RE, SESSION_ID_RE
+from shared.inputs import (
+    MAX_LABEL_CHARS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    MAX_WEBHOOK_URL_CHARS,
+    MAX_WORKSPACE_ID_CHARS,
+)
 from shared.models import EventType, SessionStatus
+from shared.webhook_config import WEBHOOK_EVENT_TYPES
 
 JSON = "application/json"
 
@@ -65,8 +73,14 @@ def _op(
         op["parameters"] = params
     if body is not None:
         op["requestBody"] = {"required": False, "content": {JSON: {"schema": body}}}
+        op["responses"] |= _errors(413)  # a body beyond max_body_bytes
     if not security:
         op["security"] = []
+    return op
+
+
+def _required_body(op: dict[str, Any]) -> dict[str, Any]:
+    op["requestBody"]["required"] = True
     return op
 
 
@@ -85,14 +99,25 @@ SSE_DESCRIPTION = (
 )
 
 WEBHOOK_DESCRIPTION = (
-    "Webhooks (`qr_code_generated`, `session_authenticated`, `session_ready`, "
+    "Webhooks (`qr_code_generated`, `session_authenticated`, `session_ready`, `session_synced`, "
     "`session_disconnected`, `session_failed`) are POSTed as JSON with the headers "
     "`X-Walink-Event`, `X-Walink-Event-Id` and `X-Walink-Signature: t=<unix>,v1=<hex>` where "
-    "`hex = HMAC-SHA256(workspace secret, t + '.' + raw body)`. Check the signature over the exact "
-    "bytes received, in constant time, and refuse a `t` older than 5 minutes. Delivery is at least "
-    "once (deduplicate on `event_id`), with exponential backoff and jitter; after the retry budget "
-    "an event is dead-lettered and can be replayed with `POST /v1/webhooks/replay`."
+    "`hex = HMAC-SHA256(workspace secret, t + '.' + raw body)`; for a while after a secret rotation "
+    "the header carries one `v1=` per secret (`t=<unix>,v1=<new>,v1=<old>`): accept the request when "
+    "one matches. Check the signature over the exact bytes received, in constant time, and refuse a "
+    "`t` older than 5 minutes. Delivery is at least once (deduplicate on `event_id`), with "
+    "exponential backoff and jitter; after the retry budget an event is dead-lettered and can be "
+    "replayed with `POST /v1/webhooks/replay`. Webhook URLs must resolve to public addresses "
+    "(loopback, private, link-local, CGNAT, multicast and other internal addresses are refused "
+    "unless the operator admits them with `WALINK_WEBHOOK_ALLOW`); a refused delivery is "
+    "dead-lettered at once with the reason in its delivery log."
 )
+EVENT_ID = {
+    "name": "event_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
 
 
 def document() -> dict[str, Any]:
@@ -103,10 +128,10 @@ def document() -> dict[str, Any]:
                 "Add an account (start a linking session)",
                 "Creates a session and starts its browser; the QR follows on the event stream and at "
                 "`qr_url`. The gateway chooses the id unless one is given; the create is idempotent "
-                "for that id.",
-                {"201": _json(_ref("Created"), "The session, starting")},
+                "for that id. " + QUOTA_DESCRIPTION,
+                {"201": _json(_ref("Created"), "The session, starting") | {"headers": RATE_LIMIT_HEADERS}},
                 body=_ref("CreateSession"),
-                errors=(400, 401, 404, 409, 413, 503),
+                errors=(400, 401, 404, 409, 413, 429, 503),
             ),
             "get": _op(
                 "Sessions driven now",
@@ -171,6 +196,7 @@ def document() -> dict[str, Any]:
                     {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
                     {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                 ],
+                errors=(400, 401, 404, 429, 503),
             ),
         },
         "/v1/sessions/{session_id}/pairing-code": {
@@ -194,15 +220,18 @@ def document() -> dict[str, Any]:
                 "active.",
                 {"202": _json(_ref("Created"), "Going back to the QR")},
                 params=[SESSION_ID],
-                errors=(401, 404, 409, 502, 503),
+                errors=(400, 401, 404, 409, 502, 503),
             ),
         },
         "/v1/sessions/{session_id}/restart": {
             "post": _op(
                 "Restart",
-                "A linked session reconnects from its profile (no scan); a linking one gets a fresh QR.",
+                "A linked session reconnects from its profile (no scan); a linking one gets a fresh QR. "
+                "Admitted like a create (live sessions, linkings; not the create rate): 429 "
+                "`quota_sessions` or `quota_linkings` over a quota.",
                 {"202": _json(_ref("Created"), "Restarting")},
                 params=[SESSION_ID],
+                errors=(400, 401, 404, 409, 429, 503),
             ),
         },
         "/v1/sessions/{session_id}/logout": {
@@ -242,6 +271,74 @@ def document() -> dict[str, Any]:
                 errors=(400, 401, 404, 503),
             ),
         },
+        "/v1/webhook": {
+            "get": _op(
+                "The workspace's webhook",
+                "Its URL (events of sessions created without a `webhook_url` go there) and the state of "
+                "its signing secret. The secret itself is never returned here: rotate it to get one.",
+                {"200": _json(_ref("WebhookConfig"), "The webhook configuration")},
+                tag="webhooks",
+                params=[WORKSPACE_QUERY],
+                errors=(400, 401, 404, 503),
+            ),
+            "put": _op(
+                "Set the workspace's webhook URL",
+                "`url` null clears it. Applies to events written from now on. A URL whose host is an "
+                "internal address or name is refused with 400 `webhook_url_refused` and why; the real "
+                "check is at delivery (DNS), where a refusal dead-letters the event with its reason.",
+                {"200": _json(_ref("WebhookConfig"), "The webhook configuration")},
+                tag="webhooks",
+                params=[WORKSPACE_QUERY],
+                body=_ref("SetWebhook"),
+                errors=(400, 401, 404, 413, 503),
+            ),
+        },
+        "/v1/webhook/secret": {
+            "post": _op(
+                "Rotate the signing secret",
+                "A new secret, returned in this answer only (store it: no route shows it again). "
+                "Deliveries are signed with both the new and the replaced secret until "
+                "`previous_secret_valid_until_ms` (the operator's `WALINK_WEBHOOK_SECRET_OVERLAP_S`, "
+                "24 h by default), so a receiver can switch without losing a delivery. Not retried "
+                "by the gateway.",
+                {"201": _json(_ref("WebhookSecret"), "The new secret")},
+                tag="webhooks",
+                params=[WORKSPACE_QUERY],
+                errors=(400, 401, 404, 502, 503),
+            ),
+        },
+        "/v1/sessions/{session_id}/webhook-events": {
+            "get": _op(
+                "A session's webhook event filter",
+                "The event types the session's webhook receives (`null`: all of them).",
+                {"200": _json(_ref("WebhookEvents"), "The filter")},
+                tag="webhooks",
+                params=[SESSION_ID],
+            ),
+            "put": _op(
+                "Set a session's webhook event filter",
+                "Only these types are POSTed from now on (events not delivered yet included); the "
+                "others are kept as `skipped` and still listed by `GET /v1/events` and the event "
+                "stream. `null`: every type; `[]`: none.",
+                {"200": _json(_ref("WebhookEvents"), "The filter")},
+                tag="webhooks",
+                params=[SESSION_ID],
+                body=_ref("SetWebhookEvents"),
+                errors=(400, 401, 404, 413, 503),
+            ),
+        },
+        "/v1/events/{event_id}/deliveries": {
+            "get": _op(
+                "An event's delivery log",
+                "The event's delivery state and every attempt, oldest first: when, the receiver's "
+                "status code or the error (a refusal by the address rules says why), how long it took. "
+                "Another workspace's event is 404.",
+                {"200": _json(_ref("DeliveryLog"), "The delivery log")},
+                tag="webhooks",
+                params=[EVENT_ID, WORKSPACE_QUERY],
+                errors=(400, 401, 404, 503),
+            ),
+        },
         "/v1/webhooks/replay": {
             "post": _op(
                 "Replay webhooks",
@@ -254,6 +351,29 @@ def document() -> dict[str, Any]:
                     "properties": {"event_ids": {"type": "array", "items": {"type": "string"}}},
                 },
                 errors=(400, 401, 404, 502, 503),
+            ),
+        },
+        "/v1/quota": {
+            "get": _op(
+                "The workspace's quota",
+                "Limits and use of the caller's workspace (an admin key may name any): live sessions, "
+                "sessions linking at once, the create bucket (`remaining`: null while Redis cannot be "
+                "asked), and event streams open on this gateway. " + QUOTA_DESCRIPTION,
+                {"200": _json(_ref("Quota"), "Limits and use")},
+                tag="quotas",
+                params=[WORKSPACE_QUERY],
+                errors=(400, 401, 404, 503),
+            ),
+            "put": _required_body(
+                _op(
+                    "Set a workspace's own limits (admin)",
+                    "Replaces the workspace's own limits; a field left out or null is the cluster's default "
+                    "(`WALINK_QUOTA_*`). Answers the workspace's quota as it is now. Admin key only.",
+                    {"200": _json(_ref("Quota"), "Limits and use")},
+                    tag="quotas",
+                    body=_ref("SetQuota"),
+                    errors=(400, 401, 403, 404, 413, 503),
+                )
             ),
         },
         "/health": {
@@ -312,6 +432,8 @@ def document() -> dict[str, Any]:
             sessions_tag,
             {"name": "accounts", "description": "Linked accounts of the workspace."},
             {"name": "events", "description": "The event record and webhooks."},
+            {"name": "webhooks", "description": "Webhook URL, signing secret, event filters, delivery log."},
+            {"name": "quotas", "description": "Per-workspace limits and their use."},
             {"name": "operations", "description": "Health and metrics."},
         ],
         "paths": paths,
@@ -351,16 +473,23 @@ def document() -> dict[str, Any]:
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             },
             "responses": {
+                "E429": _json(_ref("LimitError"), "Over a limit: " + ", ".join(LIMIT_CODES))
+                | {"headers": {"Retry-After": RETRY_AFTER_HEADER}}
+            }
+            | {
                 f"E{status}": _json(_ref("Error"), text)
                 for status, text in {
-                    400: "Invalid input",
+                    400: "Invalid input: invalid_request, invalid_session_id, invalid_text (a NUL or "
+                    "control character), invalid_metadata, invalid_phone_number",
                     401: "Missing or invalid API key",
                     403: "Not allowed for this key",
                     404: "Not found (in the caller's workspace)",
                     409: "Conflict: invalid_state, session_exists",
                     413: "Body too large",
                     502: "Upstream error",
-                    503: "Unavailable: no_worker_available, unavailable",
+                    503: "Unavailable: no_worker_available, unavailable, quota_unavailable, "
+                    "snapshot_key_unknown (no worker reached holds the key of the session's snapshot; "
+                    "the session is left as it was, see docs/snapshot-keys.md)",
                     504: "Upstream timeout",
                 }.items()
             },
@@ -370,6 +499,32 @@ def document() -> dict[str, Any]:
 
 
 STATUSES = [s.value for s in SessionStatus]
+
+LIMIT_CODES = ("quota_sessions", "quota_linkings", "rate_limited", "quota_streams", "streams_full")
+QUOTA_DESCRIPTION = (
+    "Per-workspace quotas, for the whole cluster: live sessions (429 `quota_sessions`), sessions "
+    "linking at once (429 `quota_linkings`) and creates per minute (a token bucket; 429 "
+    "`rate_limited`), each with `Retry-After` (seconds) and the limit and use in the error. While "
+    "the quota cannot be checked (Redis or Postgres unreachable) a create answers 503 "
+    "`quota_unavailable`."
+)
+RETRY_AFTER_HEADER = {
+    "description": "Seconds to wait before trying again",
+    "schema": {"type": "integer", "minimum": 1},
+}
+RATE_LIMIT_HEADERS = {
+    "X-RateLimit-Limit": {
+        "description": "The workspace's create bucket: creates at once",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "X-RateLimit-Remaining": {
+        "description": "Creates left in the bucket now (it refills at the rate per minute)",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+_LIMIT = {"type": "integer", "minimum": 0}
+_OWN_LIMIT = {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000}
+_SOURCE = {"type": "string", "enum": ["default", "workspace"]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -386,15 +541,208 @@ SCHEMAS: dict[str, Any] = {
             }
         },
     },
+    "LimitError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message", "limit", "used", "retry_after_s"],
+                "properties": {
+                    "code": {"type": "string", "enum": list(LIMIT_CODES)},
+                    "message": {"type": "string"},
+                    "limit": _LIMIT,
+                    "used": _LIMIT,
+                    "retry_after_s": {"type": "integer", "minimum": 1},
+                },
+            }
+        },
+    },
+    "Quota": {
+        "type": "object",
+        "required": ["workspace_id", "sessions", "linkings", "creates", "streams"],
+        "properties": {
+            "workspace_id": {"type": "string"},
+            "sessions": {
+                "type": "object",
+                "description": "Live sessions (not ended: linking, ready, hibernated)",
+                "required": ["limit", "used", "source"],
+                "properties": {"limit": _LIMIT, "used": _LIMIT, "source": _SOURCE},
+            },
+            "linkings": {
+                "type": "object",
+                "description": "Sessions linking at once (starting, qr, authenticated, passkey_required)",
+                "required": ["limit", "used", "source"],
+                "properties": {"limit": _LIMIT, "used": _LIMIT, "source": _SOURCE},
+            },
+            "creates": {
+                "type": "object",
+                "required": ["per_minute", "burst", "remaining", "source"],
+                "properties": {
+                    "per_minute": _LIMIT,
+                    "burst": _LIMIT,
+                    "remaining": {"type": ["integer", "null"], "minimum": 0},
+                    "source": _SOURCE,
+                },
+            },
+            "streams": {
+                "type": "object",
+                "description": "Event streams open on this gateway (the limits are per gateway)",
+                "required": ["limit", "used", "gateway_limit", "gateway_used", "scope"],
+                "properties": {
+                    "limit": _LIMIT,
+                    "used": _LIMIT,
+                    "gateway_limit": _LIMIT,
+                    "gateway_used": _LIMIT,
+                    "scope": {"type": "string", "enum": ["gateway"]},
+                },
+            },
+        },
+    },
+    "SetQuota": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["workspace_id"],
+        "properties": {
+            "workspace_id": {"type": "string", "minLength": 1, "maxLength": 64},
+            "sessions": _OWN_LIMIT,
+            "linkings": _OWN_LIMIT,
+            "creates_per_minute": _OWN_LIMIT,
+            "create_burst": _OWN_LIMIT,
+        },
+    },
     "CreateSession": {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "id": {"type": "string", "pattern": SESSION_ID_RE.pattern},
-            "workspace_id": {"type": "string", "description": "Admin keys only (else your own)"},
-            "label": {"type": "string", "maxLength": 200},
-            "webhook_url": {"type": "string", "format": "uri"},
-            "metadata": {"type": "object", "description": "Echoed in every webhook of the session"},
+            "id": {
+                "type": "string",
+                "pattern": CHOSEN_SESSION_ID_RE.pattern,
+                "description": "Your own id for the session, in your workspace's namespace: "
+                "`<workspace id>.<name>` (e.g. `acme.acct-1`); anything else is refused with 400 "
+                "`session_id_outside_workspace`. Leave it out for a generated `s_…` id.",
+            },
+            "workspace_id": {
+                "type": "string",
+                "maxLength": MAX_WORKSPACE_ID_CHARS,
+                "description": "Admin keys only (else your own). No control characters.",
+            },
+            "label": {"type": "string", "maxLength": MAX_LABEL_CHARS, "description": "No NUL (\\u0000)"},
+            "webhook_url": {
+                "type": "string",
+                "format": "uri",
+                "maxLength": MAX_WEBHOOK_URL_CHARS,
+                "description": "This session's webhook (else the workspace's); internal hosts are refused",
+            },
+            "metadata": {
+                "type": "object",
+                "description": (
+                    "Echoed in every event and webhook of the session: at most "
+                    f"{MAX_METADATA_BYTES} bytes as JSON and {MAX_METADATA_DEPTH} levels deep, no NUL "
+                    "(\\u0000) in any key or string (400 `invalid_metadata`)"
+                ),
+            },
+            "events": {
+                "type": ["array", "null"],
+                "maxItems": 16,
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)},
+                "description": "The event types this session's webhook receives (default: all)",
+            },
+        },
+    },
+    "WebhookConfig": {
+        "type": "object",
+        "required": ["url", "secret_rotated_at_ms", "previous_secret_valid_until_ms"],
+        "additionalProperties": False,
+        "properties": {
+            "url": {"type": ["string", "null"]},
+            "secret_rotated_at_ms": {
+                "type": ["integer", "null"],
+                "description": "When the secret was last rotated (null: never handed out)",
+            },
+            "previous_secret_valid_until_ms": {
+                "type": ["integer", "null"],
+                "description": "Until when the replaced secret also signs (null: no overlap now)",
+            },
+        },
+    },
+    "SetWebhook": {
+        "type": "object",
+        "required": ["url"],
+        "additionalProperties": False,
+        "properties": {"url": {"type": ["string", "null"], "format": "uri", "maxLength": 2048}},
+    },
+    "WebhookSecret": {
+        "type": "object",
+        "required": ["secret", "url", "secret_rotated_at_ms", "previous_secret_valid_until_ms"],
+        "additionalProperties": False,
+        "properties": {
+            "secret": {"type": "string", "description": "The new signing secret (shown once)"},
+            "url": {"type": ["string", "null"]},
+            "secret_rotated_at_ms": {"type": "integer"},
+            "previous_secret_valid_until_ms": {"type": ["integer", "null"]},
+        },
+    },
+    "WebhookEvents": {
+        "type": "object",
+        "required": ["id", "events"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string"},
+            "events": {
+                "type": ["array", "null"],
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)},
+            },
+        },
+    },
+    "SetWebhookEvents": {
+        "type": "object",
+        "required": ["events"],
+        "additionalProperties": False,
+        "properties": {
+            "events": {
+                "type": ["array", "null"],
+                "maxItems": 16,
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENT_TYPES)},
+            }
+        },
+    },
+    "DeliveryLog": {
+        "type": "object",
+        "required": [
+            "event_id",
+            "session_id",
+            "seq",
+            "type",
+            "state",
+            "attempts",
+            "last_error",
+            "deliveries",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "event_id": {"type": "string", "format": "uuid"},
+            "session_id": {"type": "string"},
+            "seq": {"type": "integer"},
+            "type": {"type": "string"},
+            "state": {"type": "string", "enum": ["pending", "delivered", "dead", "skipped"]},
+            "attempts": {"type": "integer", "description": "Attempts since the last replay"},
+            "last_error": {"type": ["string", "null"]},
+            "deliveries": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["attempt", "at_ms", "status_code", "error", "duration_ms"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "attempt": {"type": "integer"},
+                        "at_ms": {"type": "integer"},
+                        "status_code": {"type": ["integer", "null"]},
+                        "error": {"type": ["string", "null"]},
+                        "duration_ms": {"type": "integer"},
+                    },
+                },
+            },
         },
     },
     "Created": {

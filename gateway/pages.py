@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
 from gateway import openapi
+from gateway.auth import is_local_visit
 from gateway.health import cluster_view
 from gateway.keys import HEALTH, MEMBERSHIP, RING, SETTINGS, STARTED_AT, STREAMS
 from shared.web import json_response
@@ -76,10 +77,11 @@ def _dashboard_template() -> str:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    """The try-it page; in development (``dev_api_key`` set) its key field comes filled in."""
+    """The try-it page; in development (``dev_api_key`` set) its key field comes filled in, but
+    only for a local visit (:func:`is_local_visit`): everyone else signs in with a key."""
     settings = request.app[SETTINGS]
     config = {
-        "dev_api_key": settings.dev_api_key or None,
+        "dev_api_key": (settings.dev_api_key or None) if is_local_visit(request) else None,
         "simulator_url": settings.simulator_url if settings.target == "simulator" else None,
     }
     # '</' cannot appear inside the JSON, so the value cannot end the <script> element early

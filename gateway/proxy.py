@@ -6,6 +6,8 @@ breaker lets it through. What happens next depends on how the attempt ended:
 - not sent (connection refused, connect timeout): any method → the next worker, at once;
 - maybe sent (timeout, reset, disconnect after sending): idempotent calls only → next worker;
 - ``503 unavailable`` (the worker is draining) on any route → next worker, short backoff;
+- ``503 snapshot_key_unknown`` (the worker lacks the key of the session's snapshot, during a key
+  rotation) on any route → next worker, short backoff (nothing was changed there);
 - ``409 not_owner`` on any route → the lease holder (read again), short backoff; while that
   holder is down the budget stretches to the lease TTL, after which the worker tried takes over;
 - other 5xx: idempotent calls only → next worker; otherwise the answer as is;
@@ -38,7 +40,7 @@ from gateway.errors import NoWorkerAvailable, UpstreamError, UpstreamTimeout
 from gateway.membership import Worker
 from gateway.routing import Plan
 from shared import metrics
-from shared.errors import WalinkError
+from shared.errors import SnapshotKeyUnknown, WalinkError
 from shared.web import DRIVER_HEADER, WORKSPACE_HEADER
 
 log = logging.getLogger("walink.gateway.proxy")
@@ -129,6 +131,7 @@ class Proxy:
         self,
         http: aiohttp.ClientSession,
         *,
+        stream_http: aiohttp.ClientSession | None = None,
         internal_token: str,
         timeout_s: float,
         stream_idle_s: float,
@@ -138,6 +141,8 @@ class Proxy:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.http = http
+        # event streams hold a connection each: their own pool (default: the calls' one)
+        self.stream_http = stream_http or http
         self.internal_token = internal_token
         connect_s = min(timeout_s, 2.0)
         self.timeout_s = timeout_s
@@ -179,7 +184,8 @@ class Proxy:
                 timeout_s=self.timeout_s,
             )
             return status, headers, body, None
-        resp = await self.http.request(
+        http = self.stream_http if call.stream else self.http
+        resp = await http.request(
             call.method,
             worker.url + call.path,
             headers=self.worker_headers(call.headers),
@@ -335,6 +341,12 @@ class Proxy:
             t.exclude.add(worker.name)
             t.last = answer
             return "unavailable", None
+        if status == 503 and code == SnapshotKeyUnknown.code:
+            breaker.success()  # a healthy worker without that snapshot key: another may have it
+            plan.not_landed(worker)
+            t.exclude.add(worker.name)
+            t.last = answer
+            return "snapshot_key", None
         if status == 409 and code == "not_owner":
             breaker.success()
             plan.not_landed(worker)

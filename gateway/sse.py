@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.proxy import WORKER_HEADER, Answer, Call, Proxy, to_response
 from gateway.routing import Plan
 from shared import metrics
-from shared.errors import WalinkError
+from shared.errors import QuotaStreams, StreamsFull, WalinkError
 
 log = logging.getLogger("walink.gateway.sse")
 
@@ -30,6 +30,9 @@ MAX_PENDING_BYTES = 1 << 20
 RESUME_WINDOW_S = 60.0
 MAX_RESUMES_IN_WINDOW = 5
 STARTED_AT = web.RequestKey("sse_started_at", float)
+# the Retry-After of a refused stream: a place frees when another stream ends
+STREAM_RETRY_S = 5.0
+UNLIMITED = 1 << 30
 
 
 class Frames:
@@ -54,11 +57,57 @@ class Frames:
 
 
 class Streams:
-    """The open upstream streams, so that shutdown can end them all at once."""
+    """The open upstream streams, so that shutdown can end them all at once; and the client
+    streams' places: at most ``max_total`` on this gateway, ``max_per_workspace`` of one workspace
+    (an admin's streams across workspaces count in the total only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_total: int = UNLIMITED, max_per_workspace: int = UNLIMITED) -> None:
         self.closing = False
         self._open: set[aiohttp.ClientResponse] = set()
+        self.max_total = max_total
+        self.max_per_workspace = max_per_workspace
+        self.clients = 0
+        self._per_workspace: dict[str, int] = {}
+
+    def open_of(self, workspace_id: str) -> int:
+        """The client streams of ``workspace_id`` open on this gateway now."""
+        return self._per_workspace.get(workspace_id, 0)
+
+    @contextlib.contextmanager
+    def slot(self, workspace_id: str | None) -> Iterator[None]:
+        """A place for one client stream while it is open, or the 429 that says there is none."""
+        if self.clients >= self.max_total:
+            metrics.QUOTA_REFUSALS.labels("streams_gateway").inc()
+            raise StreamsFull(
+                f"this gateway has {self.clients} event streams open, its limit is {self.max_total}; "
+                "retry later (or through another gateway)",
+                limit=self.max_total,
+                used=self.clients,
+                retry_after_s=STREAM_RETRY_S,
+            )
+        used = self.open_of(workspace_id) if workspace_id is not None else 0
+        if workspace_id is not None and used >= self.max_per_workspace:
+            metrics.QUOTA_REFUSALS.labels("streams_workspace").inc()
+            raise QuotaStreams(
+                f"the workspace has {used} event streams open on this gateway, its limit is "
+                f"{self.max_per_workspace}; close one first",
+                limit=self.max_per_workspace,
+                used=used,
+                retry_after_s=STREAM_RETRY_S,
+            )
+        self.clients += 1
+        if workspace_id is not None:
+            self._per_workspace[workspace_id] = used + 1
+        metrics.GATEWAY_SSE_STREAMS.set(self.clients)
+        try:
+            yield
+        finally:
+            self.clients -= 1
+            if workspace_id is not None:
+                left = self._per_workspace.pop(workspace_id, 1) - 1
+                if left > 0:
+                    self._per_workspace[workspace_id] = left
+            metrics.GATEWAY_SSE_STREAMS.set(self.clients)
 
     def __len__(self) -> int:
         return len(self._open)

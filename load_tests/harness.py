@@ -95,6 +95,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+LIFTED_QUOTAS = {
+    "WALINK_QUOTA_SESSIONS": "100000",
+    "WALINK_QUOTA_LINKINGS": "100000",
+    "WALINK_QUOTA_CREATES_PER_MINUTE": "1000000",
+    "WALINK_SSE_MAX_PER_WORKSPACE": "100000",
+    "WALINK_SSE_MAX_PER_GATEWAY": "100000",
+}
+
+
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment without any ``WALINK_*`` (settings refuse unknown ones), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALINK_")}
@@ -519,6 +528,7 @@ class Harness:
                 "WALINK_SIMULATOR_URL": self.sim_url,
                 "WALINK_SNAPSHOT_KEY": self.snapshot_key,
                 "WALINK_LOG_LEVEL": "INFO",
+                "WALINK_WEBHOOK_ALLOW": "127.0.0.0/8,::1",  # the benchmark's receiver is on loopback
                 **self.config.extra_env,
                 **env,
             }
@@ -575,6 +585,9 @@ class Harness:
                 "WALINK_GATEWAY_PORT": str(port),
                 "WALINK_WORKERS": ",".join(w.node_name for w in workers),
                 "WALINK_LOG_LEVEL": "INFO",
+                # a benchmark is one workspace taking the whole cluster, which the per-workspace
+                # quotas exist to prevent (docs/limits.md): lifted here (``--set`` may set them)
+                **LIFTED_QUOTAS,
                 **self.config.extra_env,
                 **env,
             }

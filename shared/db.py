@@ -1,8 +1,15 @@
-"""Postgres: the connection pool and versioned migrations (``shared/migrations/NNNN_name.sql``)."""
+"""Postgres: the connection pool and versioned migrations (``shared/migrations/NNNN_name.sql``).
+
+Who may change the schema: in development every process migrates at start (``migrate_on_start``).
+In production one role owns the schema and runs ``walink migrate --grant <role>…`` (a Job in
+``infra/k8s``), which applies the migrations and grants the gateway's and the workers' roles data
+rights only (:func:`grant_data_access`); those processes start with ``migrate_on_start=false`` and
+only check that the schema is current (:func:`pending_migrations`)."""
 
 from __future__ import annotations
 
 import logging
+import re
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +51,33 @@ async def migrate(conn: Conn) -> list[str]:
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     return applied
+
+
+async def pending_migrations(conn: Conn) -> list[str]:
+    """The migrations not applied to this database yet (all of them on an empty one). Reads only."""
+    try:
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+    except asyncpg.UndefinedTableError:
+        done = set()
+    return [name for name, _ in migration_files() if name not in done]
+
+
+ROLE_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# data rights, no DDL: the role can read and write rows, never create, alter or drop anything
+DATA_PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE"
+
+
+async def grant_data_access(conn: Conn, role: str) -> None:
+    """Give ``role`` rights on the rows of every table (and its sequences) of the schema, and no
+    more; run by the schema's owner after each migration, so new tables are covered too."""
+    if not ROLE_RE.fullmatch(role):
+        raise ValueError(f"not a plain role name: {role!r}")
+    quoted = f'"{role}"'  # checked above: no quote can be inside
+    async with conn.transaction():
+        await conn.execute(f"GRANT USAGE ON SCHEMA public TO {quoted}")
+        await conn.execute(f"GRANT {DATA_PRIVILEGES} ON ALL TABLES IN SCHEMA public TO {quoted}")
+        await conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {quoted}")
+    log.info("granted %s to %s", DATA_PRIVILEGES, role)
 
 
 async def ensure_database(dsn: str, *, timeout_s: float = 10.0) -> None:

@@ -3,8 +3,9 @@
 - Redis and Postgres: used as configured (``WALINK_REDIS_URL`` / ``WALINK_DATABASE_URL``) or on
   the default ports; when nothing answers there, a local Redis and Postgres are started from data
   directories under ``var/`` (Debian's binaries), so a fresh machine just works.
-- Development secrets (the snapshot key, an API key for the default workspace) are made once and
-  kept in ``var/dev.env``; they are never printed except the API key, which the dashboard needs.
+- Development secrets (the snapshot key, an API key for the default workspace, the internal token)
+  are made once and kept in ``var/dev.env`` (``var/`` 0700, the file created 0600 before anything
+  is written to it); they are never printed except the API key, which the dashboard needs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from shared.private_files import make_private_dirs, write_private_file
 
 VAR = Path("var")
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
@@ -61,7 +64,7 @@ def ensure_redis(url: str) -> None:
     if binary is None:
         raise SystemExit("no Redis on 127.0.0.1:6379 and no redis-server: apt-get install -y redis-server")
     data = VAR / "redis"
-    data.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(data)
     print(f"walink: starting a local Redis on {port} (data in {data})", file=sys.stderr)
     subprocess.Popen(  # noqa: S603 - fixed argv
         [
@@ -92,7 +95,7 @@ def ensure_postgres(url: str) -> None:
     data = (VAR / "postgres").resolve()
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if not (data / "PG_VERSION").exists():
-        data.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(data)
         if as_postgres:
             shutil.chown(data, "postgres", "postgres")
         print(f"walink: creating a local Postgres cluster in {data}", file=sys.stderr)
@@ -126,6 +129,7 @@ def ensure_postgres(url: str) -> None:
 
 def dev_env() -> dict[str, str]:
     """Secrets for a development cluster, made once and kept in var/dev.env."""
+    make_private_dirs(VAR)
     path = VAR / "dev.env"
     values: dict[str, str] = {}
     if path.exists():
@@ -136,8 +140,7 @@ def dev_env() -> dict[str, str]:
     values.setdefault("WALINK_SNAPSHOT_KEY", base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
     values.setdefault("WALINK_DEV_API_KEY", "wlk_dev_" + secrets.token_urlsafe(24))
     values.setdefault("WALINK_INTERNAL_TOKEN", secrets.token_urlsafe(24))
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    path.chmod(0o600)
+    write_private_file(path, "".join(f"{k}={v}\n" for k, v in values.items()).encode())
     return values
 
 
@@ -178,7 +181,7 @@ def announce_when_up(workers: list[str], gateway_port: int, *, timeout_s: float 
 
 
 def run() -> None:
-    (VAR / "log").mkdir(parents=True, exist_ok=True)
+    make_private_dirs(VAR / "log")
     from shared.settings import Settings
 
     settings = Settings.from_env()
@@ -186,7 +189,11 @@ def run() -> None:
     ensure_postgres(settings.database_url)
     env = dict(os.environ)
     for key, value in dev_env().items():
+        if key == "WALINK_SNAPSHOT_KEY" and env.get("WALINK_SNAPSHOT_KEYS"):
+            continue  # the operator gave the keys (a rotation): one or the other, never both
         env.setdefault(key, value)
+    # the dev cluster's webhook receivers are on this machine: loopback admitted, explicitly
+    env.setdefault("WALINK_WEBHOOK_ALLOW", "127.0.0.0/8,::1")
     env.setdefault("SIMULATOR_AUTOSTART", "true" if settings.target == "simulator" else "false")
     print(
         "walink: dashboard http://127.0.0.1:8080/  ·  API key "

@@ -30,6 +30,12 @@ POOL_READY = Gauge("walink_warm_pool_ready", "Warm browsers showing a QR, ready 
 BROWSERS = Gauge("walink_browsers", "Chromium browsers running on this worker")
 BROWSER_MEMORY = Gauge("walink_browser_memory_bytes", "Proportional set size of all browsers of this worker")
 
+HEARTBEATS_REFUSED = Counter(
+    "walink_heartbeats_refused_total",
+    "Worker heartbeats ignored: unsigned, bad_signature, stale, bad_name, or not_loopback (no token)",
+    ["reason"],
+)
+
 # --- gateway (labels: route templates, outcome classes and worker names, all bounded)
 _GATEWAY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -46,7 +52,8 @@ GATEWAY_LATENCY = Histogram(
 )
 GATEWAY_RETRIES = Counter(
     "walink_gateway_retries_total",
-    "Proxied attempts retried, by reason (connect, timeout, server_error, not_owner, unavailable, driver)",
+    "Proxied attempts retried, by reason (connect, timeout, server_error, not_owner, unavailable, "
+    "snapshot_key, driver)",
     ["reason"],
 )
 GATEWAY_FAILOVERS = Counter(
@@ -60,6 +67,12 @@ GATEWAY_WORKERS_UP = Gauge("walink_gateway_workers_up", "Workers reachable with 
 GATEWAY_SSE_RESUMES = Counter(
     "walink_gateway_sse_resumes_total", "Event streams resumed on another worker after the upstream ended"
 )
+SNAPSHOT_KEY_UNKNOWN = Counter(
+    "walink_snapshot_key_unknown_total",
+    "Restores refused because the snapshot's key is not among this worker's keys (the session is "
+    "left as it was), by the missing key's id ('v1': an old snapshot that no key opens)",
+    ["key_id"],
+)
 ADOPTED = Counter(
     "walink_sessions_adopted_total",
     "Sessions this worker took over from a worker that died, drained or paused",
@@ -67,11 +80,23 @@ ADOPTED = Counter(
 )
 WEBHOOK_DELIVERIES = Counter(
     "walink_webhook_deliveries_total",
-    "Webhook delivery attempts by outcome (delivered, retry, dead = dead-lettered, lost = claim lost)",
+    "Webhook delivery attempts by outcome (delivered, retry, dead = dead-lettered, lost = claim lost,"
+    " refused = destination refused by the SSRF rules, filtered = not in the session's events filter)",
     ["outcome"],
 )
 WEBHOOK_LAG = Histogram(
     "walink_webhook_lag_seconds",
     "From an event's commit to its successful delivery",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+# --- limits (labels: the quota's name, never the workspace)
+QUOTA_REFUSALS = Counter(
+    "walink_quota_refusals_total",
+    "Requests refused over a limit, by quota (sessions, linkings, rate, streams_workspace, "
+    "streams_gateway) or because the quota could not be checked (unavailable)",
+    ["quota"],
+)
+GATEWAY_SSE_STREAMS = Gauge("walink_gateway_sse_streams", "Event streams open on this gateway")
+GATEWAY_SSE_STREAMS_MAX = Gauge(
+    "walink_gateway_sse_streams_max", "Event streams this gateway allows at once (WALINK_SSE_MAX_PER_GATEWAY)"
 )

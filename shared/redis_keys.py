@@ -31,3 +31,17 @@ class Keys:
 
     def workers_pattern(self) -> str:
         return f"{self.prefix}worker:*"
+
+    # --- per-workspace quotas (gateway/quotas.py); one hash tag per workspace, so that a script
+    # touching a workspace's keys stays on one Redis Cluster slot
+    def quota_reserved(self, workspace_id: str) -> str:
+        """Sorted set: session ids admitted and not yet (surely) in Postgres, scored by expiry (ms)."""
+        return f"{self.prefix}quota:{{{workspace_id}}}:reserved"
+
+    def quota_generation(self, workspace_id: str) -> str:
+        """Counter bumped whenever a reservation goes: an admission that read before retries."""
+        return f"{self.prefix}quota:{{{workspace_id}}}:generation"
+
+    def quota_bucket(self, workspace_id: str) -> str:
+        """Hash ``{tokens, at_ms}``: the workspace's create token bucket."""
+        return f"{self.prefix}quota:{{{workspace_id}}}:bucket"

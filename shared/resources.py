@@ -14,19 +14,30 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from shared import db
+from shared.errors import SchemaNotCurrent
 from shared.settings import Settings
 
 
 @contextlib.asynccontextmanager
 async def open_pool(settings: Settings, *, max_size: int = 10) -> AsyncIterator[asyncpg.Pool]:
-    """A Postgres pool on ``settings.database_url``: the database created if missing, then migrated."""
-    await asyncio.wait_for(db.ensure_database(settings.database_url, timeout_s=settings.db_timeout_s), 30)
+    """A Postgres pool on ``settings.database_url``: the database created if missing, then migrated;
+    with ``migrate_on_start`` off (a role without DDL rights), only checked to be current."""
+    if settings.migrate_on_start:
+        await asyncio.wait_for(db.ensure_database(settings.database_url, timeout_s=settings.db_timeout_s), 30)
     pool = await asyncio.wait_for(
         db.create_pool(settings.database_url, max_size=max_size, timeout_s=settings.db_timeout_s), 30
     )
     try:
         async with pool.acquire(timeout=settings.db_timeout_s) as conn:
-            await asyncio.wait_for(db.migrate(conn), 60)
+            if settings.migrate_on_start:
+                await asyncio.wait_for(db.migrate(conn), 60)
+            else:
+                pending = await asyncio.wait_for(db.pending_migrations(conn), settings.db_timeout_s)
+                if pending:
+                    raise SchemaNotCurrent(
+                        f"the database lacks migration(s) {', '.join(pending)}; run `walink migrate` with "
+                        "the schema owner's role (WALINK_MIGRATE_ON_START=false: this process does no DDL)"
+                    )
         yield pool
     finally:
         await asyncio.wait_for(pool.close(), 10)

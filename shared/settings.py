@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from shared.errors import SettingsError
+from shared.loopback import is_loopback_host
+from shared.webhook_guard import WebhookAllow
 
 ENV_PREFIX = "WALINK_"
 
@@ -42,6 +44,10 @@ class Settings:
     # selects the full browser (needed for WALINK_HEADLESS=false)
     chromium_path: Path = HEADLESS_SHELL
     headless: bool = True
+    # Chromium's own sandbox when the worker does not run as root (as root it cannot have one);
+    # false: --no-sandbox always, for containers whose seccomp profile forbids the user namespaces
+    # the sandbox needs (infra/k8s/workers-statefulset.yaml says how to keep it there)
+    chromium_sandbox: bool = True
     # --- what the browsers talk to
     target: Target = "simulator"
     simulator_url: str = "http://127.0.0.1:3100"
@@ -89,9 +95,16 @@ class Settings:
     # short, but not so short that a CPU-starved event loop reads as Redis being down
     redis_timeout_s: float = 2.0
     db_timeout_s: float = 5.0
+    # create the database and apply migrations at start (development); false: the schema is owned
+    # by another role (`walink migrate`, a Job in infra/k8s), this process's role has no DDL rights
+    # and it only checks at start that every migration is applied
+    migrate_on_start: bool = True
     lease_ttl_ms: int = 10_000
     # AES-256-GCM key of profile snapshots: base64 of 32 bytes (empty: snapshots disabled)
     snapshot_key: str = field(default="", repr=False)
+    # several snapshot keys, comma separated, instead of snapshot_key: the first seals new
+    # snapshots, every one opens them (rotation: docs/snapshot-keys.md; `walink rekey`)
+    snapshot_keys: str = field(default="", repr=False)
     # a snapshot of a ready session's live profile this long after ready, for crash failover
     # (Chromium commits localStorage to disk in batches up to ~5 s late, so not sooner)
     live_snapshot_delay_s: float = 8.0
@@ -103,10 +116,37 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_backoff_base_s: float = 0.5
     webhook_backoff_max_s: float = 300.0
+    # destinations admitted despite not being public addresses (SSRF guard, shared/webhook_guard.py):
+    # comma-separated CIDRs, addresses or host names (".example.com" for a zone); `make run` and
+    # the tests set 127.0.0.0/8,::1 explicitly; empty: public addresses only
+    webhook_allow: str = ""
+    # after a secret rotation, deliveries are signed with the old secret too for this long
+    webhook_secret_overlap_s: float = 24 * 3600.0
+    # deliveries in flight at once to one endpoint (scheme://host:port), so a slow endpoint only
+    # holds its own lane; and in flight at once per dispatcher, all endpoints together
+    webhook_lane_concurrency: int = 4
+    webhook_concurrency: int = 32
     # --- HTTP edge
     max_body_bytes: int = 64 * 1024
+    # the bearer token between gateway and workers, and the root of the heartbeats' signing key;
+    # required by a worker that listens on anything but loopback (see validate_worker)
     internal_token: str = field(default="", repr=False)
     sse_keepalive_s: float = 15.0
+    # open event streams through one gateway: in all, and of one workspace (429 beyond either);
+    # the streams have their own connection pool of this size, apart from calls and health probes
+    sse_max_per_gateway: int = 1000
+    sse_max_per_workspace: int = 250
+    # --- per-workspace quotas (docs/limits.md), enforced cluster-wide; 0: derived from the cluster
+    # (its configured workers and their browser capacity) so that one workspace takes at most
+    # quota_share of it; a workspace's own limits (PUT /v1/quota, admin) override these
+    quota_share: float = 0.25
+    # live sessions (not ended: linking, ready or hibernated)
+    quota_sessions: int = 0
+    # sessions linking at once (starting, qr, authenticated, passkey_required): each holds a browser
+    quota_linkings: int = 0
+    # creates per minute (a token bucket in Redis) and its burst (0: the linkings quota)
+    quota_creates_per_minute: int = 0
+    quota_create_burst: int = 0
     # --- lifecycle
     shutdown_deadline_s: float = 20.0
     browser_close_timeout_s: float = 5.0
@@ -162,21 +202,43 @@ class Settings:
             "max_body_bytes",
             "max_active_sessions",
             "webhook_max_attempts",
+            "webhook_lane_concurrency",
+            "webhook_concurrency",
             "lease_ttl_ms",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
+        for name in ("sse_max_per_gateway", "sse_max_per_workspace"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
+        for name in ("quota_sessions", "quota_linkings", "quota_creates_per_minute", "quota_create_burst"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"WALINK_{name.upper()} must not be negative (0: derived)")
+        if not 0 < self.quota_share <= 1:
+            raise SettingsError("WALINK_QUOTA_SHARE must be a fraction in (0, 1]")
         if self.launch_budget < 0:
             raise SettingsError("WALINK_LAUNCH_BUDGET must not be negative (0: the machine's cores)")
         if self.warm_pool_max < self.warm_pool_size:
             raise SettingsError("WALINK_WARM_POOL_MAX must be at least WALINK_WARM_POOL_SIZE")
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
+        if self.webhook_secret_overlap_s < 0:
+            raise SettingsError("WALINK_WEBHOOK_SECRET_OVERLAP_S must not be negative")
+        WebhookAllow.parse(self.webhook_allow)  # a bad entry fails at start, not at the first delivery
         if not 0 < self.worker_port < 65536:
             raise SettingsError("WALINK_WORKER_PORT must be a TCP port")
         if not self.headless and self.chromium_path.name == HEADLESS_SHELL.name:
             raise SettingsError(
                 "WALINK_HEADLESS=false needs full Chromium: set CHROMIUM_PATH=/usr/bin/chromium"
+            )
+
+    def validate_worker(self) -> None:
+        """What a worker checks before it starts: never open to the network without a token."""
+        if not self.internal_token and not is_loopback_host(self.host):
+            raise SettingsError(
+                f"WALINK_HOST={self.host!r} is not a loopback address, and WALINK_INTERNAL_TOKEN is not "
+                "set: the worker would take commands from anyone who can reach it. Set "
+                "WALINK_INTERNAL_TOKEN (the same on every gateway and worker) or listen on 127.0.0.1"
             )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -19,6 +19,7 @@ import orjson
 from shared import outbox
 from shared.db import Conn
 from shared.errors import SessionExists, SessionNotFound, StaleOwner
+from shared.ids import WORKSPACE_ID_RE, check_workspace_id
 from shared.models import EventType
 
 log = logging.getLogger("walink.store")
@@ -52,7 +53,7 @@ class Workspace:
     id: str
     name: str
     webhook_url: str | None
-    webhook_secret: str
+    webhook_secret: str = field(repr=False)  # never in a log line, not even by repr()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,13 @@ class Store:
     async def ensure_workspace(
         self, workspace_id: str, *, name: str | None = None, webhook_url: str | None = None
     ) -> Workspace:
+        if not WORKSPACE_ID_RE.fullmatch(workspace_id):
+            # a new workspace's id must be able to prefix its chosen session ids (shared.ids);
+            # one made before that rule stays usable
+            existing = await self.get_workspace(workspace_id)
+            if existing is not None:
+                return existing
+            check_workspace_id(workspace_id)
         row = await self.pool.fetchrow(
             "INSERT INTO workspaces (id, name, webhook_url, webhook_secret) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id RETURNING id, name, webhook_url, webhook_secret",
@@ -142,13 +150,16 @@ class Store:
         return (row["workspace_id"], row["is_admin"]) if row else None
 
     # ------------------------------------------------------------------ sessions
-    async def insert_session(self, rec: dict[str, Any], *, owner: str, token: int) -> None:
+    async def insert_session(
+        self, rec: dict[str, Any], *, owner: str, token: int, webhook_events: list[str] | None = None
+    ) -> None:
+        """The new session's row; ``webhook_events``: the types its webhook receives (None: all)."""
         values = _column_values(rec)
         try:
             await self.pool.execute(
                 "INSERT INTO whatsapp_accounts (id, workspace_id, session_status, reason, label, metadata,"
-                " webhook_url, history, timings, profile_id, owner, fencing_token, status)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+                " webhook_url, history, timings, profile_id, owner, fencing_token, status, webhook_events)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14::text[])",
                 rec["id"],
                 rec["workspace_id"],
                 values["session_status"],
@@ -162,6 +173,7 @@ class Store:
                 owner,
                 token,
                 values["status"],
+                webhook_events,
             )
         except asyncpg.UniqueViolationError as exc:
             raise SessionExists(f"session {rec['id']} already exists") from exc

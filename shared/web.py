@@ -52,7 +52,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except WalinkError as exc:
         if exc.status >= 500:
             log.warning("%s %s → %d %s: %s", request.method, request.path, exc.status, exc.code, exc)
-        return json_response(exc.to_dict(), status=exc.status)
+        return json_response(exc.to_dict(), status=exc.status, headers=exc.headers() or None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -7,7 +7,9 @@ Every webhook is a JSON body signed with the workspace's secret::
 Receivers check it with :func:`verify` (or the same few lines in their own language): recompute
 the HMAC over the exact bytes received, compare in constant time, and refuse a timestamp older
 than a few minutes so a captured request cannot be replayed later. Several ``v1=`` entries may
-appear in one header (e.g. while a secret is rotated); one match is enough.
+appear in one header: after a rotation (``POST /v1/webhook/secret``) deliveries carry
+``t=<t>,v1=<HMAC with the new secret>,v1=<HMAC with the old one>`` for
+``WALINK_WEBHOOK_SECRET_OVERLAP_S``; one match is enough. Secrets are never logged.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 SIGNATURE_HEADER = "X-Walink-Signature"
@@ -35,10 +37,17 @@ def _mac(secret: str, timestamp: int, body: bytes) -> str:
     return hmac.new(secret.encode(), b"%d." % timestamp + body, hashlib.sha256).hexdigest()
 
 
-def sign(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
-    """The ``X-Walink-Signature`` value of ``body``, signed now (or at ``timestamp``, unix seconds)."""
+def sign(
+    secret: str, body: bytes, *, timestamp: int | None = None, previous_secrets: Sequence[str] = ()
+) -> str:
+    """The ``X-Walink-Signature`` value of ``body``, signed now (or at ``timestamp``, unix seconds).
+
+    While a rotation's overlap lasts, the previous secret signs too: ``t=<t>,v1=<new>,v1=<old>``
+    (the current secret's entry first), so receivers that still hold the old secret keep verifying.
+    """
     t = int(time.time()) if timestamp is None else int(timestamp)
-    return f"t={t},{SIGNATURE_VERSION}={_mac(secret, t, body)}"
+    entries = [f"{SIGNATURE_VERSION}={_mac(s, t, body)}" for s in (secret, *previous_secrets)]
+    return ",".join([f"t={t}", *entries])
 
 
 def _parse(header: str) -> tuple[int, list[str]] | None:
@@ -97,12 +106,18 @@ def verify(
 
 
 def delivery_headers(
-    *, secret: str, body: bytes, event_type: str, event_id: str, timestamp: int | None = None
+    *,
+    secret: str,
+    body: bytes,
+    event_type: str,
+    event_id: str,
+    timestamp: int | None = None,
+    previous_secrets: Sequence[str] = (),
 ) -> dict[str, str]:
-    """The headers of one delivery attempt (signed at the time of the call)."""
+    """The headers of one delivery attempt (signed at the time of the call, by every secret given)."""
     return {
         "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(secret, body, timestamp=timestamp),
+        SIGNATURE_HEADER: sign(secret, body, timestamp=timestamp, previous_secrets=previous_secrets),
         EVENT_HEADER: event_type,
         EVENT_ID_HEADER: event_id,
         "User-Agent": USER_AGENT,

@@ -158,6 +158,7 @@ async def sim(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient) -> S
     return Sim(server, client)
 
 
+LOOPBACK_WEBHOOKS = "127.0.0.0/8,::1"  # WALINK_WEBHOOK_ALLOW of test workers
 SNAPSHOT_KEY = "q0v4cXmW2m5W8Ck3tM2o3H3n5F3n2kq9yA8fQ6pL1xE="  # test-only key (base64 of 32 bytes)
 
 
@@ -175,6 +176,7 @@ def worker_settings(tmp_path: Path, sim: Sim, pg_dsn: str, redis_prefix: str, **
         shutdown_deadline_s=10.0,
         webhook_backoff_base_s=0.05,
         webhook_backoff_max_s=0.5,
+        webhook_allow=LOOPBACK_WEBHOOKS,  # the test receivers listen on loopback: admitted explicitly
     )
     # a test's warm pool stays the size it asks for (growth after bursts: tests/test_units.py)
     overrides.setdefault("warm_pool_max", overrides.get("warm_pool_size", 0))
@@ -398,6 +400,7 @@ class WorkerProcess:
             "WALINK_SHUTDOWN_DEADLINE_S": "10",
             "WALINK_WEBHOOK_BACKOFF_BASE_S": "0.05",
             "WALINK_WEBHOOK_BACKOFF_MAX_S": "0.5",
+            "WALINK_WEBHOOK_ALLOW": LOOPBACK_WEBHOOKS,
             "CHROMIUM_PATH": str(CHROMIUM),
             **env,
         }

@@ -122,6 +122,10 @@ async def cluster(
         dev_api_key=API_KEY,
         health_interval_s=0.3,
         breaker_open_s=1.0,
+        # bursts of one workspace, larger than its fair share of the cluster (tests/test_limits.py)
+        quota_sessions=1000,
+        quota_linkings=1000,
+        quota_creates_per_minute=100_000,
     )
     c.gateway = await aiohttp_client(create_gateway(settings))
     await c.eventually(c.cluster_health, lambda h: sum(1 for w in h["workers"] if w.get("reachable")) == 4)

@@ -545,3 +545,33 @@ async def test_sessions_taken_over_beyond_max_active_come_back_hibernated_from_t
     woken = await get_json(second, f"/v1/sessions/{sleeping}")
     assert woken["phone_number"] == phones[ids.index(sleeping)]
     assert len(await sim.devices(woken["phone_number"])) == 1  # no new scan
+
+
+async def test_a_restart_racing_the_wake_of_a_taken_over_session_keeps_its_login(
+    tmp_path: Path, sim: Sim, start_worker: WorkerFactory
+) -> None:
+    """A request wakes a hibernated session another worker left (its profile unpacked from the
+    snapshot) while a restart for it arrives: the restart must not cut the unpack short nor start
+    a second browser on the profile — the session comes back ready, same phone, no new scan."""
+    first = await start_worker(worker_name="worker-a")
+    phone = "4422222211"
+    sid = await link_id(first, sim, phone)
+    await manager_of(first).hibernate(manager_of(first).get(sid))
+    await first.close()
+
+    second = await start_worker(worker_name="worker-b", data_dir=tmp_path / "b")
+    manager = manager_of(second)
+    assert (await second.get(f"/v1/sessions/{sid}")).status == 200  # taken over; the request wakes it
+    session = manager.get(sid)
+    async with asyncio.timeout(30):
+        while session.status.value == "hibernated":  # the wake has begun: its profile is unpacking
+            await session.changed.wait()
+    await manager.restart(session)
+    async with asyncio.timeout(60):
+        while session.status.value not in {"ready", "qr", "failed"}:
+            await session.changed.wait()
+    assert session.status.value == "ready", session.reason
+    body = await get_json(second, f"/v1/sessions/{sid}")
+    assert body["phone_number"] == phone
+    assert len(await sim.devices(phone)) == 1  # the same device: no new link
+    assert len(manager.browsers()) == 1

@@ -34,6 +34,7 @@ from shared.settings import Settings
 from shared.store import Store
 from tests.conftest import (
     CHROMIUM,
+    LOOPBACK_WEBHOOKS,
     REDIS_URL,
     SNAPSHOT_KEY,
     WAIT_S,
@@ -177,6 +178,7 @@ async def start_cluster(
                     WALINK_WARM_POOL_SIZE="0",
                     WALINK_INTERNAL_TOKEN=INTERNAL_TOKEN,
                     WALINK_SHUTDOWN_DEADLINE_S="10",
+                    WALINK_WEBHOOK_ALLOW=LOOPBACK_WEBHOOKS,
                     CHROMIUM_PATH=str(CHROMIUM),
                 ),
             )
@@ -205,6 +207,10 @@ async def start_cluster(
             simulator_url=sim_url,
             health_interval_s=0.2,
             breaker_open_s=1.0,
+            # bursts of one workspace, larger than its fair share of a small cluster (tests/test_limits.py)
+            quota_sessions=1000,
+            quota_linkings=1000,
+            quota_creates_per_minute=100_000,
         )
         gateway = await aiohttp_client(create_app(settings))
         gateways.append(gateway)

@@ -25,6 +25,7 @@ from gateway.ring import Ring, load_cap, place, sample_keys
 from gateway.routing import Kind, Plan, Router
 from gateway.sse import Frames, Streams, relay
 from shared.errors import NotFound, Unauthorized, Unavailable
+from shared.heartbeats import HeartbeatAuth
 from shared.models import now_ms
 from shared.redis_keys import Keys
 from shared.settings import Settings
@@ -662,14 +663,17 @@ def test_membership_follows_heartbeats() -> None:
 
 async def test_heartbeats_are_read_from_redis(redis_client: aioredis.Redis, redis_prefix: str) -> None:
     keys = Keys(redis_prefix)
-    await redis_client.set(keys.worker("a:1"), orjson.dumps({"name": "a:1", "url": "http://a:1"}), px=5000)
+    beat = {"name": "127.0.0.1:1", "url": "http://127.0.0.1:1"}  # no token: loopback URLs only
+    await redis_client.set(keys.worker("127.0.0.1:1"), orjson.dumps(beat), px=5000)
     await redis_client.set(keys.worker("b:2"), b"not json", px=5000)
     await redis_client.set(keys.session("x"), orjson.dumps({"name": "not a worker"}), px=5000)
-    beats = await read_heartbeats(redis_client, keys, timeout_s=1.0)
-    assert beats == {"a:1": {"name": "a:1", "url": "http://a:1"}}
+    beats = await read_heartbeats(redis_client, keys, auth=HeartbeatAuth(""), timeout_s=1.0)
+    assert beats == {"127.0.0.1:1": beat}
     broken = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     try:
-        assert await read_heartbeats(broken, keys, timeout_s=0.5) is None  # keep what we know
+        assert (
+            await read_heartbeats(broken, keys, auth=HeartbeatAuth(""), timeout_s=0.5) is None
+        )  # keep what we know
     finally:
         await broken.aclose()
 

@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -356,6 +357,8 @@ def test_k8s_objects_and_kustomization() -> None:
         "Service/walink-workers",
         "StatefulSet/walink-worker",
         "PodDisruptionBudget/walink-worker",
+        "NetworkPolicy/walink-workers",
+        "Job/walink-migrate",
         "Deployment/walink-gateway",
         "Service/walink-gateway",
     }
@@ -390,6 +393,8 @@ def test_secret_template_holds_placeholders_only() -> None:
     secret = _k8s_objects()["Secret/walink-secrets"]
     assert set(secret["stringData"]) == {
         "WALINK_DATABASE_URL",
+        "GATEWAY_DATABASE_URL",
+        "OWNER_DATABASE_URL",
         "WALINK_REDIS_URL",
         "WALINK_SNAPSHOT_KEY",
         "WALINK_INTERNAL_TOKEN",
@@ -399,10 +404,97 @@ def test_secret_template_holds_placeholders_only() -> None:
     assert "data" not in secret
 
 
+POD_KINDS = {"StatefulSet", "Deployment", "Job"}
+
+
 def test_every_pod_spec_turns_service_links_off() -> None:
     for key, obj in _k8s_objects().items():
-        if obj["kind"] in {"StatefulSet", "Deployment"}:
+        if obj["kind"] in POD_KINDS:
             assert _pod_spec(obj)["enableServiceLinks"] is False, key
+
+
+def test_every_pod_runs_as_non_root_without_privileges_on_a_read_only_image() -> None:
+    pods = {key: _pod_spec(obj) for key, obj in _k8s_objects().items() if obj["kind"] in POD_KINDS}
+    assert len(pods) == 3
+    for key, pod in pods.items():
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True, key
+        assert isinstance(context["runAsUser"], int) and context["runAsUser"] > 0, key
+        assert context["seccompProfile"]["type"] in {"RuntimeDefault", "Localhost"}, key
+        mounts = set()
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, key
+            assert sc["readOnlyRootFilesystem"] is True, key
+            assert sc["capabilities"] == {"drop": ["ALL"]}, key
+            assert "privileged" not in sc and "runAsUser" not in sc, key
+            mounts |= {m["mountPath"] for m in container.get("volumeMounts", [])}
+        if not key.startswith("Job/"):
+            assert "/tmp" in mounts, key  # a read-only image: somewhere to write temporary files
+
+
+def test_chromium_sandbox_matches_the_worker_pods_seccomp_profile() -> None:
+    """As non-root Chromium could sandbox itself, but its sandbox needs user namespaces, which the
+    RuntimeDefault seccomp profile forbids: then it must be turned off, or Chromium cannot start."""
+    objects = _k8s_objects()
+    sts = objects["StatefulSet/walink-worker"]
+    pod = _pod_spec(sts)
+    settings = Settings.from_env(_container_env(pod["containers"][0], objects, "walink-worker-0"))
+    seccomp = pod["securityContext"]["seccompProfile"]["type"]
+    assert settings.chromium_sandbox is (seccomp == "Localhost"), (settings.chromium_sandbox, seccomp)
+    # fsGroup: the non-root user owns the profiles' volume
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
+def _labels_match(selector: dict[str, Any], obj: dict[str, Any]) -> bool:
+    labels = obj["spec"]["template"]["metadata"]["labels"]
+    return bool(selector["matchLabels"].items() <= labels.items())
+
+
+def test_only_the_gateway_and_prometheus_reach_the_workers() -> None:
+    objects = _k8s_objects()
+    policy = objects["NetworkPolicy/walink-workers"]["spec"]
+    sts = objects["StatefulSet/walink-worker"]
+    gateway = objects["Deployment/walink-gateway"]
+    assert _labels_match(policy["podSelector"], sts)
+    assert not _labels_match(policy["podSelector"], gateway)
+    assert policy["policyTypes"] == ["Ingress"]  # what is not allowed below is denied
+    (worker_port,) = _pod_spec(sts)["containers"][0]["ports"]
+    sources = []
+    for rule in policy["ingress"]:
+        assert rule["ports"] == [{"port": worker_port["name"], "protocol": "TCP"}], rule
+        (peer,) = rule["from"]
+        assert "ipBlock" not in peer, peer  # no address range: pods by label only
+        sources.append(peer)
+    gateway_peers = [p for p in sources if "namespaceSelector" not in p]
+    assert len(gateway_peers) == 1 and _labels_match(gateway_peers[0]["podSelector"], gateway)
+    assert not _labels_match(gateway_peers[0]["podSelector"], sts)  # workers do not reach workers
+    (prometheus,) = [p for p in sources if "namespaceSelector" in p]
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert prometheus["namespaceSelector"]["matchLabels"]  # one namespace, never all of them
+
+
+def test_a_migration_job_owns_the_schema_and_the_gateway_role_has_no_ddl() -> None:
+    objects = _k8s_objects()
+    job = objects["Job/walink-migrate"]
+    (migrate,) = _pod_spec(job)["containers"]
+    job_settings = Settings.from_env(_container_env(migrate, objects, "walink-migrate-x"))
+    owner = urlsplit(job_settings.database_url).username
+    command = migrate["command"]
+    assert command[:4] == ["python", "-m", "shared.cli", "migrate"]
+    granted = {command[i + 1] for i, word in enumerate(command) if word == "--grant"}
+    users = {}
+    for key, name in (
+        ("Deployment/walink-gateway", "walink-gateway-x"),
+        ("StatefulSet/walink-worker", "walink-worker-0"),
+    ):
+        (container,) = _pod_spec(objects[key])["containers"]
+        settings = Settings.from_env(_container_env(container, objects, name))
+        assert settings.migrate_on_start is False, key  # no DDL at start: only a check
+        users[key] = urlsplit(settings.database_url).username
+    assert users["Deployment/walink-gateway"] not in {owner, users["StatefulSet/walink-worker"]}
+    assert owner not in users.values()
+    assert granted == set(users.values())  # row rights for exactly the roles that run walink
 
 
 def test_worker_statefulset() -> None:
@@ -503,6 +595,8 @@ def test_kustomize_builds() -> None:
         "Service",
         "StatefulSet",
         "PodDisruptionBudget",
+        "NetworkPolicy",
+        "Job",
         "Deployment",
     }
     assert all(doc["metadata"].get("namespace") == "walink" for doc in built if doc["kind"] != "Namespace")

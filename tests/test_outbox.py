@@ -24,6 +24,7 @@ from pytest_aiohttp import AiohttpServer
 from shared import outbox
 from shared.errors import BadRequest
 from shared.outbox import DispatcherRunning, OutboxEvent, WebhookDispatcher
+from shared.webhook_guard import LOOPBACK_ALLOW
 from shared.webhooks import SIGNATURE_HEADER, USER_AGENT, build_payload, sign, verify
 
 SECRET = "whsec_test_0123456789"
@@ -168,6 +169,7 @@ async def states(pool: asyncpg.Pool) -> dict[str, int]:
 
 
 def dispatcher(pool: asyncpg.Pool, http: aiohttp.ClientSession, **options: Any) -> WebhookDispatcher:
+    options.setdefault("allow", LOOPBACK_ALLOW)  # the receivers listen on loopback, admitted explicitly
     return WebhookDispatcher(pool, http, worker_name=options.pop("worker_name", "w-test"), **options)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import lzma
 import secrets
@@ -23,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from playwright.async_api import Page, Playwright, Route
 
-from shared.errors import SettingsError, SnapshotInvalid
+from shared.errors import SettingsError, SnapshotInvalid, SnapshotKeyUnknown, WalinkError
 from tests.browser import ORIGIN, forward_to, launch
 from tests.conftest import Sim, scan_until_linked
 from worker.snapshot import (
@@ -109,9 +110,13 @@ def files_of(root: Path) -> dict[str, int]:
 
 
 def open_blob(blob: bytes, key: bytes = KEY, session_id: str = SESSION) -> bytes:
-    """The tar inside a snapshot, opened with the documented format (not with the module)."""
-    assert blob[:4] == b"WLS1"
-    xz = AESGCM(key).decrypt(blob[4:16], blob[16:], b"walink-snapshot-v1:" + session_id.encode())
+    """The tar inside a snapshot, opened with the documented format (not with the module):
+    ``b"WLS2" + key id (8) + nonce (12) + AES-GCM``, the additional data binding key id and session."""
+    assert blob[:4] == b"WLS2"
+    kid = hashlib.sha256(b"walink-snapshot-key-id:" + key).digest()[:8]
+    assert blob[4:12] == kid
+    aad = b"walink-snapshot-v2:" + kid + session_id.encode()
+    xz = AESGCM(key).decrypt(blob[12:24], blob[24:], aad)
     return lzma.decompress(xz, format=lzma.FORMAT_XZ)
 
 
@@ -172,11 +177,11 @@ async def test_snapshot_restores_the_login_into_an_empty_profile(
     print(
         f"\nsnapshot of a linked simulator session: {len(blob)} bytes (tar {len(tar)}), pack {pack_ms:.1f} ms"
     )
-    assert blob[:4] == b"WLS1"
+    assert blob[:4] == b"WLS2"
     assert len(blob) < 64 * 1024, "a hibernated session must stay far below 1 MiB"
     # the archive is deterministic (only the nonce differs) and holds only the allowed paths
     again = pack_profile(source, key=KEY, session_id=SESSION)
-    assert again[4:16] != blob[4:16]
+    assert again[12:24] != blob[12:24]
     assert open_blob(again) == tar
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
         names = archive.getnames()
@@ -222,7 +227,8 @@ async def test_tampered_or_foreign_snapshots_are_refused(pw: Playwright, sim: Si
     blob = pack_profile(source, key=KEY, session_id=SESSION)
 
     bad: dict[str, tuple[bytes, bytes, str]] = {}
-    for where in (0, 5, 20, len(blob) // 2, len(blob) - 1):  # magic, nonce, ciphertext, middle, tag
+    # magic, key id, nonce, ciphertext, middle, tag
+    for where in (0, 5, 20, 30, len(blob) // 2, len(blob) - 1):
         flipped = bytearray(blob)
         flipped[where] ^= 0x01
         bad[f"flipped byte {where}"] = (bytes(flipped), KEY, SESSION)
@@ -235,11 +241,16 @@ async def test_tampered_or_foreign_snapshots_are_refused(pw: Playwright, sim: Si
     absent = tmp_path / "restore-absent" / "profile"
     empty = tmp_path / "restore-empty"
     empty.mkdir()
+    # a snapshot naming a key this process lacks (another key, or its key id altered) may be
+    # fine: that is a missing key (503, the session left as it was), not a broken snapshot
+    missing_key = {"another key", "flipped byte 5"}
     for case, (data, key, session_id) in bad.items():
         for target, existed in ((absent, False), (empty, True)):
-            with pytest.raises(SnapshotInvalid) as refused:
+            error: type[WalinkError] = SnapshotKeyUnknown if case in missing_key else SnapshotInvalid
+            with pytest.raises(error) as refused:
                 unpack_profile(data, target, key=key, session_id=session_id)
-            assert refused.value.code == "snapshot_invalid" and refused.value.status == 422
+            expected = (503, "snapshot_key_unknown") if case in missing_key else (422, "snapshot_invalid")
+            assert (refused.value.status, refused.value.code) == expected
             print(f"{case}: {refused.value.message}")
             assert_untouched(target, existed=existed)
 

@@ -381,8 +381,12 @@ async def test_bad_input_gets_clear_4xx_and_changes_nothing(
     sim: Sim, start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
     client = await start_worker()
-    sid = (await create(client, id="shop-42"))["id"]
+    sid = (await create(client, id="default.shop-42"))["id"]  # chosen ids: <workspace>.<name>
     await (await events(client, sid)).until("qr")
+    # the profile (WhatsApp's keys) and every directory walink made above it: 0700
+    (profile,) = (tmp_path / "var").glob("worker-*/profiles/*")
+    for directory in (profile, profile.parent, profile.parent.parent, tmp_path / "var"):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
     before = sorted(
         p.name for p in (tmp_path / "var").rglob("*") if p.parent.name in {"sessions", "profiles"}
     )
@@ -391,10 +395,12 @@ async def test_bad_input_gets_clear_4xx_and_changes_nothing(
         ("GET", "/v1/sessions/s_doesnotexist00000000", None, 404, "session_not_found"),
         ("GET", "/v1/sessions/NOT_VALID", None, 400, "invalid_session_id"),
         ("GET", "/v1/sessions/..%2F..%2Fetc%2Fpasswd", None, 400, "invalid_session_id"),
-        ("GET", "/v1/sessions/..%2Fshop-42/qr", None, 400, "invalid_session_id"),
+        ("GET", "/v1/sessions/..%2Fdefault.shop-42/qr", None, 400, "invalid_session_id"),
         ("DELETE", "/v1/sessions/%2E%2E", None, 404, "not_found"),  # normalized to /v1: no route
         ("POST", "/v1/sessions", {"id": "../../tmp/x"}, 400, "invalid_session_id"),
-        ("POST", "/v1/sessions", {"id": "shop-42"}, 409, "session_exists"),
+        ("POST", "/v1/sessions", {"id": "default.shop-42"}, 409, "session_exists"),
+        ("POST", "/v1/sessions", {"id": "shop-43"}, 400, "session_id_outside_workspace"),
+        ("POST", "/v1/sessions", {"id": "other.shop-42"}, 400, "session_id_outside_workspace"),
         ("POST", "/v1/sessions", {"colour": "blue"}, 400, "invalid_request"),
         ("POST", "/v1/sessions", {"metadata": [1, 2]}, 400, "invalid_request"),
         ("POST", "/v1/sessions", {"webhook_url": "ftp://x"}, 400, "invalid_request"),

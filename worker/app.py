@@ -21,10 +21,13 @@ from playwright.async_api import async_playwright
 from shared import aio, resources
 from shared import store as store_mod
 from shared.aio import stop_loops
+from shared.heartbeats import HeartbeatAuth
 from shared.outbox import WebhookDispatcher
+from shared.private_files import make_private_dirs
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.web import DEFAULT_WORKSPACE, error_middleware, serve_until_signalled
+from shared.webhook_guard import WebhookAllow
 from worker import chromium
 from worker.browser import BrowserLauncher
 from worker.durable import Durable
@@ -84,6 +87,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
             app[NAME],
             lease_ttl_ms=settings.lease_ttl_ms,
             redis_timeout_s=settings.redis_timeout_s,
+            heartbeat_auth=HeartbeatAuth(settings.internal_token),
         )
         yield
 
@@ -111,7 +115,8 @@ async def launch_budget_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    settings.profiles_dir.mkdir(parents=True, exist_ok=True)
+    for private in (settings.worker_data_dir, settings.profiles_dir):  # WhatsApp's keys: 0700
+        await asyncio.to_thread(make_private_dirs, private)
     killed, locks = chromium.reap(settings.profiles_dir)
     if killed or locks:
         log.info("start: reaped %d orphan browser group(s), %d stale lock(s)", killed, locks)
@@ -180,6 +185,7 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
         url=settings.advertise_url or f"http://{settings.host}:{settings.worker_port}",
         ttl_ms=settings.heartbeat_ttl_ms,
         timeout_s=settings.redis_timeout_s,
+        auth=HeartbeatAuth(settings.internal_token),
     )
     app[HEARTBEAT] = heartbeat
 
@@ -210,11 +216,14 @@ async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
         app[DB],
         app[HTTP],
         worker_name=app[NAME],
+        allow=WebhookAllow.parse(settings.webhook_allow),
         attempt_timeout_s=settings.webhook_timeout_s,
         max_attempts=settings.webhook_max_attempts,
         backoff_base_s=settings.webhook_backoff_base_s,
         backoff_max_s=settings.webhook_backoff_max_s,
         claim_ttl_s=max(2.0, settings.webhook_timeout_s * 3),
+        batch_size=settings.webhook_concurrency,
+        lane_concurrency=settings.webhook_lane_concurrency,
     )
     app[DISPATCHER] = dispatcher
     task = asyncio.create_task(dispatcher.run(), name="webhooks")
@@ -242,6 +251,7 @@ async def on_shutdown(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
+    settings.validate_worker()
     app = web.Application(
         middlewares=[error_middleware, auth_middleware], client_max_size=settings.max_body_bytes
     )

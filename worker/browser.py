@@ -22,6 +22,7 @@ from playwright.async_api import Error as PlaywrightError
 
 from shared.aio import stop_loops
 from shared.errors import BrowserError, BrowserTimeout
+from shared.private_files import make_private_dirs
 from shared.settings import Settings
 from worker import chromium
 from worker import whatsapp_web as wa
@@ -228,6 +229,7 @@ class BrowserLauncher:
         self.user_agent = wa.user_agent_for(self.version)
         self.web_cache = wa.WebVersionCache(settings.webcache_dir, settings.wa_version)
         self.launched_total = 0
+        self.sandbox = chromium.sandboxed(settings.chromium_sandbox)
 
     def profile_dir(self, profile_id: str) -> Path:
         return self.settings.profiles_dir / profile_id
@@ -235,7 +237,7 @@ class BrowserLauncher:
     async def launch(self, profile_id: str) -> BrowserSlot:
         settings = self.settings
         profile_dir = self.profile_dir(profile_id)
-        profile_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(profile_dir)  # 0700, like the directories Chromium makes inside it
         chromium.remove_profile_locks(profile_dir)
         slot = BrowserSlot(profile_id, profile_dir, settings.browser_close_timeout_s)
         timeout_ms = settings.start_timeout_s * 1000
@@ -244,7 +246,8 @@ class BrowserLauncher:
                 str(profile_dir.resolve()),
                 executable_path=str(settings.chromium_path),
                 headless=settings.headless,
-                args=chromium.launch_args(),
+                args=chromium.launch_args(sandbox=self.sandbox),
+                chromium_sandbox=self.sandbox,
                 service_workers="block",
                 user_agent=self.user_agent,
                 viewport={"width": 1024, "height": 768},
@@ -259,7 +262,8 @@ class BrowserLauncher:
             await asyncio.shield(self._discard_launch(launching, profile_dir))
             raise
         except PlaywrightError as exc:
-            raise BrowserError(f"Chromium did not start: {exc.message}") from exc
+            hint = chromium.sandbox_hint(exc.message) if self.sandbox else ""
+            raise BrowserError(f"Chromium did not start: {exc.message}{hint}") from exc
         self.launched_total += 1
         slot.context = context
         try:

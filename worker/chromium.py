@@ -23,8 +23,30 @@ log = logging.getLogger("walink.chromium")
 PROFILE_LOCKS = ("SingletonLock", "SingletonSocket", "SingletonCookie")
 
 
-def launch_args() -> list[str]:
-    """Flags for every Chromium walink starts (the network is closed; no sandbox only as root)."""
+def sandboxed(wanted: bool = True) -> bool:
+    """Does Chromium run in its own sandbox? Yes unless it is not wanted (``WALINK_CHROMIUM_SANDBOX``)
+    or we run as root, where Chromium refuses to start sandboxed. Playwright passes ``--no-sandbox``
+    unless told otherwise (its ``chromium_sandbox`` option), so this must be passed on to it."""
+    return wanted and os.geteuid() != 0
+
+
+# what Chromium says when its sandbox cannot start (no user namespaces, no setuid helper)
+SANDBOX_FAILURES = ("No usable sandbox", "sandbox_host_linux", "zygote_host_impl_linux")
+
+
+def sandbox_hint(message: str) -> str:
+    """What to add to a failed launch's error when Chromium's sandbox is why it failed."""
+    if not any(failure in message for failure in SANDBOX_FAILURES):
+        return ""
+    return (
+        " (Chromium's sandbox needs unprivileged user namespaces, which this host or container "
+        "forbids: allow them, or set WALINK_CHROMIUM_SANDBOX=false to run Chromium without it)"
+    )
+
+
+def launch_args(*, sandbox: bool = False) -> list[str]:
+    """Flags for every Chromium walink starts (the network is closed); ``--no-sandbox`` unless
+    ``sandbox`` (see :func:`sandboxed`)."""
     args = [
         "--disable-background-networking",
         "--disable-component-update",
@@ -37,7 +59,7 @@ def launch_args() -> list[str]:
         "--no-default-browser-check",
         "--password-store=basic",
     ]
-    if os.geteuid() == 0:
+    if not sandbox:
         args.append("--no-sandbox")
     return args
 

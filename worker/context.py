@@ -15,6 +15,7 @@ from worker.browser import BrowserLauncher
 from worker.durable import Durable
 from worker.qr_queue import QrQueue
 from worker.session import Session
+from worker.snapshot import SnapshotKeys
 from worker.tasks import Tasks, Timers
 from worker.warm_pool import WarmPool
 
@@ -34,13 +35,16 @@ class Context:
     durable: Durable
     name: str
     keeper: LeaseKeeper
-    snapshot_key: bytes | None
+    # the snapshot keys (the first seals, every one opens); None: snapshots disabled
+    snapshot_keys: SnapshotKeys | None
     # the sessions this worker drives
     sessions: dict[str, Session] = field(default_factory=dict)
     # no new work: the worker is shutting down
     closing: bool = False
     # sessions whose browser is coming back on their profile (a restore, not a fresh link)
     restoring: set[str] = field(default_factory=set)
+    # sessions whose snapshot key this worker lacks → until when (monotonic) not to adopt them
+    unreadable: dict[str, float] = field(default_factory=dict)
     tasks: Tasks = field(default_factory=Tasks)
     # a linking step's deadline (see :mod:`worker.linking`), the idle check of a ready session
     deadlines: Timers = field(default_factory=Timers)

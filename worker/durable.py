@@ -16,7 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared.heartbeats import scan_heartbeats
+from shared.heartbeats import HeartbeatAuth, heartbeat_alive, scan_heartbeats
 from shared.leases import Leases
 from shared.redis_keys import Keys
 from shared.store import Store
@@ -37,8 +37,10 @@ class Durable:
         *,
         lease_ttl_ms: int,
         redis_timeout_s: float,
+        heartbeat_auth: HeartbeatAuth,
     ) -> None:
         self.store = store
+        self.heartbeat_auth = heartbeat_auth  # which peers' heartbeats to believe
         self.redis = redis
         self.keys = keys
         self.owner = owner
@@ -74,7 +76,7 @@ class Durable:
 
     async def live_workers(self) -> dict[str, dict[str, Any]] | None:
         """Heartbeats of the workers alive now (name → heartbeat), None when Redis cannot say."""
-        return await self._redis("membership", scan_heartbeats(self.redis, self.keys))
+        return await self._redis("membership", scan_heartbeats(self.redis, self.keys, self.heartbeat_auth))
 
     async def acquire_or_take(self, session_id: str, *, floor: int) -> int | None:
         """Like :meth:`acquire`, but a lease whose holder has no heartbeat any more is taken at once
@@ -85,7 +87,9 @@ class Durable:
         holder = await self.lease_owner(session_id)
         if holder is None or holder == self.owner:
             return await self.acquire(session_id, floor=floor)
-        alive = await self._redis("membership", self.redis.exists(self.keys.worker(holder)))
+        alive = await self._redis(
+            "membership", heartbeat_alive(self.redis, self.keys, self.heartbeat_auth, holder)
+        )
         if alive is None or alive:
             return None
         log.warning("%s: owner %s has no heartbeat; taking the session over", session_id, holder)

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.errors import SnapshotInvalid, WalinkError
+from shared import metrics
+from shared.errors import SnapshotInvalid, SnapshotKeyUnknown, WalinkError
 from shared.models import Reason, SessionStatus
 from worker import qr_queue, snapshot
 from worker.commits import Commits
@@ -25,6 +26,9 @@ from worker.session import Session
 log = logging.getLogger("walink.sessions")
 
 S = SessionStatus
+UNREADABLE_RETRY_S = 60.0
+"""A session whose snapshot key this worker lacks is not adopted again for this long (requests
+still try: the answer is a clear 503 each time)."""
 
 
 class Hibernation:
@@ -43,7 +47,7 @@ class Hibernation:
         """A session just became ready: its idle clock, the capacity check, its live snapshot."""
         self.arm_idle(session)
         self._ctx.tasks.spawn(session, self._enforce_capacity(), cancel_on_end=False)
-        if self._ctx.snapshot_key is not None:
+        if self._ctx.snapshot_keys is not None:
             self._ctx.tasks.spawn(session, self._live_snapshot(session))
 
     def arm_idle(self, session: Session) -> None:
@@ -91,7 +95,7 @@ class Hibernation:
             # snapshot its last browser's close stored, and its profile here if it has one: this
             # worker never re-packs a profile it did not see close (it could be a dead worker's,
             # or torn by a helper process still flushing), nor overwrites a newer snapshot.
-            packed = ctx.snapshot_key is not None and had_browser
+            packed = ctx.snapshot_keys is not None and had_browser
             if packed:
                 session.timings["snapshot_bytes"] = await self.store_snapshot(session)
             session.timings["hibernate_ms"] = int((time.monotonic() - started) * 1000)
@@ -123,22 +127,40 @@ class Hibernation:
 
     async def begin_restore(self, session: Session, reason: Reason) -> bool:
         """Start bringing a linked session back from its profile (restored from its snapshot if
-        need be); False when that cannot be had and the session ended ``failed`` instead."""
-        session.transition(S.STARTING, reason)  # no-op (no event) when already starting
-        session.mark("requested_at_ms")
+        need be); False when that cannot be had and the session ended ``failed`` instead.
+
+        A snapshot sealed with a key this worker lacks changes nothing: the session is let go as
+        it was (see :meth:`cannot_open`) and :class:`~shared.errors.SnapshotKeyUnknown` raised."""
         # a restore from here on, also while its profile is unpacked: a restart that comes
         # meanwhile must keep the profile (it is the login), not start a new link
         self._ctx.restoring.add(session.id)
+        # the profile first, before any transition: nothing is written unless it can be had
         if not await self._profile_or_fail(session):
             return False
+        session.transition(S.STARTING, reason)  # no-op (no event) when already starting
+        session.mark("requested_at_ms")
         self._restore(session, qr_queue.USER if reason == Reason.WAKE else qr_queue.RESTORE)
         await self._commits.write(session)
         return True
 
+    async def cannot_open(self, session: Session, exc: SnapshotKeyUnknown) -> None:
+        """This worker lacks the key of the session's snapshot: leave the session exactly as it is
+        in Postgres (status, snapshot, device), stop driving it here and free its lease, so a
+        worker that holds the key can take it. Nothing is committed."""
+        ctx = self._ctx
+        log.error("%s: cannot restore here: %s; left as it was for a worker with that key", session.id, exc)
+        metrics.SNAPSHOT_KEY_UNKNOWN.labels(exc.key_id).inc()
+        ctx.unreadable[session.id] = time.monotonic() + UNREADABLE_RETRY_S
+        ctx.tasks.cancel_work(session)
+        self._ending.stand_down(session)
+        session.pending.clear()  # e.g. a restart's transition: never written
+        self._ending.forget(session)
+        await ctx.durable.release(session.id)
+
     async def handover(self, session: Session) -> None:
         """Leave the session ready for another worker: a fresh snapshot, then the lease freed."""
         with contextlib.suppress(WalinkError, *DB_ERRORS):
-            if session.status == S.READY and self._ctx.snapshot_key is not None:
+            if session.status == S.READY and self._ctx.snapshot_keys is not None:
                 await self.store_snapshot(session)
         await self._ctx.durable.release(session.id)
 
@@ -148,7 +170,7 @@ class Hibernation:
         this one dies without a goodbye. Not at once: Chromium commits localStorage (where WhatsApp
         keeps WANoiseInfo) to disk in batches up to ~5 s late; a copy taken sooner shows a QR."""
         await asyncio.sleep(self._ctx.settings.live_snapshot_delay_s)
-        if session.status != S.READY or session.slot is None or self._ctx.snapshot_key is None:
+        if session.status != S.READY or session.slot is None or self._ctx.snapshot_keys is None:
             return
         try:
             size = await self.store_snapshot(session, live=True)
@@ -161,18 +183,22 @@ class Hibernation:
         """Pack the session's profile (``live``: under a running Chromium) and store it, fenced by
         the session's lease token; the answer is the snapshot's size in bytes."""
         ctx = self._ctx
-        assert ctx.snapshot_key is not None  # callers check: snapshots are enabled
+        assert ctx.snapshot_keys is not None  # callers check: snapshots are enabled
         pack = snapshot.pack_live_profile_async if live else snapshot.pack_profile_async
         profile = ctx.launcher.profile_dir(session.profile_id)
-        blob = await pack(profile, key=ctx.snapshot_key, session_id=session.id)
+        blob = await pack(profile, key=ctx.snapshot_keys, session_id=session.id)
         await ctx.store.put_snapshot(session.id, blob, token=session.fencing_token)
         return len(blob)
 
     async def _profile_or_fail(self, session: Session) -> bool:
         """The session's profile on disk (from its snapshot if need be); if it cannot be had, the
-        session ends ``failed``/``client_fatal`` (committed) and the answer is False."""
+        session ends ``failed``/``client_fatal`` (committed) and the answer is False. A snapshot
+        whose key this worker lacks is not a failure of the session (see :meth:`cannot_open`)."""
         try:
             await self.materialize_profile(session)
+        except SnapshotKeyUnknown as exc:
+            await self.cannot_open(session, exc)
+            raise
         except SnapshotInvalid as exc:
             log.error("%s: cannot restore: %s", session.id, exc)
             self._ending.end(session, S.FAILED, Reason.CLIENT_FATAL)
@@ -185,13 +211,13 @@ class Hibernation:
         profile: Path = ctx.launcher.profile_dir(session.profile_id)
         if _has_files(profile):
             return
-        if ctx.snapshot_key is None:
+        if ctx.snapshot_keys is None:
             raise SnapshotInvalid("no local profile and snapshots are disabled (WALINK_SNAPSHOT_KEY unset)")
         blob = await ctx.store.get_snapshot(session.id)
         if blob is None:
             raise SnapshotInvalid(f"no snapshot stored for {session.id}")
         shutil.rmtree(profile, ignore_errors=True)
-        await snapshot.unpack_profile_async(blob, profile, key=ctx.snapshot_key, session_id=session.id)
+        await snapshot.unpack_profile_async(blob, profile, key=ctx.snapshot_keys, session_id=session.id)
 
 
 def _has_files(directory: Path) -> bool:

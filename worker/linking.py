@@ -14,8 +14,9 @@ from functools import partial
 from typing import Any
 
 from shared import metrics
-from shared.errors import BrowserError, InvalidState, SnapshotInvalid, Unavailable
+from shared.errors import BrowserError, InvalidState, SnapshotInvalid, SnapshotKeyUnknown, Unavailable
 from shared.ids import new_profile_id
+from shared.inputs import storable
 from shared.models import LINKING, QR_PENDING, EventType, Reason, SessionStatus, now_ms
 from worker import qr_queue
 from worker import whatsapp_web as wa
@@ -68,9 +69,13 @@ class Linking:
         if session.status == S.HIBERNATED:
             await self._hibernation.wake(session)
             return session
-        keep_profile = session.status == S.READY or (
-            session.status in {S.STARTING, S.AUTHENTICATED} and session.id in ctx.restoring
-        )
+        async with session.op_lock:  # a wake unpacking the profile finishes that first
+            pass
+        if session.id in ctx.restoring and session.status in {S.STARTING, S.AUTHENTICATED}:
+            # already coming back from its own profile (a wake or a restore): cancelling that
+            # half-way would leave a half-unpacked profile, i.e. a QR instead of the login
+            return session
+        keep_profile = session.status == S.READY
         # the work in flight ends first: a launch it was in must let go of the profile
         await ctx.tasks.stop_work(session, ctx.settings.start_timeout_s)
         await self._ending.end_browser(session, wipe=not keep_profile)
@@ -125,6 +130,8 @@ class Linking:
         except BrowserError as exc:
             log.warning("%s: %s", session.id, exc)
             self.fail(session, Reason.BROWSER_LAUNCH_FAILED)
+        except SnapshotKeyUnknown as exc:  # not the session's fault: left as it was
+            await self._hibernation.cannot_open(session, exc)
         except SnapshotInvalid as exc:
             log.error("%s: cannot restore: %s", session.id, exc)
             self.fail(session, Reason.CLIENT_FATAL)
@@ -325,7 +332,8 @@ class Linking:
         restoring = session.id in self._ctx.restoring
         self._ctx.restoring.discard(session.id)
         session.phone_number = phone
-        session.push_name = str(data["push_name"]) if data.get("push_name") else None
+        # the phone owner's name: a NUL in it must not keep the session from becoming ready
+        session.push_name = storable(str(data["push_name"])) if data.get("push_name") else None
         session.phone_method = str(data.get("method") or "")
         at = session.mark("ready_at_ms")
         if restoring:

@@ -1,6 +1,7 @@
 """The worker's heartbeat in Redis: how gateways learn that it is alive, where, and if it drains.
 
-``{prefix}worker:{name}`` holds ``{"name", "url", "pid", "started_at_ms", "draining", "load"}``
+``{prefix}worker:{name}`` holds ``{"name", "url", "pid", "started_at_ms", "draining", "load"}``,
+signed with a key derived from the internal token when one is set (see :mod:`shared.heartbeats`),
 with a TTL of ``heartbeat_ttl_ms`` (6 s), refreshed every second, so a busy worker must miss several
 beats before peers adopt its sessions. A worker told to stop marks itself draining at once
 (gateways stop sending new sessions) and deletes the key when it is done.
@@ -24,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from shared.heartbeats import HeartbeatAuth
 from shared.models import now_ms
 from shared.redis_keys import Keys
 
@@ -32,9 +34,18 @@ log = logging.getLogger("walink.membership")
 
 class Heartbeat:
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, *, name: str, url: str, ttl_ms: int, timeout_s: float
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        name: str,
+        url: str,
+        ttl_ms: int,
+        timeout_s: float,
+        auth: HeartbeatAuth,
     ) -> None:
         self.redis = redis
+        self.auth = auth
         self.key = keys.worker(name)
         self.name = name
         self.url = url
@@ -55,7 +66,7 @@ class Heartbeat:
         }
         if self.load is not None:
             beat["load"] = {**self.load(), "at_ms": now_ms()}
-        return orjson.dumps(beat)
+        return orjson.dumps(self.auth.sign(beat))
 
     async def beat(self) -> bool:
         try:

@@ -12,9 +12,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
-from shared import metrics, outbox
+from shared import metrics, outbox, webhook_config, webhook_guard
 from shared.errors import BadRequest, InvalidState, Unauthorized
-from shared.ids import check_session_id, normalize_phone
+from shared.ids import check_new_session_id, check_session_id, normalize_phone
+from shared.inputs import MAX_WEBHOOK_URL_CHARS, check_create_body, check_workspace_id, optional_text
 from shared.models import ENDED, SessionStatus
 from shared.settings import Settings
 from shared.web import (
@@ -23,7 +24,6 @@ from shared.web import (
     WORKSPACE_HEADER,
     check_keys,
     json_response,
-    optional_str,
     read_json_object,
 )
 from worker import qr_image, sse
@@ -47,9 +47,7 @@ PUBLIC_PATHS = frozenset({"/", "/health", "/metrics", "/dashboard/config"})
 def _workspace(request: web.Request) -> str | None:
     """The workspace the caller may see (set by the gateway); None = this worker's own operator."""
     value = request.headers.get(WORKSPACE_HEADER)
-    if value is not None and not (0 < len(value) <= 64):
-        raise BadRequest(f"{WORKSPACE_HEADER} must be 1-64 characters")
-    return value
+    return None if value is None else check_workspace_id(value, WORKSPACE_HEADER)
 
 
 def _session_id(request: web.Request) -> str:
@@ -84,29 +82,25 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
 async def create_session(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     data = await read_json_object(request, max_bytes=settings.max_body_bytes)
-    check_keys(data, {"id", "workspace_id", "label", "webhook_url", "metadata"})
+    body = check_create_body(data)  # every field checked before anything is written or started
     caller_ws = _workspace(request)
-    workspace_id = optional_str(data, "workspace_id", max_len=64) or caller_ws or DEFAULT_WORKSPACE
+    workspace_id = body.workspace_id or caller_ws or DEFAULT_WORKSPACE
     if caller_ws is not None and workspace_id != caller_ws:
         raise BadRequest("workspace_id does not match the caller's workspace")
-    webhook_url = optional_str(data, "webhook_url", max_len=2048)
-    if webhook_url is not None and not webhook_url.startswith(("http://", "https://")):
-        raise BadRequest("webhook_url must be an http(s) URL")
-    metadata = data.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise BadRequest("metadata must be a JSON object")
-    session_id = data.get("id")
-    if session_id is not None:
-        check_session_id(session_id)
+    if body.webhook_url is not None:
+        webhook_guard.check_url(body.webhook_url, _webhook_allow(settings))
+    if body.id is not None:  # made by the gateway, or chosen in the workspace's namespace
+        check_new_session_id(body.id, workspace_id)
     session = await request.app[MANAGER].create(
-        session_id=session_id,
+        session_id=body.id,
         workspace_id=workspace_id,
-        label=optional_str(data, "label", max_len=200),
-        webhook_url=webhook_url,
-        metadata=metadata,
+        label=body.label,
+        webhook_url=body.webhook_url,
+        metadata=body.metadata,
+        webhook_events=body.events,
     )
-    body = {"id": session.id, "status": session.status.value, **_links(session)}
-    return json_response(body, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
+    reply = {"id": session.id, "status": session.status.value, **_links(session)}
+    return json_response(reply, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -237,10 +231,7 @@ def _scope(request: web.Request) -> str:
     asked = request.query.get("workspace_id")
     if caller is not None and asked is not None and asked != caller:
         raise BadRequest("workspace_id does not match the caller's workspace")
-    scope = caller or asked or DEFAULT_WORKSPACE
-    if not 0 < len(scope) <= 64:
-        raise BadRequest("workspace_id must be 1-64 characters")
-    return scope
+    return check_workspace_id(caller or asked or DEFAULT_WORKSPACE)
 
 
 def _int_query(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
@@ -298,6 +289,64 @@ async def replay_webhooks(request: web.Request) -> web.Response:
         raise BadRequest("event_ids must be a list of at most 1000 event ids")
     replayed = await request.app[DISPATCHER].replay(workspace_id=_scope(request), event_ids=event_ids)
     return json_response({"replayed": replayed})
+
+
+# ---------------------------------------------------------------------------------- webhook configuration
+def _webhook_allow(settings: Settings) -> webhook_guard.WebhookAllow:
+    return webhook_guard.WebhookAllow.parse(settings.webhook_allow)  # checked at start: cannot fail here
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    pool = request.app[MANAGER].store.pool
+    return json_response(await webhook_config.read_config(pool, _scope(request)))
+
+
+async def put_webhook(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    data = await read_json_object(request, max_bytes=settings.max_body_bytes)
+    check_keys(data, {"url"})
+    if "url" not in data:
+        raise BadRequest("url is required (null clears it)")
+    url = optional_text(data, "url", max_len=MAX_WEBHOOK_URL_CHARS)
+    if url is not None:
+        webhook_guard.check_url(url, _webhook_allow(settings))
+    pool = request.app[MANAGER].store.pool
+    return json_response(await webhook_config.set_url(pool, _scope(request), url))
+
+
+async def rotate_webhook_secret(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    pool = request.app[MANAGER].store.pool
+    body = await webhook_config.rotate_secret(
+        pool, _scope(request), overlap_s=settings.webhook_secret_overlap_s
+    )
+    return json_response(body, status=201, headers={"Cache-Control": "no-store"})
+
+
+async def get_session_webhook_events(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    pool = request.app[MANAGER].store.pool
+    events = await webhook_config.session_events_filter(pool, _workspace(request), sid)
+    return json_response({"id": sid, "events": events})
+
+
+async def put_session_webhook_events(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    data = await read_json_object(request, max_bytes=request.app[SETTINGS].max_body_bytes)
+    check_keys(data, {"events"})
+    if "events" not in data:
+        raise BadRequest("events is required (null: every event type)")
+    events = webhook_config.check_event_filter(data["events"])
+    pool = request.app[MANAGER].store.pool
+    stored = await webhook_config.set_session_events(pool, _workspace(request), sid, events)
+    return json_response({"id": sid, "events": stored})
+
+
+async def event_deliveries(request: web.Request) -> web.Response:
+    pool = request.app[MANAGER].store.pool
+    return json_response(
+        await webhook_config.deliveries(pool, _scope(request), request.match_info["event_id"])
+    )
 
 
 def _own_rss_pages() -> int:
@@ -387,3 +436,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/accounts", list_accounts)
     app.router.add_get("/v1/events", list_events)
     app.router.add_post("/v1/webhooks/replay", replay_webhooks)
+    app.router.add_get("/v1/webhook", get_webhook)
+    app.router.add_put("/v1/webhook", put_webhook)
+    app.router.add_post("/v1/webhook/secret", rotate_webhook_secret)
+    app.router.add_get("/v1/sessions/{session_id}/webhook-events", get_session_webhook_events)
+    app.router.add_put("/v1/sessions/{session_id}/webhook-events", put_session_webhook_events)
+    app.router.add_get("/v1/events/{event_id}/deliveries", event_deliveries)

@@ -61,7 +61,8 @@ class SessionManager:
         self.durable = durable
         self.store = durable.store
         self.name = name
-        self.snapshot_key = snapshot.load_key(settings.snapshot_key) if settings.snapshot_key else None
+        keys = snapshot.SnapshotKeys.from_settings(settings.snapshot_key, settings.snapshot_keys)
+        self.snapshot_keys = keys
         self.keeper = LeaseKeeper(durable.leases, on_lost=self._lease_lost, on_token=self._lease_token)
         self._ctx = ctx = Context(
             settings=settings,
@@ -71,7 +72,7 @@ class SessionManager:
             durable=durable,
             name=name,
             keeper=self.keeper,
-            snapshot_key=self.snapshot_key,
+            snapshot_keys=self.snapshot_keys,
         )
         self.sessions: dict[str, Session] = ctx.sessions
         self._ending = Ending(ctx)
@@ -206,6 +207,7 @@ class SessionManager:
         label: str | None = None,
         webhook_url: str | None = None,
         metadata: dict[str, Any] | None = None,
+        webhook_events: list[str] | None = None,
     ) -> Session:
         if self.closing:
             raise Unavailable("this worker is shutting down; retry on another worker")
@@ -227,7 +229,9 @@ class SessionManager:
         if token is None:
             raise NotOwner(f"session {sid} is being created elsewhere")
         session.fencing_token = token
-        await self.store.insert_session(session.record(), owner=self.name, token=token)
+        await self.store.insert_session(
+            session.record(), owner=self.name, token=token, webhook_events=webhook_events
+        )
         self.sessions[sid] = session
         self.keeper.hold(sid, token)
         self._linking.start_link(session)

@@ -22,9 +22,17 @@ From the leveldb directories, only the database files are kept: ``CURRENT``, ``M
 Nothing else in the profile is needed: ``WebStorage/QuotaManager``, ``Session Storage``,
 cookies, caches and ``Preferences`` are rebuilt by Chromium.
 
-Format (v1): ``b"WLS1" + nonce(12) + AES-256-GCM(xz(tar))``. The additional data is
-``b"walink-snapshot-v1:" + session_id``, so a snapshot only opens with its key and for its own
-session. The tar is deterministic: sorted USTAR entries, mtime 0, uid/gid 0, modes 0700/0600.
+Format (v2): ``b"WLS2" + key id(8) + nonce(12) + AES-256-GCM(xz(tar))``. The key id names the key
+that sealed it (:func:`key_id`: the first 8 bytes of SHA-256 over a label and the key), so a worker
+holding several keys (``WALINK_SNAPSHOT_KEYS``: the first seals, all open) knows which one to use,
+and a worker without it can say which key it lacks (:class:`~shared.errors.SnapshotKeyUnknown`)
+instead of calling the snapshot broken. The additional data is ``b"walink-snapshot-v2:" + key id +
+session_id``, so a snapshot only opens with its key and for its own session. The v1 format
+(``b"WLS1" + nonce + AES-GCM``, additional data ``b"walink-snapshot-v1:" + session_id``, no key
+id) still opens: every key is tried. ``walink rekey`` (:mod:`worker.rekey`) seals stored
+snapshots again with the first key.
+
+The tar is deterministic: sorted USTAR entries, mtime 0, uid/gid 0, modes 0700/0600.
 Only regular files and directories go in. The compression is xz (``lzma`` preset 0). On a linked
 simulator profile (~2.4 KB of files, 10 KB of tar), xz gives 1568 B in 0.7 ms, where zlib -6
 gives 1628 B in 0.2 ms (the sealed snapshot is ~1.6 KB). On 1.8 MB of IndexedDB-like data, xz
@@ -44,6 +52,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
 import io
 import logging
 import lzma
@@ -62,7 +72,8 @@ from typing import TYPE_CHECKING, Literal
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from shared.errors import SettingsError, SnapshotInvalid
+from shared.errors import SettingsError, SnapshotInvalid, SnapshotKeyUnknown
+from shared.private_files import make_private_dirs
 from worker import chromium
 
 if TYPE_CHECKING:
@@ -70,11 +81,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("walink.snapshot")
 
-MAGIC = b"WLS1"
+MAGIC = b"WLS2"
+MAGIC_V1 = b"WLS1"  # no key id: opened by trying every key
 NONCE_BYTES = 12
 TAG_BYTES = 16
 KEY_BYTES = 32
-AAD_PREFIX = b"walink-snapshot-v1:"
+KEY_ID_BYTES = 8
+AAD_PREFIX = b"walink-snapshot-v2:"
+AAD_PREFIX_V1 = b"walink-snapshot-v1:"
+_KEY_ID_LABEL = b"walink-snapshot-key-id:"
 MAX_UNPACKED_BYTES = 512 * 1024 * 1024  # the tar inside a snapshot may not expand beyond this
 MAX_MEMBERS = 100_000
 LZMA_PRESET = 0
@@ -108,21 +123,17 @@ Kind = Literal["dir", "file"]
 # ---------------------------------------------------------------------------------------- key
 
 
-def load_key(value: str) -> bytes:
-    """The AES-256 key in ``WALINK_SNAPSHOT_KEY``: urlsafe or standard base64 of exactly 32 bytes.
+def load_key(value: str, *, name: str = "WALINK_SNAPSHOT_KEY") -> bytes:
+    """An AES-256 key as the settings hold it: urlsafe or standard base64 of exactly 32 bytes.
 
     Padding is optional. Anything else raises :class:`~shared.errors.SettingsError`, whose message
-    says how to make a key. The message never includes the value.
+    names the setting (``name``) and says how to make a key. The message never includes the value.
     """
     text = value.strip()
     if not text:
-        raise SettingsError(
-            f"WALINK_SNAPSHOT_KEY is empty; it must be base64 of 32 random bytes ({KEY_HELP})"
-        )
+        raise SettingsError(f"{name} is empty; it must be base64 of 32 random bytes ({KEY_HELP})")
     if not _KEY_CHARS.fullmatch(text):
-        raise SettingsError(
-            f"WALINK_SNAPSHOT_KEY is not base64 (urlsafe or standard) of 32 random bytes ({KEY_HELP})"
-        )
+        raise SettingsError(f"{name} is not base64 (urlsafe or standard) of 32 random bytes ({KEY_HELP})")
     std = text.rstrip("=").replace("-", "+").replace("_", "/")
     try:
         if "=" in text and len(text) % 4:
@@ -131,15 +142,78 @@ def load_key(value: str) -> bytes:
         if base64.b64encode(key).rstrip(b"=") != std.encode():  # stray bits: a mangled value
             raise binascii.Error("not canonical")
     except binascii.Error:
-        raise SettingsError(
-            f"WALINK_SNAPSHOT_KEY is not valid base64 of 32 random bytes ({KEY_HELP})"
-        ) from None
+        raise SettingsError(f"{name} is not valid base64 of 32 random bytes ({KEY_HELP})") from None
     if len(key) != KEY_BYTES:
         raise SettingsError(
-            f"WALINK_SNAPSHOT_KEY decodes to {len(key)} bytes; it must be exactly {KEY_BYTES} "
-            f"(AES-256) ({KEY_HELP})"
+            f"{name} decodes to {len(key)} bytes; it must be exactly {KEY_BYTES} (AES-256) ({KEY_HELP})"
         )
     return key
+
+
+def key_id(key: bytes) -> bytes:
+    """The id of a key in a snapshot's header: 8 bytes of SHA-256 over a label and the key (it
+    names the key without revealing it)."""
+    return hashlib.sha256(_KEY_ID_LABEL + key).digest()[:KEY_ID_BYTES]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotKeys:
+    """The keys of this process: the first seals new snapshots, every one opens them."""
+
+    keys: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise SettingsError("at least one snapshot key is needed")
+        for key in self.keys:
+            _aead(key)  # each one 32 bytes
+
+    @property
+    def primary(self) -> bytes:
+        return self.keys[0]
+
+    @property
+    def ids(self) -> list[str]:
+        """The keys' ids in hex, the sealing key's first (for logs and ``walink rekey``)."""
+        return [key_id(k).hex() for k in self.keys]
+
+    def by_id(self, kid: bytes) -> bytes | None:
+        for key in self.keys:
+            if hmac.compare_digest(key_id(key), kid):
+                return key
+        return None
+
+    @classmethod
+    def of(cls, key: bytes | SnapshotKeys) -> SnapshotKeys:
+        return key if isinstance(key, SnapshotKeys) else cls((key,))
+
+    @classmethod
+    def from_settings(cls, snapshot_key: str, snapshot_keys: str) -> SnapshotKeys | None:
+        """``WALINK_SNAPSHOT_KEYS`` (comma separated, the first seals) or the one
+        ``WALINK_SNAPSHOT_KEY``; None when neither is set (snapshots disabled)."""
+        if snapshot_key.strip() and snapshot_keys.strip():
+            raise SettingsError(
+                "set WALINK_SNAPSHOT_KEYS or WALINK_SNAPSHOT_KEY, not both "
+                "(put the old key after the new one in WALINK_SNAPSHOT_KEYS)"
+            )
+        if snapshot_keys.strip():
+            parts = [p for p in snapshot_keys.split(",") if p.strip()]
+            keys = tuple(
+                load_key(p, name=f"WALINK_SNAPSHOT_KEYS (key {n})") for n, p in enumerate(parts, start=1)
+            )
+            if len({key_id(k) for k in keys}) != len(keys):
+                raise SettingsError("WALINK_SNAPSHOT_KEYS holds the same key twice")
+            return cls(keys)
+        if snapshot_key.strip():
+            return cls((load_key(snapshot_key),))
+        return None
+
+
+def blob_key_id(blob: bytes) -> str | None:
+    """The hex id of the key that sealed ``blob`` (None: a v1 snapshot, or not a snapshot)."""
+    if blob[: len(MAGIC)] == MAGIC and len(blob) >= len(MAGIC) + KEY_ID_BYTES:
+        return blob[len(MAGIC) : len(MAGIC) + KEY_ID_BYTES].hex()
+    return None
 
 
 def _aead(key: bytes) -> AESGCM:
@@ -148,10 +222,13 @@ def _aead(key: bytes) -> AESGCM:
     return AESGCM(key)
 
 
-def _aad(session_id: str) -> bytes:
+def _aad(session_id: str, kid: bytes | None) -> bytes:
+    """The additional data: v2 binds the key id and the session, v1 (``kid`` None) the session."""
     if not session_id:
         raise SnapshotInvalid("a snapshot needs the id of its session")
-    return AAD_PREFIX + session_id.encode()
+    if kid is None:
+        return AAD_PREFIX_V1 + session_id.encode()
+    return AAD_PREFIX + kid + session_id.encode()
 
 
 # ---------------------------------------------------------------------------------------- paths
@@ -268,16 +345,17 @@ def _tar_bytes(sizes: list[int]) -> int:
     return -(-body // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def pack_profile(profile_dir: Path, *, key: bytes, session_id: str) -> bytes:
-    """Snapshot the WhatsApp login of a *closed* profile: ``b"WLS1" + nonce + AES-GCM(xz(tar))``.
+def pack_profile(profile_dir: Path, *, key: bytes | SnapshotKeys, session_id: str) -> bytes:
+    """Snapshot the WhatsApp login of a *closed* profile, sealed with ``key`` (of several keys: the
+    first): ``b"WLS2" + key id + nonce + AES-GCM(xz(tar))``.
 
     Raises :class:`SnapshotInvalid` in these cases: a Chromium still runs on the profile (the
     copy could be torn), the profile lacks the required paths (nothing to snapshot), or the files
     are not what Chromium writes. This checks that the files exist, not that the account is
     linked. Only snapshot a session that reached ``ready``.
     """
-    aead = _aead(key)
-    aad = _aad(session_id)
+    _aad(session_id, None)  # refuse a missing session id before any work
+    sealing = SnapshotKeys.of(key).primary
     pid = chromium.browser_pid_for_profile(profile_dir)
     if pid is not None:
         raise SnapshotInvalid(f"Chromium (pid {pid}) still runs on {profile_dir}; close it before a snapshot")
@@ -310,8 +388,7 @@ def pack_profile(profile_dir: Path, *, key: bytes, session_id: str) -> bytes:
                     tar.addfile(_tar_info(entry.name, "file", st.st_size), fh)
     except OSError as exc:  # a file vanished or shrank under us: the profile is in use
         raise SnapshotInvalid(f"{profile_dir} changed while it was packed ({exc}); is it in use?") from exc
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    blob = MAGIC + nonce + aead.encrypt(nonce, out.getvalue(), aad)
+    blob = seal(out.getvalue(), key=sealing, session_id=session_id)
     log.debug("packed %s: %d files, %d bytes -> %d bytes", profile_dir, len(entries), total, len(blob))
     return blob
 
@@ -360,20 +437,62 @@ class _Inflater(io.RawIOBase):
         raise SnapshotInvalid("snapshot's compressed stream makes no progress")
 
 
-def _decrypt(blob: bytes, *, key: bytes, session_id: str) -> bytes:
-    aead = _aead(key)
-    aad = _aad(session_id)
+def seal(payload: bytes, *, key: bytes, session_id: str) -> bytes:
+    """``payload`` (an xz'd tar) sealed as a v2 snapshot of ``session_id`` with ``key``."""
+    kid = key_id(key)
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return MAGIC + kid + nonce + _aead(key).encrypt(nonce, payload, _aad(session_id, kid))
+
+
+def open_sealed(blob: bytes, *, key: bytes | SnapshotKeys, session_id: str) -> bytes:
+    """The payload of a snapshot (v2 by its key id, v1 by trying every key).
+
+    A v2 snapshot sealed with a key this process lacks, or a v1 snapshot that no key opens, raises
+    :class:`~shared.errors.SnapshotKeyUnknown` (the snapshot may be fine: this process lacks its
+    key). Bytes that are not a snapshot, or that fail authentication under the key they name
+    (altered, or another session's), raise :class:`SnapshotInvalid`.
+    """
+    keys = SnapshotKeys.of(key)
+    _aad(session_id, None)
+    magic = blob[: len(MAGIC)]
+    if magic == MAGIC:
+        header = len(MAGIC) + KEY_ID_BYTES + NONCE_BYTES
+        if len(blob) < header + TAG_BYTES:
+            raise SnapshotInvalid(f"snapshot is too short ({len(blob)} bytes) to be a walink snapshot")
+        kid = blob[len(MAGIC) : len(MAGIC) + KEY_ID_BYTES]
+        sealing = keys.by_id(kid)
+        if sealing is None:
+            raise SnapshotKeyUnknown(
+                f"the snapshot was sealed with key {kid.hex()}, which this worker does not have "
+                f"(its keys: {', '.join(keys.ids)}); add it to WALINK_SNAPSHOT_KEYS",
+                key_id=kid.hex(),
+            )
+        nonce = blob[len(MAGIC) + KEY_ID_BYTES : header]
+        try:
+            return _aead(sealing).decrypt(nonce, blob[header:], _aad(session_id, kid))
+        except InvalidTag:
+            raise SnapshotInvalid(
+                f"snapshot failed authentication under its key {kid.hex()}: "
+                "a snapshot of another session, or altered bytes"
+            ) from None
+    if magic == MAGIC_V1:
+        header = len(MAGIC_V1) + NONCE_BYTES
+        if len(blob) < header + TAG_BYTES:
+            raise SnapshotInvalid(f"snapshot is too short ({len(blob)} bytes) to be a walink snapshot")
+        nonce = blob[len(MAGIC_V1) : header]
+        for candidate in keys.keys:
+            try:
+                return _aead(candidate).decrypt(nonce, blob[header:], _aad(session_id, None))
+            except InvalidTag:
+                continue
+        raise SnapshotKeyUnknown(
+            f"no key of this worker ({', '.join(keys.ids)}) opens this v1 snapshot (it names no key): "
+            "it was sealed with another key, or it is another session's or altered",
+            key_id="v1",
+        )
     if len(blob) < len(MAGIC) + NONCE_BYTES + TAG_BYTES:
         raise SnapshotInvalid(f"snapshot is too short ({len(blob)} bytes) to be a walink snapshot")
-    if blob[: len(MAGIC)] != MAGIC:
-        raise SnapshotInvalid("not a walink v1 snapshot (bad magic)")
-    nonce = blob[len(MAGIC) : len(MAGIC) + NONCE_BYTES]
-    try:
-        return aead.decrypt(nonce, blob[len(MAGIC) + NONCE_BYTES :], aad)
-    except InvalidTag:
-        raise SnapshotInvalid(
-            "snapshot failed authentication: wrong key, a snapshot of another session, or altered bytes"
-        ) from None
+    raise SnapshotInvalid("not a walink snapshot (bad magic)")
 
 
 def _check_target(profile_dir: Path) -> None:
@@ -450,20 +569,20 @@ def unpack_profile(
     blob: bytes,
     profile_dir: Path,
     *,
-    key: bytes,
+    key: bytes | SnapshotKeys,
     session_id: str,
     max_bytes: int = MAX_UNPACKED_BYTES,
 ) -> int:
     """Restore a snapshot into ``profile_dir``, which must be empty or absent. Returns bytes written.
 
-    A wrong key, another session's id, altered bytes, or a malformed or unsafe archive all raise
-    :class:`SnapshotInvalid`. The target is then left as it was, and no temporary directory
-    stays behind.
+    A key this process lacks raises :class:`~shared.errors.SnapshotKeyUnknown`; another session's
+    id, altered bytes, or a malformed or unsafe archive raise :class:`SnapshotInvalid`. The target
+    is then left as it was, and no temporary directory stays behind.
     """
     _check_target(profile_dir)
-    payload = _decrypt(blob, key=key, session_id=session_id)
+    payload = open_sealed(blob, key=key, session_id=session_id)
     parent = profile_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{profile_dir.name}.restore-", dir=parent))
     try:
         inflater = _Inflater(payload, max_bytes)
@@ -489,7 +608,7 @@ def unpack_profile(
 # ---------------------------------------------------------------------------------------- async
 
 
-async def pack_profile_async(profile_dir: Path, *, key: bytes, session_id: str) -> bytes:
+async def pack_profile_async(profile_dir: Path, *, key: bytes | SnapshotKeys, session_id: str) -> bytes:
     """:func:`pack_profile` in a thread (it reads files and compresses)."""
     return await asyncio.to_thread(pack_profile, profile_dir, key=key, session_id=session_id)
 
@@ -498,7 +617,7 @@ async def unpack_profile_async(
     blob: bytes,
     profile_dir: Path,
     *,
-    key: bytes,
+    key: bytes | SnapshotKeys,
     session_id: str,
     max_bytes: int = MAX_UNPACKED_BYTES,
 ) -> int:
@@ -508,7 +627,7 @@ async def unpack_profile_async(
     )
 
 
-def pack_live_profile(profile_dir: Path, *, key: bytes, session_id: str) -> bytes:
+def pack_live_profile(profile_dir: Path, *, key: bytes | SnapshotKeys, session_id: str) -> bytes:
     """A snapshot of a profile whose Chromium is still running (for crash failover).
 
     The needed LevelDB files are copied first (LevelDB only appends to its log and replaces whole
@@ -530,5 +649,5 @@ def pack_live_profile(profile_dir: Path, *, key: bytes, session_id: str) -> byte
         return pack_profile(copy, key=key, session_id=session_id)
 
 
-async def pack_live_profile_async(profile_dir: Path, *, key: bytes, session_id: str) -> bytes:
+async def pack_live_profile_async(profile_dir: Path, *, key: bytes | SnapshotKeys, session_id: str) -> bytes:
     return await asyncio.to_thread(pack_live_profile, profile_dir, key=key, session_id=session_id)

@@ -39,12 +39,15 @@ def notice_frame(notice: Notice) -> bytes:
     return b"event: " + notice.name.encode() + b"\ndata: " + orjson.dumps(notice.data) + b"\n\n"
 
 
+MAX_SEQ = 2**62
+
+
 def last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("after")
     if raw is None:
         return None
     try:
-        return max(0, int(raw))
+        return min(max(0, int(raw)), MAX_SEQ)  # a bigint in Postgres: larger means "after all of them"
     except ValueError:
         return None
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from typing import Any
 
 from uhashring import HashRing
 
 from shared import metrics
-from shared.errors import Unavailable
+from shared.errors import SnapshotKeyUnknown, Unavailable
 from shared.ids import new_profile_id
 from shared.models import ENDED, Reason, SessionStatus
 from worker.commits import Commits
@@ -114,9 +115,9 @@ class TakeOver:
                 continue
             try:
                 session = await self.take_over(rec)
-            except NotOwner:
+                restored += await self.resume(session)
+            except (NotOwner, SnapshotKeyUnknown):  # the latter: left as it was, for another worker
                 continue
-            restored += await self.resume(session)
         return restored
 
     async def adopt_orphans(self) -> int:
@@ -133,8 +134,13 @@ class TakeOver:
             return 0
         ring = self._ring(tuple(serving))
         adopted = 0
+        now = time.monotonic()
+        for sid, until in list(ctx.unreadable.items()):
+            if until <= now:
+                del ctx.unreadable[sid]
         for rec in await ctx.store.orphans(set(serving)):
-            if rec["id"] in ctx.sessions or ring.get_node(rec["id"]) != ctx.name:
+            sid = rec["id"]
+            if sid in ctx.sessions or sid in ctx.unreadable or ring.get_node(sid) != ctx.name:
                 continue
             try:
                 session = await self.take_over(rec)
@@ -142,7 +148,10 @@ class TakeOver:
                 continue
             metrics.ADOPTED.labels(rec["status"]).inc()
             log.info("%s: adopted from %s (%s)", rec["id"], rec.get("owner"), rec["status"])
-            await self.resume(session)
+            try:
+                await self.resume(session)
+            except SnapshotKeyUnknown:
+                continue  # let go as it was (logged, counted): a worker with the key can take it
             adopted += 1
         return adopted
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from shared.private_files import make_private_dirs
+
 log = logging.getLogger("walink.whatsapp_web")
 
 ORIGIN = "https://web.whatsapp.com"
@@ -352,7 +354,7 @@ class WebVersionCache:
 
     def persist(self, html: bytes, version: str) -> Path:
         path = self._path(version)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.directory)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(html)
         tmp.replace(path)
