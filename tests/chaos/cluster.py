@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import time
 from collections import Counter
@@ -33,7 +32,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from shared.settings import Settings
+from load_tests.harness import LIFTED_QUOTAS
 from tests.chaos.observers import ApiProbe, DriverSampler, FeedReader, Receiver, answer_of
 from tests.chaos.services import (
     PrivatePostgres,
@@ -43,7 +42,7 @@ from tests.chaos.services import (
     run_quietly,
     walink_env,
 )
-from tests.conftest import CHROMIUM, SNAPSHOT_KEY, EventStream
+from tests.conftest import CHROMIUM, LOOPBACK_WEBHOOKS, SNAPSHOT_KEY, EventStream
 from worker import chromium
 
 API_KEY = "wlk_chaos_dev_key"
@@ -52,6 +51,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 RECOVER_S = 120.0  # a fault's generous bound: a session not back by then is lost, not slow
 DELIVER_S = 90.0
 REAP_S = 60.0
+SNAPSHOT_S = 60.0  # the live snapshot comes 8 s after ready; this bound leaves room for its retries
 WORKERS = 3
 LEASE_TTL_MS = 10_000
 TRACKED_MAX = 6  # ready sessions followed at once (each is a live Chromium on a 2-core box)
@@ -181,15 +181,13 @@ class ChaosCluster:
         return f"127.0.0.1:{port}"
 
     def _common_env(self) -> dict[str, str]:
-        env = {
+        return {
             "WALINK_DATABASE_URL": self.pg.dsn,
             "WALINK_REDIS_URL": self.redis.url,
             "WALINK_INTERNAL_TOKEN": INTERNAL_TOKEN,
             "WALINK_LEASE_TTL_MS": str(LEASE_TTL_MS),
+            "WALINK_WEBHOOK_ALLOW": LOOPBACK_WEBHOOKS,  # the receiver is the suite's, on loopback
         }
-        if "webhook_allow" in {f.name for f in dataclasses.fields(Settings)}:
-            env["WALINK_WEBHOOK_ALLOW"] = "127.0.0.1/32"  # the receiver is the suite's, on loopback
-        return env
 
     def _gateway_env(self) -> dict[str, str]:
         return {
@@ -198,6 +196,8 @@ class ChaosCluster:
             "WALINK_WORKERS": ",".join(self.name(p) for p in self.worker_ports),
             "WALINK_DEV_API_KEY": API_KEY,
             "WALINK_SHUTDOWN_DEADLINE_S": "10",
+            # one workspace takes the whole (small) cluster on purpose
+            **LIFTED_QUOTAS,
         }
 
     def _worker_env(self, port: int) -> dict[str, str]:
@@ -247,11 +247,40 @@ class ChaosCluster:
     def _internal(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {INTERNAL_TOKEN}"}
 
+    async def without_snapshot(self) -> list[str]:
+        """Followed sessions with no snapshot in Postgres (a crash would lose them)."""
+        try:
+            rows = await self.pg_fetch(
+                "SELECT session_id FROM profile_snapshots WHERE session_id = ANY($1)", list(self.ready)
+            )
+        except (OSError, asyncpg.PostgresError):
+            return list(self.ready)
+        have = {r["session_id"] for r in rows}
+        return [sid for sid in self.ready if sid not in have]
+
     async def _all_snapshotted(self) -> bool:
-        rows = await self.pg_fetch(
-            "SELECT session_id FROM profile_snapshots WHERE session_id = ANY($1)", list(self.ready)
-        )
-        return len(rows) == len(self.ready)
+        return not await self.without_snapshot()
+
+    async def steady_state(self, outcome: Outcome) -> None:
+        """What a fault meets: every followed session has the live snapshot that lets another
+        worker restore it (WALINK_LIVE_SNAPSHOT_DELAY_S after ready). One still without it after
+        an earlier fault (that fault's check failed already) is no longer followed, so that this
+        fault is judged on its own."""
+        with contextlib.suppress(AssertionError):
+            await self.until("every ready session has its snapshot", self._all_snapshotted, SNAPSHOT_S)
+        for sid in await self.without_snapshot():
+            outcome.notes.append(f"{sid} not followed: no snapshot since an earlier fault")
+            del self.ready[sid]
+        if self.api is not None:
+            self.api.session_ids = list(self.ready)
+
+    async def check_snapshots(self, outcome: Outcome) -> None:
+        """After the fault, every followed session has its snapshot again (else a crash now would
+        need a re-scan)."""
+        with contextlib.suppress(AssertionError):
+            await self.until("every ready session has its snapshot", self._all_snapshotted, SNAPSHOT_S)
+        if missing := await self.without_snapshot():
+            outcome.problem(f"no snapshot in Postgres for {missing}: a worker crash now needs a re-scan")
 
     async def _all_reachable(self) -> bool:
         status, _, _, body = await answer_of(self.h, "GET", self.base + "/health/cluster", headers=AUTH)
@@ -445,9 +474,7 @@ class ChaosCluster:
         outcome = Outcome(name)
         self.outcomes.append(outcome)
         try:
-            # the steady state a fault meets: every followed session has the live snapshot that
-            # lets another worker restore it (WALINK_LIVE_SNAPSHOT_DELAY_S after ready)
-            await self.until("every ready session has its snapshot", self._all_snapshotted, RECOVER_S)
+            await self.steady_state(outcome)
             self.set_phase(name)
             yield outcome
             if not outcome.injected_at:
@@ -502,6 +529,7 @@ class ChaosCluster:
         await self.until("every worker reachable", self._all_reachable, RECOVER_S)
         await self.check_orphans(outcome)
         await self.check_events(outcome)
+        await self.check_snapshots(outcome)
         await self.trim()
 
     async def check_ready(self, outcome: Outcome) -> None:
