@@ -114,6 +114,7 @@ class Outcome:
     linkings: list[Linking] = field(default_factory=list)
     after_recovery: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     allow_refused: bool = False  # the gateway itself is down during the fault
+    letting_go: set[tuple[str, str]] = field(default_factory=set)  # (session, worker) finding out
     injected_at: float = 0.0
 
     def injected(self) -> None:
@@ -509,7 +510,11 @@ class ChaosCluster:
                 + ", ".join(f"{a.what} {a.status} {a.code}" for a in bad[:8])
                 + (f" (+{len(bad) - 8})" if len(bad) > 8 else "")
             )
-        doubles = [d for d in self.drivers.doubles if d[0] == outcome.fault]
+        doubles = [
+            d
+            for d in self.drivers.doubles
+            if d[0] == outcome.fault and not any((d[1], w) in outcome.letting_go for w in d[2])
+        ]
         outcome.doubles = len({d[1] for d in doubles})
         if doubles:
             outcome.problem(f"sessions driven by two workers at once: {sorted(set(doubles))[:4]}")
