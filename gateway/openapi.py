@@ -150,7 +150,9 @@ def document() -> dict[str, Any]:
             ),
             "delete": _op(
                 "Delete a session",
-                "Ends the browser, unlinks the device if linked, removes the profile.",
+                "Committed first, then the browser ends, the device is unlinked (a hibernated "
+                "session is woken for that) and the profile and snapshot are removed. "
+                "503 `database_unavailable` when Postgres cannot be reached: nothing was changed, retry.",
                 {"204": {"description": "Deleted"}},
                 params=[SESSION_ID],
             ),
@@ -256,7 +258,9 @@ def document() -> dict[str, Any]:
         "/v1/events": {
             "get": _op(
                 "Committed events (the outbox)",
-                "Every event of the workspace with `id > after`, in order; page with `next_after`.",
+                "Every event of the workspace with `id > after`, in order; page with `next_after`. "
+                "Gap-free: ids become visible in commit order, so passing the last id seen never "
+                "skips an event. Delivered events are kept for `WALINK_OUTBOX_RETENTION_S`.",
                 {"200": _json(_ref("EventPage"), "Events")},
                 tag="events",
                 params=[

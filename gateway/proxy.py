@@ -8,6 +8,8 @@ breaker lets it through. What happens next depends on how the attempt ended:
 - ``503 unavailable`` (the worker is draining) on any route → next worker, short backoff;
 - ``503 snapshot_key_unknown`` (the worker lacks the key of the session's snapshot, during a key
   rotation) on any route → next worker, short backoff (nothing was changed there);
+- ``503 database_unavailable`` (a dependency every worker shares is down; nothing was changed):
+  the answer as is, and the worker's breaker hears a success (the worker itself is fine);
 - ``409 not_owner`` on any route → the lease holder (read again), short backoff; while that
   holder is down the budget stretches to the lease TTL, after which the worker tried takes over;
 - other 5xx: idempotent calls only → next worker; otherwise the answer as is;
@@ -40,7 +42,7 @@ from gateway.errors import NoWorkerAvailable, UpstreamError, UpstreamTimeout
 from gateway.membership import Worker
 from gateway.routing import Plan
 from shared import metrics
-from shared.errors import SnapshotKeyUnknown, WalinkError
+from shared.errors import DatabaseUnavailable, SnapshotKeyUnknown, WalinkError
 from shared.web import DRIVER_HEADER, WORKSPACE_HEADER
 
 log = logging.getLogger("walink.gateway.proxy")
@@ -71,6 +73,10 @@ NOT_SENT: tuple[type[BaseException], ...] = (
 MAYBE_SENT: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError, upstream.Broken)
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+# 503s that say a dependency all workers share is down: no other worker would do better
+SHARED_OUTAGES = frozenset({DatabaseUnavailable.code})
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +353,9 @@ class Proxy:
             t.exclude.add(worker.name)
             t.last = answer
             return "snapshot_key", None
+        if status == 503 and code in SHARED_OUTAGES:
+            breaker.success()  # the worker is fine; what it needs is down for every worker alike
+            return None, answer
         if status == 409 and code == "not_owner":
             breaker.success()
             plan.not_landed(worker)

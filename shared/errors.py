@@ -158,6 +158,12 @@ class SnapshotInvalid(WalinkError):
     code = "snapshot_invalid"
 
 
+class DatabaseUnavailable(Unavailable):
+    """Postgres cannot be reached now: nothing was changed; the same request can be retried."""
+
+    code = "database_unavailable"
+
+
 # --------------------------------------------------------------------------- limits (docs/limits.md)
 class Forbidden(WalinkError):
     """The key is valid but may not do this (e.g. an admin route with a workspace key)."""

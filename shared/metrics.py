@@ -89,6 +89,24 @@ WEBHOOK_LAG = Histogram(
     "From an event's commit to its successful delivery",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
+
+# --- durable writes (docs/durability.md)
+COMMIT_RETRIES = Counter(
+    "walink_commit_retries_total", "Session commits tried again after Postgres could not be reached"
+)
+COMMIT_FAILURES = Counter(
+    "walink_commit_failures_total",
+    "Session commits whose retry budget ran out (events kept for the next round, or a 503)",
+)
+HIBERNATE_FAILURES = Counter(
+    "walink_hibernate_failures_total",
+    "Hibernations given up because the snapshot could not be packed or stored (session kept ready)",
+)
+RETENTION_PURGED = Counter(
+    "walink_retention_purged_total",
+    "Rows changed by the retention job: delivered outbox rows deleted, deleted sessions' phones purged",
+    ["what"],
+)
 # --- limits (labels: the quota's name, never the workspace)
 QUOTA_REFUSALS = Counter(
     "walink_quota_refusals_total",

@@ -6,6 +6,13 @@ session, so an event exists if and only if its state change committed. It takes 
 order is ``seq`` order). :func:`notify` wakes the dispatchers (``NOTIFY`` is delivered at commit, so
 it may be sent inside the transaction or after it).
 
+Reading: the feed's cursor ``outbox.id`` is in commit order. A trigger (migration 0008) draws each
+id under one transaction-scoped advisory lock held until commit, so a transaction that draws ids
+after another waits until that one has ended: once ``id = N`` is visible, no id below ``N`` can
+appear later, and ``GET /v1/events?after=`` never skips an event whose transaction committed late.
+SSE resume (``Last-Event-ID``) reads by the session's ``seq``, which the session row lock already
+keeps in commit order. See docs/durability.md.
+
 Delivering: :class:`WebhookDispatcher` claims due events with ``FOR UPDATE SKIP LOCKED`` in a
 one-statement transaction (``claimed_by``/``claimed_until``), POSTs them outside any transaction and
 records each attempt. Only the lowest pending ``seq`` of a session can be claimed, so a session's
@@ -282,16 +289,19 @@ async def enqueue(
     metadata: Mapping[str, Any] | None,
     webhook_url: str | None,
     occurred_at_ms: int | None = None,
+    event_id: str | None = None,
 ) -> OutboxEvent:
     """Write one event (call it inside the transaction of the state change it reports).
 
+    ``event_id`` (a UUID) may be chosen by the caller, so a retried write can find out whether
+    an earlier attempt committed (:func:`events_by_id`); otherwise a new one is drawn.
     ``webhook_url`` None (or empty) writes the event as ``skipped``: it is kept for ``GET /v1/events``
     and SSE resume but never POSTed. Outside a transaction the seq bump and the insert get their own.
     """
     own_transaction = contextlib.nullcontext() if conn.is_in_transaction() else conn.transaction()
     async with own_transaction:
         seq = await _next_seq(conn, session_id)
-        event_id = str(uuid.uuid4())
+        event_id = str(uuid.UUID(event_id)) if event_id is not None else str(uuid.uuid4())
         payload = build_payload(
             event_id=event_id,
             type=type,
@@ -332,7 +342,10 @@ def _clamp_limit(limit: int, maximum: int) -> int:
 async def events_after(
     pool: asyncpg.Pool, *, workspace_id: str, after_id: int, limit: int = 100
 ) -> list[dict[str, Any]]:
-    """A workspace's events with ``id > after_id`` in id order (``GET /v1/events?after=``)."""
+    """A workspace's events with ``id > after_id`` in id order (``GET /v1/events?after=``).
+
+    Gap-free: ids become visible in increasing order (see the module's "Reading"), so a client
+    that passes the last ``id`` it saw gets every later event exactly once."""
     rows = await pool.fetch(
         _SELECT_EVENTS + " WHERE workspace_id = $1 AND id > $2 ORDER BY id LIMIT $3",
         workspace_id,
@@ -345,12 +358,24 @@ async def events_after(
 async def session_events_after(
     pool: asyncpg.Pool, *, session_id: str, after_seq: int, limit: int = 500
 ) -> list[OutboxEvent]:
-    """A session's events with ``seq > after_seq`` in seq order (SSE ``Last-Event-ID`` resume)."""
+    """A session's events with ``seq > after_seq`` in seq order (SSE ``Last-Event-ID`` resume).
+
+    Gap-free per session: a session's ``seq`` is drawn under its account row's lock (held until
+    commit), so its events commit in ``seq`` order."""
     rows = await pool.fetch(
         _SELECT_EVENTS + " WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         session_id,
         int(after_seq),
         _clamp_limit(limit, 5000),
+    )
+    return [OutboxEvent.from_record(r) for r in rows]
+
+
+async def events_by_id(pool: asyncpg.Pool, event_ids: list[str]) -> list[OutboxEvent]:
+    """The outbox events with these ids, in session and ``seq`` order (absent ids are left out)."""
+    rows = await pool.fetch(
+        _SELECT_EVENTS + " WHERE event_id = ANY($1::uuid[]) ORDER BY session_id, seq",
+        _check_event_ids(event_ids),
     )
     return [OutboxEvent.from_record(r) for r in rows]
 

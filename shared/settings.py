@@ -116,6 +116,14 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_backoff_base_s: float = 0.5
     webhook_backoff_max_s: float = 300.0
+    # --- retention (shared.retention): delivered/skipped outbox rows are deleted after this long
+    # (GET /v1/events and SSE resume reach back that far); a deleted session's phone number, push
+    # name and LID leave its events and account row this long after the delete, once delivered
+    outbox_retention_s: float = 7 * 24 * 3600.0
+    deleted_phone_retention_s: float = 24 * 3600.0
+    # how often a worker runs a retention pass (one worker at a time), and its batch size
+    retention_interval_s: float = 60.0
+    retention_batch_size: int = 500
     # destinations admitted despite not being public addresses (SSRF guard, shared/webhook_guard.py):
     # comma-separated CIDRs, addresses or host names (".example.com" for a zone); `make run` and
     # the tests set 127.0.0.0/8,::1 explicitly; empty: public addresses only
@@ -149,6 +157,9 @@ class Settings:
     quota_create_burst: int = 0
     # --- lifecycle
     shutdown_deadline_s: float = 20.0
+    # of that deadline, how long shutdown waits for session commits in flight (and commits what is
+    # still pending) before browsers end; Postgres down longer than this loses those events
+    shutdown_commit_deadline_s: float = 8.0
     browser_close_timeout_s: float = 5.0
     log_level: str = "INFO"
 
@@ -193,6 +204,22 @@ class Settings:
         settings.validate()
         return settings
 
+    def _validate_durability(self) -> None:
+        """Retention and shutdown commits (docs/durability.md)."""
+        if (
+            self.outbox_retention_s < 0
+            or self.deleted_phone_retention_s < 0
+            or self.retention_interval_s <= 0
+        ):
+            raise SettingsError(
+                "WALINK_OUTBOX_RETENTION_S and WALINK_DELETED_PHONE_RETENTION_S must not be negative,"
+                " WALINK_RETENTION_INTERVAL_S must be positive"
+            )
+        if not 0 < self.shutdown_commit_deadline_s <= self.shutdown_deadline_s:
+            raise SettingsError(
+                "WALINK_SHUTDOWN_COMMIT_DEADLINE_S must be > 0 and at most WALINK_SHUTDOWN_DEADLINE_S"
+            )
+
     def validate(self) -> None:
         if self.target not in get_args(Target):
             raise SettingsError(f"WALINK_TARGET must be one of {get_args(Target)}, not {self.target!r}")
@@ -205,6 +232,7 @@ class Settings:
             "webhook_lane_concurrency",
             "webhook_concurrency",
             "lease_ttl_ms",
+            "retention_batch_size",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"WALINK_{name.upper()} must be at least 1")
@@ -222,6 +250,7 @@ class Settings:
             raise SettingsError("WALINK_WARM_POOL_MAX must be at least WALINK_WARM_POOL_SIZE")
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
+        self._validate_durability()
         if self.webhook_secret_overlap_s < 0:
             raise SettingsError("WALINK_WEBHOOK_SECRET_OVERLAP_S must not be negative")
         WebhookAllow.parse(self.webhook_allow)  # a bad entry fails at start, not at the first delivery

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ class Workspace:
 class NewEvent:
     type: str
     data: dict[str, Any]
+    # chosen before the first attempt, so a retried commit can tell that an earlier one landed
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +280,9 @@ class Store:
                         )
                     )
                     ready_events = [
-                        NewEvent(e.type, {**e.data, "is_primary": is_primary, "replaced": replaced})
+                        NewEvent(
+                            e.type, {**e.data, "is_primary": is_primary, "replaced": replaced}, e.event_id
+                        )
                         if e.type == "session_ready"
                         else e
                         for e in events
@@ -350,11 +355,16 @@ class Store:
                     data=event.data,
                     metadata=rec.get("metadata") or {},
                     webhook_url=webhook_url if event.type in WEBHOOK_EVENTS else None,
+                    event_id=event.event_id,
                 )
             )
         if any(e.webhook_url for e in written):
             await outbox.notify(conn)
         return written
+
+    async def committed_events(self, event_ids: list[str]) -> list[outbox.OutboxEvent]:
+        """The events of these ids that are in the outbox (a commit whose outcome was unknown)."""
+        return await outbox.events_by_id(self.pool, event_ids)
 
     # ------------------------------------------------------------------ snapshots
     async def put_snapshot(self, session_id: str, blob: bytes, *, token: int) -> None:

@@ -799,3 +799,21 @@ def test_frames_are_relayed_whole_and_the_last_id_is_kept() -> None:
     assert frames.last_id == "4"
     assert frames.feed(b"event: status\ndata: {}\n\n: keepalive\n\n").endswith(b": keepalive\n\n")
     assert frames.last_id == "5"
+
+
+async def test_a_database_outage_is_answered_as_is_and_never_opens_a_workers_breaker(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """A worker answering 503 ``database_unavailable`` is healthy (Postgres is down for every
+    worker): the client gets that 503 at once, no other worker is tried, and however many such
+    answers come, the worker's breaker stays closed."""
+    sid = "s_pg_down"
+    down = (503, {"error": {"code": "database_unavailable", "message": "Postgres cannot be reached"}})
+    membership, router, fakes = await fake_cluster(aiohttp_server, {"w1": [down] * 5, "w2": [down] * 5})
+    for _ in range(5):  # more than the breaker's 3 failures
+        answer = await forward(router, Call("DELETE", f"/v1/sessions/{sid}", {}, b""), Kind.SESSION, sid)
+        assert (answer.status, answer.code) == (503, "database_unavailable")
+    assert len(fakes.seen) == 5  # one worker asked per request
+    for name in ("w1", "w2"):
+        worker = membership.get(name)
+        assert worker is not None and worker.breaker.snapshot()["consecutive_failures"] == 0

@@ -402,7 +402,7 @@ async def test_bad_input_gets_clear_4xx_and_changes_nothing(
         ("POST", "/v1/sessions", {"id": "shop-43"}, 400, "session_id_outside_workspace"),
         ("POST", "/v1/sessions", {"id": "other.shop-42"}, 400, "session_id_outside_workspace"),
         ("POST", "/v1/sessions", {"colour": "blue"}, 400, "invalid_request"),
-        ("POST", "/v1/sessions", {"metadata": [1, 2]}, 400, "invalid_request"),
+        ("POST", "/v1/sessions", {"metadata": [1, 2]}, 400, "invalid_metadata"),
         ("POST", "/v1/sessions", {"webhook_url": "ftp://x"}, 400, "invalid_request"),
         ("POST", "/v1/sessions", b"{not json", 400, "invalid_json"),
         ("POST", "/v1/sessions", b"x" * 200_000, 413, "payload_too_large"),

@@ -25,6 +25,7 @@ from shared.heartbeats import HeartbeatAuth
 from shared.outbox import WebhookDispatcher
 from shared.private_files import make_private_dirs
 from shared.redis_keys import Keys
+from shared.retention import RetentionJob
 from shared.settings import Settings
 from shared.web import DEFAULT_WORKSPACE, error_middleware, serve_until_signalled
 from shared.webhook_guard import WebhookAllow
@@ -235,6 +236,24 @@ async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The retention job (see :mod:`shared.retention`): every worker runs it, one pass at a time."""
+    settings = app[SETTINGS]
+    job = RetentionJob(
+        app[DB],
+        outbox_retention_s=settings.outbox_retention_s,
+        deleted_phone_retention_s=settings.deleted_phone_retention_s,
+        batch_size=settings.retention_batch_size,
+        interval_s=settings.retention_interval_s,
+        timeout_s=settings.db_timeout_s * 6,
+    )
+    task = asyncio.create_task(job.run(), name="retention")
+    try:
+        yield
+    finally:
+        await stop_loops(task)
+
+
 async def on_shutdown(app: web.Application) -> None:
     """Stop intake and end open event streams before the runner waits for handlers."""
     heartbeat = app.get(HEARTBEAT)
@@ -269,6 +288,7 @@ def create_app(settings: Settings) -> web.Application:
             redis_ctx,
             launch_budget_ctx,
             dispatcher_ctx,
+            retention_ctx,
             playwright_ctx,
             pool_ctx,
             heartbeat_ctx,

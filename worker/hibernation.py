@@ -35,6 +35,9 @@ LIVE_SNAPSHOT_RETRY_MAX_S = 60.0
 """A session whose snapshot key this worker lacks is not adopted again for this long (requests
 still try: the answer is a clear 503 each time)."""
 
+# what packing or storing a snapshot can fail with (a full disk, a refusing or unreachable Postgres)
+SNAPSHOT_ERRORS = (WalinkError, OSError, *DB_ERRORS)
+
 
 class Hibernation:
     def __init__(
@@ -85,7 +88,15 @@ class Hibernation:
 
     # ------------------------------------------------------------------ hibernate / wake
     async def hibernate(self, session: Session, reason: Reason = Reason.IDLE) -> None:
-        """Close the browser, keep the login: an encrypted snapshot goes to Postgres, the lease is freed."""
+        """Close the browser, keep the login: an encrypted snapshot goes to Postgres, the lease is freed.
+
+        The browser closes only once a snapshot is stored: first the live profile's (proof that
+        packing and Postgres work, and a fallback), then, after the close, the closed profile's
+        (the exact one). When the first cannot be stored the browser keeps running and the
+        session stays ready (logged, ``walink_hibernate_failures_total``; the idle clock starts
+        again). When only the second cannot, the session hibernates on the live snapshot and
+        keeps its profile here. A session is never ready without a browser, nor hibernated
+        without a snapshot or a profile."""
         ctx = self._ctx
         async with session.op_lock:
             if session.status != S.READY:
@@ -93,8 +104,6 @@ class Hibernation:
             self.cancel_idle(session)
             started = time.monotonic()
             had_browser = session.slot is not None
-            await self._ending.end_browser(session, wipe=False)
-            profile = ctx.launcher.profile_dir(session.profile_id)
             # Only a profile whose browser this call closed is packed. A session taken over
             # without its browser (a restore or an adoption beyond max_active_sessions) keeps the
             # snapshot its last browser's close stored, and its profile here if it has one: this
@@ -102,7 +111,34 @@ class Hibernation:
             # or torn by a helper process still flushing), nor overwrites a newer snapshot.
             packed = ctx.snapshot_keys is not None and had_browser
             if packed:
-                session.timings["snapshot_bytes"] = await self.store_snapshot(session)
+                try:
+                    session.timings["live_snapshot_bytes"] = await self.store_snapshot(session, live=True)
+                except SNAPSHOT_ERRORS as exc:
+                    metrics.HIBERNATE_FAILURES.inc()
+                    log.error(
+                        "%s: not hibernated (%s): its snapshot cannot be stored (%s: %s); "
+                        "the browser keeps running, the session stays ready",
+                        session.id,
+                        reason.value,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    self.arm_idle(session)
+                    return
+            await self._ending.end_browser(session, wipe=False)
+            profile = ctx.launcher.profile_dir(session.profile_id)
+            if packed:
+                try:
+                    session.timings["snapshot_bytes"] = await self.store_snapshot(session)
+                except SNAPSHOT_ERRORS as exc:
+                    packed = False  # the profile stays: it is the exact login, the live snapshot a copy
+                    log.warning(
+                        "%s: the closed profile's snapshot cannot be stored (%s: %s); hibernated on "
+                        "the live snapshot, the profile kept here",
+                        session.id,
+                        type(exc).__name__,
+                        exc,
+                    )
             session.timings["hibernate_ms"] = int((time.monotonic() - started) * 1000)
             session.transition(S.HIBERNATED, reason)
             await self._commits.write(session)
@@ -185,7 +221,7 @@ class Hibernation:
             except NotOwner as exc:
                 log.warning("%s: live snapshot refused: %s", session.id, exc)
                 return
-            except (WalinkError, OSError, *DB_ERRORS) as exc:
+            except SNAPSHOT_ERRORS as exc:
                 retry = attempt < LIVE_SNAPSHOT_ATTEMPTS
                 log.warning(
                     "%s: live snapshot failed (attempt %d): %s%s",

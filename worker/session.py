@@ -123,6 +123,19 @@ class Session:
         fired, self.changed = self.changed, asyncio.Event()
         fired.set()
 
+    def undo_transition(
+        self, previous: Transition, qr: tuple[str | None, int | None], events: list[NewEvent]
+    ) -> None:
+        """Take back the last transition, whose commit was refused (a DELETE while Postgres is
+        down): the state before it (``previous``, its QR) and without the events it added."""
+        self.history.pop()
+        self.status = previous.status
+        self.reason = previous.reason
+        self.qr, self.qr_expires_at_ms = qr
+        self.pending = [e for e in self.pending if not any(e is added for added in events)]
+        fired, self.changed = self.changed, asyncio.Event()
+        fired.set()
+
     @property
     def ended(self) -> bool:
         return self.status in ENDED

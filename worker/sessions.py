@@ -19,10 +19,18 @@ import statistics
 from collections import deque
 from typing import Any
 
-from shared.errors import InvalidState, SessionExists, SessionNotFound, Unavailable, WalinkError
+from shared import retry
+from shared.errors import (
+    DatabaseUnavailable,
+    InvalidState,
+    SessionExists,
+    SessionNotFound,
+    Unavailable,
+    WalinkError,
+)
 from shared.ids import check_session_id, new_profile_id, new_session_id
 from shared.leases import LeaseKeeper
-from shared.models import ENDED, Reason, SessionStatus
+from shared.models import ENDED, Reason, SessionStatus, Transition
 from shared.settings import Settings
 from worker import snapshot
 from worker.browser import BrowserLauncher, BrowserSlot
@@ -115,7 +123,12 @@ class SessionManager:
         return session
 
     async def _record(self, session_id: str, workspace_id: str | None) -> dict[str, Any]:
-        rec = await self.store.load_session(session_id)
+        try:
+            rec = await self.store.load_session(session_id)
+        except DB_ERRORS as exc:
+            raise DatabaseUnavailable(
+                f"session {session_id}: Postgres cannot be reached ({type(exc).__name__}); retry later"
+            ) from exc
         if (
             rec is None
             or rec.get("deleted")
@@ -289,18 +302,60 @@ class SessionManager:
         await asyncio.wait_for(wait(), timeout_s)
 
     async def delete(self, session: Session) -> None:
-        self._ctx.tasks.cancel_work(session)
-        self._ending.stand_down(session)
+        """DELETE, durable first: the deletion is committed before anything is torn down, so while
+        Postgres cannot be reached the answer is 503 ``database_unavailable`` and nothing changed
+        (the session goes on as it was). A linked session's device is then unlinked through its
+        page; a hibernated one is woken for that (its browser back from its profile or snapshot),
+        so the phone's device list never keeps a deleted session's device."""
+        await self._database_reachable(session.id)
+        if session.status == S.HIBERNATED:
+            await self._wake_to_unlink(session)
         was_linked = session.status == S.READY
         if session.status != S.DELETED:
+            before = Transition(session.status, session.reason)
+            qr = (session.qr, session.qr_expires_at_ms)
+            queued = len(session.pending)
             session.transition(S.DELETED, Reason.DELETED)
+            added = session.pending[queued:]
+            try:
+                await self._commits.write(session, deleted=True, strict=True)
+            except DatabaseUnavailable:
+                session.undo_transition(before, qr, added)
+                self._commits.flush(session)  # what was pending before the DELETE is still to commit
+                raise
+        else:
+            await self._commits.write(session, deleted=True, strict=True)
+        self._ctx.tasks.cancel_work(session)
+        self._ending.stand_down(session)
         await self._ending.end_browser(session, wipe=True, unlink=was_linked)
-        await self._commits.write(session, deleted=True)
         with contextlib.suppress(*DB_ERRORS):
             await self.store.delete_snapshot(session.id)
         await self.durable.release(session.id)
         await self.durable.cache_drop(session.id)
         self._ending.forget(session)
+
+    async def _database_reachable(self, session_id: str) -> None:
+        """Refuse (503) before any side effect when Postgres cannot be reached."""
+        try:
+            # a few quick tries: a connection that died with an earlier outage is replaced on the next
+            async for attempt in retry.attempts(DB_ERRORS, retry.QUICK_CHECK):
+                with attempt:
+                    await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), self.settings.db_timeout_s)
+        except DB_ERRORS as exc:
+            raise DatabaseUnavailable(
+                f"session {session_id}: Postgres cannot be reached ({type(exc).__name__}); "
+                "nothing was changed, retry later"
+            ) from exc
+
+    async def _wake_to_unlink(self, session: Session) -> None:
+        """A hibernated session has no browser to log out with: bring it back to ready first."""
+        try:
+            await self.wake(session)
+            await self._until(session, {S.READY} | ENDED, self.settings.start_timeout_s)
+        except (WalinkError, TimeoutError) as exc:
+            log.warning(
+                "%s: could not wake it to unlink its device (%s); deleted without unlinking", session.id, exc
+            )
 
     # ------------------------------------------------------------------ hibernation
     async def hibernate(self, session: Session, reason: Reason = Reason.IDLE) -> None:
@@ -328,7 +383,10 @@ class SessionManager:
         ctx.closing = True
         ctx.deadlines.cancel_all()
         ctx.idle_timers.cancel_all()
+        # the session's work stops; the commits it started are shielded and finish (or are retried)
+        # within their own deadline, and events still pending are committed before browsers end
         await ctx.tasks.cancel_all()
+        await self._commits.drain(self.settings.shutdown_commit_deadline_s)
         sessions = list(self.sessions.values())
         await asyncio.gather(
             *(self._ending.end_browser(s, wipe=False) for s in sessions), return_exceptions=True
