@@ -653,6 +653,11 @@ class ChaosCluster:
         dead = [r for r in rows if r["state"] == "dead"]
         unseen = [r for r in rows if r["event_id"] not in feed.seen]
         phantom = [e for e in self.receiver.events if e not in committed]
+        if phantom:  # committed (and delivered) after the rows above were read: look again
+            found = await self.pg_fetch(
+                "SELECT event_id::text AS event_id FROM outbox WHERE event_id = ANY($1::uuid[])", phantom
+            )
+            phantom = sorted(set(phantom) - {r["event_id"] for r in found})
         outcome.lost_events = len({r["event_id"] for r in undelivered + unseen})
         if undelivered:
             outcome.problem(
