@@ -492,8 +492,9 @@ def document() -> dict[str, Any]:
                     413: "Body too large",
                     502: "Upstream error",
                     503: "Unavailable: no_worker_available, unavailable, quota_unavailable, "
-                    "snapshot_key_unknown (no worker reached holds the key of the session's snapshot; "
-                    "the session is left as it was, see docs/snapshot-keys.md)",
+                    "lease_unavailable (retry), database_unavailable (retry), snapshot_key_unknown (no "
+                    "worker reached holds the key of the session's snapshot; the session is left as it "
+                    "was, see docs/snapshot-keys.md)",
                     504: "Upstream timeout",
                 }.items()
             },

@@ -12,6 +12,8 @@ breaker lets it through. What happens next depends on how the attempt ended:
   the answer as is, and the worker's breaker hears a success (the worker itself is fine);
 - ``409 not_owner`` on any route → the lease holder (read again), short backoff; while that
   holder is down the budget stretches to the lease TTL, after which the worker tried takes over;
+- ``503 lease_unavailable`` (no lease can be had: Redis is down or just back) → the answer as
+  is, at once: every worker would say the same, and the worker is healthy (not a failure);
 - other 5xx: idempotent calls only → next worker; otherwise the answer as is;
 - an answer from a worker that does not drive the session (``X-Walink-Driver`` names another):
   the lease is read again and, when its holder is up, the request goes there once, at once;
@@ -42,7 +44,7 @@ from gateway.errors import NoWorkerAvailable, UpstreamError, UpstreamTimeout
 from gateway.membership import Worker
 from gateway.routing import Plan
 from shared import metrics
-from shared.errors import DatabaseUnavailable, SnapshotKeyUnknown, WalinkError
+from shared.errors import DatabaseUnavailable, LeaseUnavailable, SnapshotKeyUnknown, WalinkError
 from shared.web import DRIVER_HEADER, WORKSPACE_HEADER
 
 log = logging.getLogger("walink.gateway.proxy")
@@ -75,8 +77,9 @@ MAYBE_SENT: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError
 Sleep = Callable[[float], Awaitable[None]]
 
 
-# 503s that say a dependency all workers share is down: no other worker would do better
-SHARED_OUTAGES = frozenset({DatabaseUnavailable.code})
+# 503s that say a dependency all workers share is down (Postgres; Redis, so no lease can be had):
+# no other worker would do better
+SHARED_OUTAGES = frozenset({DatabaseUnavailable.code, LeaseUnavailable.code})
 
 
 @dataclass(frozen=True, slots=True)

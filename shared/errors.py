@@ -134,6 +134,13 @@ class Unavailable(WalinkError):
     code = "unavailable"
 
 
+class LeaseUnavailable(Unavailable):
+    """No lease can be had now (Redis unreachable, or just back and owners still renewing): a
+    session is never taken over, woken or created without one. Retry shortly."""
+
+    code = "lease_unavailable"
+
+
 class BrowserError(WalinkError):
     """Chromium or the page did not do what it had to (launch failure, crash, page script error)."""
 

@@ -6,6 +6,11 @@ Postgres last saw, so a Redis that lost its data cannot hand out an old token); 
 renewal that finds another owner means the lease is lost: the caller must stop driving the
 session. A renewal that cannot reach Redis proves nothing; Postgres' fencing check still stops
 a stale owner's writes.
+
+A worker renews all its leases in ONE script call per tick (:meth:`Leases.renew_many`): a lease
+still its own is extended, one that expired and nobody took is taken again with a new token
+above the one it held, one held by another owner is reported lost. Tokens come only from the
+``INCR`` counter, so no two issues of a lease share a token (see ``docs/ownership.md``).
 """
 
 from __future__ import annotations
@@ -58,6 +63,48 @@ return 0
 """
 
 
+_RELEASE_ENDED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+end
+return 0
+"""
+
+# KEYS: lease and fence key of each session, in pairs; ARGV: owner, ttl, then each session's
+# token. Per session: -1 renewed (same token), 0 lost (another owner), or the new token of a
+# lease that had expired and was free (taken again above the token held).
+_RENEW_MANY = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    out[#out + 1] = -1
+  elseif holder then
+    out[#out + 1] = 0
+  else
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    local token = redis.call('INCR', KEYS[i + 1])
+    local floor = tonumber(ARGV[2 + (i + 1) / 2])
+    if token <= floor then
+      token = floor + 1
+      redis.call('SET', KEYS[i + 1], token)
+    end
+    out[#out + 1] = token
+  end
+end
+return out
+"""
+
+RENEWED = -1
+"""A :meth:`Leases.renew_many` answer: the lease is still ours, on the token it had."""
+
+
 _TAKE_FROM = (
     """
 if redis.call('GET', KEYS[1]) == ARGV[4] then
@@ -86,6 +133,8 @@ class Leases:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._take_from = redis.register_script(_TAKE_FROM)
+        self._release_ended = redis.register_script(_RELEASE_ENDED)
+        self._renew_many = redis.register_script(_RENEW_MANY)
 
     async def acquire(self, session_id: str, *, floor: int = 0) -> int | None:
         """A fencing token above ``floor`` if the lease is (now) ours, None if another owner has it."""
@@ -114,12 +163,30 @@ class Leases:
     async def release(self, session_id: str) -> bool:
         return bool(await self._release(keys=[self.keys.lease(session_id)], args=[self.owner]))
 
+    async def release_ended(self, session_id: str) -> bool:
+        """An ended session lets go of everything in Redis: its lease (if it is ours) and its
+        fencing counter (when nobody holds the lease: a later owner's token is floored by the
+        one Postgres holds, so the counter is not needed to keep tokens rising)."""
+        keys = [self.keys.lease(session_id), self.keys.fence(session_id)]
+        return bool(await self._release_ended(keys=keys, args=[self.owner]))
+
+    async def renew_many(self, held: dict[str, int]) -> dict[str, int]:
+        """Renew every lease in ``held`` (session id → token held) in one round trip: per session
+        :data:`RENEWED`, 0 when another owner holds it (lost), or the new token of a lease that
+        had expired and was taken again."""
+        if not held:
+            return {}
+        ids = list(held)
+        keys = [k for sid in ids for k in (self.keys.lease(sid), self.keys.fence(sid))]
+        answers = await self._renew_many(keys=keys, args=[self.owner, self.ttl_ms, *(held[s] for s in ids)])
+        return {sid: int(answer) for sid, answer in zip(ids, answers, strict=True)}
+
     async def owner_of(self, session_id: str) -> str | None:
         return await lease_holder(self.redis, self.keys, session_id)
 
 
 class LeaseKeeper:
-    """Renews the leases a worker holds every ``ttl/3``.
+    """Renews the leases a worker holds every ``ttl/3``, all of them in one round trip.
 
     A lease that expired while Redis was unreachable is taken again when nobody else took it
     (with a new, higher token, reported through ``on_token``); one held by another owner is
@@ -131,10 +198,13 @@ class LeaseKeeper:
         leases: Leases,
         on_lost: Callable[[str], None],
         on_token: Callable[[str, int], None],
+        *,
+        timeout_s: float | None = None,
     ) -> None:
         self.leases = leases
         self.on_lost = on_lost
         self.on_token = on_token
+        self.timeout_s = timeout_s
         self.held: dict[str, int] = {}
         self.redis_ok = True
 
@@ -145,25 +215,30 @@ class LeaseKeeper:
         self.held.pop(session_id, None)
 
     async def renew_all(self) -> list[str]:
+        """One renewal round; the sessions whose lease was lost."""
+        asked = dict(self.held)
+        try:
+            answers = await asyncio.wait_for(self.leases.renew_many(asked), self.timeout_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if self.redis_ok:
+                log.warning(
+                    "cannot renew leases (Redis: %s); keeping the sessions driven here on their tokens,"
+                    " Postgres fences writes",
+                    exc or type(exc).__name__,
+                )
+            self.redis_ok = False
+            return []
+        self.redis_ok = True
         lost: list[str] = []
-        for session_id, token in list(self.held.items()):
-            try:
-                ok = await self.leases.renew(session_id)
-                new_token = None if ok else await self.leases.acquire(session_id, floor=token)
-            except (RedisError, OSError, TimeoutError) as exc:
-                if self.redis_ok:
-                    log.warning(
-                        "cannot renew leases (Redis: %s); keeping sessions, Postgres fences writes", exc
-                    )
-                self.redis_ok = False
-                return lost
-            self.redis_ok = True
-            if session_id not in self.held:
+        for session_id, answer in answers.items():
+            if self.held.get(session_id) != asked[session_id]:
+                continue  # dropped or held again meanwhile: this answer is about an older hold
+            if answer == RENEWED:
                 continue
-            if new_token is not None:
-                self.held[session_id] = new_token
-                self.on_token(session_id, new_token)
-            elif not ok:
+            if answer > 0:
+                self.held[session_id] = answer
+                self.on_token(session_id, answer)
+            else:
                 del self.held[session_id]
                 lost.append(session_id)
                 self.on_lost(session_id)

@@ -1,8 +1,11 @@
 """Postgres, the source of truth: workspaces and API keys, accounts (sessions), snapshots.
 
-Every write by a worker carries its lease's fencing token; ``UPDATE … WHERE fencing_token <= $t``
-refuses a write from an owner that has been replaced (:class:`StaleOwner`). Events are written to
-the outbox in the same transaction as the state they describe, and published only after commit.
+Every write by a worker carries its lease's fencing token and is fenced strictly
+(:data:`FENCE`): the row's driver writes on the row's own token; a new owner must present a
+strictly greater one (its first write takes the row over). Anything else is refused
+(:class:`StaleOwner`): an owner that has been replaced, or another worker with an equal token.
+Events are written to the outbox in the same transaction as the state they describe, and
+published only after commit.
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ _SESSION_COLUMNS = (
 )
 
 
+FENCE = "(fencing_token < $11 OR (fencing_token = $11 AND owner IS NOT DISTINCT FROM $10))"
+"""The fencing compare of a session write (``$10`` the writer, ``$11`` its token): accepted when the
+token is strictly greater than the row's (a new lease was issued: the writer takes the row over,
+and from then on is its owner) or equal to it *and* the writer is the row's owner (the current
+driver, on the token it holds). Equal tokens from two workers, or any older token, are refused.
+Tokens come only from the lease counter in Redis (floored by the row's token), so each issue of
+a lease has its own token."""
+
+
 @dataclass(frozen=True, slots=True)
 class Workspace:
     id: str
@@ -63,6 +75,14 @@ class NewEvent:
     data: dict[str, Any]
     # chosen before the first attempt, so a retried commit can tell that an earlier one landed
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass(frozen=True, slots=True)
+class ChangedUnder:
+    """See :meth:`Store.changed_under`."""
+
+    taken: list[str]
+    replaced: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +229,23 @@ class Store:
         )
         return [_record(r) for r in rows]
 
+    async def changed_under(self, held: dict[str, int]) -> ChangedUnder:
+        """What Postgres says changed under sessions a worker drives (``held``: id → the token it
+        holds): those another worker has taken over since (the row carries a newer token), and
+        those a newer link of the same phone replaced (soft-deleted by :meth:`mark_ready`)."""
+        if not held:
+            return ChangedUnder([], [])
+        rows = await self.pool.fetch(
+            "SELECT a.id, a.fencing_token > h.token AS taken FROM whatsapp_accounts a"
+            " JOIN unnest($1::text[], $2::bigint[]) AS h(id, token) ON a.id = h.id"
+            " WHERE a.fencing_token > h.token OR a.deleted_at IS NOT NULL",
+            list(held),
+            list(held.values()),
+        )
+        taken = [str(r["id"]) for r in rows if r["taken"]]
+        replaced = [str(r["id"]) for r in rows if not r["taken"]]
+        return ChangedUnder(taken=taken, replaced=replaced)
+
     async def list_accounts(
         self, workspace_id: str, *, include_deleted: bool = False
     ) -> list[dict[str, Any]]:
@@ -306,11 +343,12 @@ class Store:
     ) -> None:
         values = _column_values(rec)
         done = await conn.fetchval(
-            "UPDATE whatsapp_accounts SET session_status = $2, status = $3, reason = $4, phone_number = $5,"
-            " push_name = $6, history = $7, timings = $8, profile_id = $9, owner = $10, fencing_token = $11,"
+            "UPDATE whatsapp_accounts SET session_status = $2, status = $3,"  # noqa: S608 - constant
+            " reason = $4, phone_number = $5, push_name = $6, history = $7, timings = $8,"
+            " profile_id = $9, owner = $10, fencing_token = $11,"
             " label = $12, metadata = $13, webhook_url = $14, lid = $16, synced = $17, updated_at = now(),"
             " deleted_at = CASE WHEN $15 THEN coalesce(deleted_at, now()) ELSE deleted_at END"
-            " WHERE id = $1 AND fencing_token <= $11 RETURNING true",
+            " WHERE id = $1 AND " + FENCE + " RETURNING true",
             rec["id"],
             values["session_status"],
             values["status"],
@@ -331,10 +369,15 @@ class Store:
         )
         if done:
             return
-        current = await conn.fetchval("SELECT fencing_token FROM whatsapp_accounts WHERE id = $1", rec["id"])
+        current = await conn.fetchrow(
+            "SELECT fencing_token, owner FROM whatsapp_accounts WHERE id = $1", rec["id"]
+        )
         if current is None:
             raise SessionNotFound(f"no session {rec['id']}")
-        raise StaleOwner(f"session {rec['id']} has a newer owner (token {current} > {token}); write refused")
+        raise StaleOwner(
+            f"session {rec['id']} is owned by {current['owner']} on token {current['fencing_token']};"
+            f" a write by {owner} on token {token} is refused"
+        )
 
     async def _enqueue(
         self, conn: Conn, rec: dict[str, Any], events: list[NewEvent]

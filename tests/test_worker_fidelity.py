@@ -205,7 +205,7 @@ async def test_takeovers_are_bounded(sim: Sim, start_worker: WorkerFactory) -> N
         stream.close()
     assert failed["reason"] == "conflict"
     await asyncio.wait_for(manager_of(client).settle(), 30)
-    assert manager_of(client).get(sid).slot is None
+    assert manager_of(client).local(sid) is None and not manager_of(client).browsers()
 
 
 async def test_reconnecting_blocked_and_deprecated_socket_states(
@@ -340,4 +340,4 @@ async def test_an_unused_pairing_code_expires(sim: Sim, start_worker: WorkerFact
     assert expired["reason"] == "qr_timeout"
     manager = manager_of(client)
     await asyncio.wait_for(manager.settle(), 30)
-    assert manager.get(sid).slot is None
+    assert manager.local(sid) is None and not manager.browsers()  # ended: nothing of it stays

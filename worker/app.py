@@ -161,6 +161,7 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     loops = [
         asyncio.create_task(manager.keeper.run(), name="lease-keeper"),
         asyncio.create_task(manager.watch_orphans(1.0), name="orphans"),
+        asyncio.create_task(manager.keep_house(1.0), name="housekeeping"),
     ]
     try:
         yield

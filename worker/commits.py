@@ -9,6 +9,8 @@ the commits in flight (:meth:`Commits.drain`, within a deadline below supervisor
 policy (:mod:`shared.retry`: bounded attempts and time, with jitter); when that budget is spent,
 its events go back to the front of ``pending`` for the next round, or — for a caller that must
 know (``strict``, e.g. DELETE) — :class:`~shared.errors.DatabaseUnavailable` (503).
+
+Once an ended session's end is committed, it is retired: nothing of it stays on this worker.
 """
 
 from __future__ import annotations
@@ -134,19 +136,23 @@ class Commits:
                 session.deliver(event)
             await ctx.durable.publish(session.id, [e.to_dict() for e in committed])
         for other in replaced:
-            self._replaced(other, by=session.id)
+            self.end_replaced(other, by=session.id)
+        if session.ended and session.status != S.DELETED and not session.pending:
+            self._ending.retire(session)  # its end is in Postgres: lease and memory go
 
     async def _write_later(self, session: Session) -> None:
         # a round's budget was spent (Postgres down for a while): the next round after the longest wait
         await asyncio.sleep(retry.BACKOFF.wait_max_s)
         await self.write(session)
 
-    def _replaced(self, session_id: str, *, by: str) -> None:
-        """An older session of the same phone was soft-deleted by a newer link: end it here."""
+    def end_replaced(self, session_id: str, *, by: str | None) -> None:
+        """An older session of the same phone was soft-deleted by a newer link (``by``; None when
+        this worker learnt it from Postgres, see :mod:`worker.duplicates`): end it here and
+        unlink its device from the phone."""
         session = self._ctx.sessions.get(session_id)
         if session is None or session.ended:
             return
-        log.info("%s: replaced by %s (same phone in the workspace)", session_id, by)
+        log.info("%s: replaced by %s (same phone in the workspace)", session_id, by or "a newer link")
         session.phone_number = None
         self._ending.end(session, S.FAILED, Reason.REPLACED, unlink=True)
         self.flush(session)

@@ -74,6 +74,17 @@ class Ending:
         self._ctx.idle_timers.cancel(session.id)
         self._ctx.restoring.discard(session.id)
 
+    def retire(self, session: Session) -> None:
+        """An ended session whose end is committed: nothing of it stays here. Its lease and
+        fencing counter leave Redis, it leaves the table (its browser, if any, is already being
+        ended); reads are answered by its cached view and Postgres, and a restart takes it
+        over again from Postgres."""
+        if self._ctx.sessions.get(session.id) is not session:
+            return
+        self.stand_down(session)
+        self.forget(session)
+        self._ctx.tasks.spawn(session, self._ctx.durable.release_ended(session.id), cancel_on_end=False)
+
     def forget(self, session: Session) -> None:
         """No longer driven here: its lease not renewed, out of the table, its streams ended."""
         self._ctx.keeper.drop(session.id)

@@ -47,7 +47,6 @@ class Linking:
         self._hibernation = hibernation
         self.qr_times_ms: deque[int] = deque(maxlen=1000)
         self.phone_times_ms: deque[int] = deque(maxlen=1000)
-        self._crash_restarts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ starting a browser
     def start_link(self, session: Session) -> None:
@@ -369,8 +368,8 @@ class Linking:
         if session.ended or self._ctx.closing:
             return
         if session.status == S.READY:
-            count = self._crash_restarts.get(session.id, 0) + 1
-            self._crash_restarts[session.id] = count
+            session.crash_restarts += 1
+            count = session.crash_restarts
             if count <= MAX_CRASH_RESTARTS:
                 log.warning("%s: browser died; restoring it from its profile (%d)", session.id, count)
                 self._ctx.tasks.spawn(session, self._ctx.tasks.quietly(self.restart(session)))

@@ -82,6 +82,8 @@ class Session:
     """``connected`` or ``reconnecting`` (socket ``TIMEOUT``/``OPENING`` while linked)."""
     takeovers: deque[float] = field(default_factory=lambda: deque(maxlen=8), repr=False)
     version_reloads: int = field(default=0, repr=False)
+    crash_restarts: int = field(default=0, repr=False)
+    """Browser crashes of this ready session restored from its profile (see ``MAX_CRASH_RESTARTS``)."""
     slot: BrowserSlot | None = field(default=None, repr=False)
     pending: list[NewEvent] = field(default_factory=list, repr=False)
     events: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=EVENT_BACKLOG), repr=False)

@@ -5,8 +5,10 @@ turned into state transitions (:mod:`worker.linking`); nothing waits on a timer 
 something. Every transition is committed to Postgres (fenced by the session's lease token) with
 its events in the outbox, and only then delivered to SSE subscribers, Redis and webhooks
 (:mod:`worker.commits`). Idle sessions hibernate (:mod:`worker.hibernation`), sessions known only
-to Postgres are taken over (:mod:`worker.takeover`), and sessions end or are let go
-(:mod:`worker.ending`). :class:`SessionManager` is the façade the routes and the app use; the
+to Postgres are taken over (:mod:`worker.takeover`), sessions end or are let go
+(:mod:`worker.ending`) — an ended one leaves this worker once its end is committed — and a
+session replaced by a newer link of its phone on another worker ends here
+(:mod:`worker.duplicates`). :class:`SessionManager` is the façade the routes and the app use; the
 parts share one :class:`~worker.context.Context`.
 """
 
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import statistics
+import time
 from collections import deque
 from typing import Any
 
@@ -23,6 +26,7 @@ from shared import retry
 from shared.errors import (
     DatabaseUnavailable,
     InvalidState,
+    LeaseUnavailable,
     SessionExists,
     SessionNotFound,
     Unavailable,
@@ -32,10 +36,12 @@ from shared.ids import check_session_id, new_profile_id, new_session_id
 from shared.leases import LeaseKeeper
 from shared.models import ENDED, Reason, SessionStatus, Transition
 from shared.settings import Settings
+from shared.store import ChangedUnder
 from worker import snapshot
 from worker.browser import BrowserLauncher, BrowserSlot
 from worker.commits import Commits
 from worker.context import DB_ERRORS, Context, NotOwner
+from worker.duplicates import Duplicates
 from worker.durable import Durable
 from worker.ending import Ending
 from worker.hibernation import Hibernation
@@ -50,6 +56,9 @@ __all__ = ["DB_ERRORS", "MAX_CRASH_RESTARTS", "NotOwner", "SessionManager", "clo
 log = logging.getLogger("walink.sessions")
 
 S = SessionStatus
+ENDED_GRACE_S = 10.0
+"""An ended session still here this long after its last use (one a command took over from
+Postgres and left ended, e.g. asked for its QR) is retired by the housekeeping round."""
 
 
 class SessionManager:
@@ -71,7 +80,12 @@ class SessionManager:
         self.name = name
         keys = snapshot.SnapshotKeys.from_settings(settings.snapshot_key, settings.snapshot_keys)
         self.snapshot_keys = keys
-        self.keeper = LeaseKeeper(durable.leases, on_lost=self._lease_lost, on_token=self._lease_token)
+        self.keeper = LeaseKeeper(
+            durable.leases,
+            on_lost=self._lease_lost,
+            on_token=self._lease_token,
+            timeout_s=durable.redis_timeout_s,
+        )
         self._ctx = ctx = Context(
             settings=settings,
             launcher=launcher,
@@ -94,6 +108,7 @@ class SessionManager:
         )
         self._linking = Linking(ctx, self._ending, self._commits, self._hibernation)
         self._takeover = TakeOver(ctx, self._linking, self._hibernation, self._commits)
+        self._duplicates = Duplicates(ctx, self._commits)
         self.qr_times_ms: deque[int] = self._linking.qr_times_ms
         self.phone_times_ms: deque[int] = self._linking.phone_times_ms
 
@@ -156,11 +171,16 @@ class SessionManager:
                 session = await self._take_over(rec)
             except NotOwner:
                 return public_from_record(rec)  # driven by a live worker: the gateway routes there
+            except LeaseUnavailable:
+                return public_from_record(rec)  # no lease now: the record, taken over later
             if rec["status"] != S.HIBERNATED:
                 await self._resume(session)
         session.touch()
         if session.status == S.HIBERNATED:
-            await self.wake(session)
+            try:
+                await self.wake(session)
+            except LeaseUnavailable as exc:
+                log.warning("%s: not woken now: %s", session_id, exc)  # the view still answers
         return session.public(self.name)
 
     async def _cache_still_true(self, cached: dict[str, Any]) -> bool:
@@ -211,6 +231,52 @@ class SessionManager:
     async def watch_orphans(self, interval_s: float) -> None:
         await self._takeover.watch_orphans(interval_s)
 
+    # ------------------------------------------------------------------ duplicates, ended sessions
+    async def check_rows(self) -> ChangedUnder:
+        """What Postgres says changed under the sessions driven here, acted on: one another worker
+        took over (its row carries a newer token than ours) is let go — also when this worker
+        cannot reach Redis to learn it from the lease — and one a newer link of its phone replaced
+        ends here (see :mod:`worker.duplicates`)."""
+        asked = {sid: (s, s.fencing_token) for sid, s in self.sessions.items() if not s.ended}
+        changed = await self.store.changed_under({sid: token for sid, (_, token) in asked.items()})
+        for sid in changed.taken:
+            session, token = asked[sid]
+            # unless it was taken (back) here meanwhile, with a newer token: then the answer is old
+            if self.sessions.get(sid) is session and session.fencing_token == token:
+                self._ending.let_go(session, Reason.LEASE_LOST)
+        self._duplicates.end_replaced(changed.replaced)
+        return changed
+
+    async def keep_house(self, interval_s: float) -> None:
+        """Every ``interval_s``: sessions another worker took over are let go, those replaced by a
+        link on another worker end here (:meth:`check_rows`), and ended sessions left here retire."""
+        while True:
+            await asyncio.sleep(interval_s)  # the housekeeping period, not a wait for a state
+            self.retire_ended()
+            try:
+                await self.check_rows()
+            except DB_ERRORS as exc:
+                log.warning("session row check failed: %s", exc)
+
+    def retire_ended(self, *, grace_s: float = ENDED_GRACE_S) -> int:
+        """Retire the ended sessions left here unused for ``grace_s`` (one with uncommitted events
+        is committed first, and retired by that commit); how many."""
+        now = time.monotonic()
+        stale = [
+            s
+            for s in self.sessions.values()
+            if s.ended
+            and s.status != S.DELETED
+            and not s.write_lock.locked()
+            and now - s.last_used >= grace_s
+        ]
+        for session in stale:
+            if session.pending:
+                self._commits.flush(session)
+            else:
+                self._ending.retire(session)
+        return len(stale)
+
     # ------------------------------------------------------------------ commands
     async def create(
         self,
@@ -242,9 +308,13 @@ class SessionManager:
         if token is None:
             raise NotOwner(f"session {sid} is being created elsewhere")
         session.fencing_token = token
-        await self.store.insert_session(
-            session.record(), owner=self.name, token=token, webhook_events=webhook_events
-        )
+        try:
+            await self.store.insert_session(
+                session.record(), owner=self.name, token=token, webhook_events=webhook_events
+            )
+        except SessionExists:
+            await self.durable.release(sid)  # the lease of an id already taken is not ours to keep
+            raise
         self.sessions[sid] = session
         self.keeper.hold(sid, token)
         self._linking.start_link(session)

@@ -1,6 +1,9 @@
 """Take-over: this worker becomes the driver of sessions known only to Postgres — its own after a
 restart, those whose worker died or drained (when this worker is their place on the ring of live
 workers), and any a request reaches here — under a fresh lease and fencing token, and resumes them.
+Never without a lease: while Redis cannot be reached a take-over is refused
+(:class:`~shared.errors.LeaseUnavailable`), and this worker's own sessions that could not be
+restored then are taken back by the orphan watch once it can.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 from uhashring import HashRing
 
 from shared import metrics
-from shared.errors import SnapshotKeyUnknown, Unavailable
+from shared.errors import LeaseUnavailable, SnapshotKeyUnknown, Unavailable
 from shared.ids import new_profile_id
 from shared.models import ENDED, Reason, SessionStatus
 from worker.commits import Commits
@@ -34,30 +37,45 @@ class TakeOver:
         self._linking = linking
         self._hibernation = hibernation
         self._commits = commits
-        self._loading: dict[str, asyncio.Lock] = {}
+        # one take-over at a time per session: its lock and how many callers use it (dropped at 0)
+        self._loading: dict[str, tuple[asyncio.Lock, int]] = {}
         self._ring_cache: tuple[tuple[str, ...], HashRing] | None = None
 
     async def take_over(self, rec: dict[str, Any]) -> Session:
         """Become the driver of a session known only to Postgres (lease + fencing token)."""
+        sid = rec["id"]
+        lock, users = self._loading.get(sid) or (asyncio.Lock(), 0)
+        self._loading[sid] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._take_over_locked(rec)
+        finally:
+            lock, users = self._loading[sid]
+            if users == 1:
+                del self._loading[sid]
+            else:
+                self._loading[sid] = (lock, users - 1)
+
+    async def _take_over_locked(self, rec: dict[str, Any]) -> Session:
         ctx = self._ctx
         sid = rec["id"]
-        lock = self._loading.setdefault(sid, asyncio.Lock())
-        async with lock:
-            session = ctx.sessions.get(sid)
-            if session is not None:
-                return session
-            if ctx.closing:
-                raise Unavailable("this worker is shutting down; retry on another worker")
-            token = await ctx.durable.acquire_or_take(sid, floor=int(rec.get("fencing_token") or 0))
-            if token is None:
-                owner = await ctx.durable.lease_owner(sid)
-                raise NotOwner(f"session {sid} is driven by {owner or 'another worker'}")
-            session = Session.from_record(rec)
-            session.fencing_token = token
-            session.needs_resume = True
-            ctx.sessions[sid] = session
-            ctx.keeper.hold(sid, token)
+        session = ctx.sessions.get(sid)
+        if session is not None:
             return session
+        if ctx.closing:
+            raise Unavailable("this worker is shutting down; retry on another worker")
+        token = await ctx.durable.acquire_or_take(
+            sid, floor=int(rec.get("fencing_token") or 0), last_owner=rec.get("owner")
+        )
+        if token is None:
+            owner = await ctx.durable.lease_owner(sid)
+            raise NotOwner(f"session {sid} is driven by {owner or 'another worker'}")
+        session = Session.from_record(rec)
+        session.fencing_token = token
+        session.needs_resume = True
+        ctx.sessions[sid] = session
+        ctx.keeper.hold(sid, token)
+        return session
 
     async def resume(self, session: Session) -> int:
         """Drive a session just taken over: restore a linked one without a QR (1) — or, when this
@@ -118,11 +136,17 @@ class TakeOver:
                 restored += await self.resume(session)
             except (NotOwner, SnapshotKeyUnknown):  # the latter: left as it was, for another worker
                 continue
+            except LeaseUnavailable as exc:
+                # Redis is down: the orphan watch takes these back once a lease can be had
+                log.warning("start: %s not restored yet: %s", rec["id"], exc)
+                continue
         return restored
 
     async def adopt_orphans(self) -> int:
         """Take over sessions whose owner is gone (no heartbeat) or drained (lease released), when
-        this worker is their place on the ring of live workers. Returns how many were adopted."""
+        this worker is their place on the ring of live workers, and this worker's own sessions
+        it does not drive (not restored at start while Redis was down). Returns how many were
+        adopted."""
         ctx = self._ctx
         if ctx.closing:
             return 0
@@ -138,9 +162,14 @@ class TakeOver:
         for sid, until in list(ctx.unreadable.items()):
             if until <= now:
                 del ctx.unreadable[sid]
-        for rec in await ctx.store.orphans(set(serving)):
+        # this worker's own sessions it does not drive count too when it restores at start (those
+        # it could not restore then, for want of a lease)
+        own = {ctx.name} if ctx.settings.restore_on_start else set()
+        for rec in await ctx.store.orphans(set(serving) - own):
             sid = rec["id"]
-            if sid in ctx.sessions or sid in ctx.unreadable or ring.get_node(sid) != ctx.name:
+            if sid in ctx.sessions or sid in ctx.unreadable:
+                continue
+            if rec.get("owner") != ctx.name and ring.get_node(sid) != ctx.name:
                 continue
             try:
                 session = await self.take_over(rec)
