@@ -408,6 +408,18 @@ class ChaosCluster:
         await linking.stream.until("qr")
         return linking
 
+    async def start_linking_on(self, worker: str, *, tries: int = 10) -> Linking:
+        """A linking in flight placed on ``worker`` (the gateway places by id: others are deleted)."""
+        for _ in range(tries):
+            linking = await self.start_linking()
+            if await self.owner(linking.sid) == worker:
+                return linking
+            if linking.stream is not None:
+                linking.stream.close()
+            status, body = await self.call("DELETE", f"/v1/sessions/{linking.sid}")
+            assert status == 204, (status, body)
+        raise AssertionError(f"no linking placed on {worker} in {tries} tries")
+
     async def current_qr(self, sid: str, not_this: str | None) -> str:
         """The QR shown now (a different one than ``not_this``), read from ``/qr``."""
         qr = ""
@@ -590,7 +602,7 @@ class ChaosCluster:
             try:
                 await self.until(
                     f"linking {linking.sid} ready",
-                    lambda: self._is_ready(linking.sid),
+                    lambda: self.is_ready(linking.sid),
                     RECOVER_S,
                 )
             except AssertionError:
@@ -606,7 +618,7 @@ class ChaosCluster:
         else:
             outcome.notes.append(f"linking {end['status']}/{end.get('reason')}")
 
-    async def _is_ready(self, sid: str) -> bool:
+    async def is_ready(self, sid: str) -> bool:
         return (await self.session(sid)).get("status") == "ready"
 
     def orphans(self) -> list[int]:

@@ -202,8 +202,16 @@ async def test_profile_writes_failing(chaos: ChaosCluster) -> None:
     if chaos.mounted is None:
         pytest.skip("needs root to mount the worker's tmpfs (make chaos runs as root in CI)")
     victim = chaos.name(chaos.full_disk_port)
+    # the worker holds a ready session (with its snapshot) and a linking when its disk fills up
+    if not chaos.sessions_on(victim, await chaos.owners()):
+        ready = await chaos.start_linking_on(victim)
+        await chaos.scan(ready)
+        await chaos.until("the session placed on the worker is ready", lambda: chaos.is_ready(ready.sid), 120)
+        if ready.stream is not None:
+            ready.stream.close()
+        await chaos.track(ready)
     async with chaos.fault("worker profile writes failing") as f:
-        linking = await chaos.start_linking()
+        linking = await chaos.start_linking_on(victim)
         f.linkings.append(linking)
         filler = await asyncio.to_thread(_fill, chaos.mounted)
         f.injected()
