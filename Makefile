@@ -1,5 +1,6 @@
 # walink — `make run` starts the cluster (simulator, gateway, 4 workers) with the dashboard; `make test`
-# runs everything; `make bench` measures against the seed architecture;
+# runs everything but the chaos suite; `make chaos` breaks a running cluster (docs/chaos.md);
+# `make bench` measures against the seed architecture;
 # `make load` runs a bounded mixed Locust load on a cluster it starts (LOAD_USERS, LOAD_RUN_TIME, …).
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -12,7 +13,7 @@ CHROMIUM_PATH ?= /usr/lib/chromium/chromium-headless-shell
 SEED_CHROMIUM_PATH ?= /usr/bin/chromium
 export CHROMIUM_PATH SEED_CHROMIUM_PATH
 
-.PHONY: install chromium test lint typecheck unit run bench load clean
+.PHONY: install chromium test chaos lint typecheck unit run bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,11 @@ unit: $(VENV)/.installed
 
 test: install lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# faults injected into a running cluster on a private Redis and Postgres; a table of fault ->
+# outcome at the end (docs/chaos.md). Needs root for the tmpfs of the "profile writes failing" fault.
+chaos: install
+	$(BIN)/pytest -q -p no:cacheprovider tests/chaos
 
 run: install
 	$(BIN)/walink run

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +28,10 @@ log = logging.getLogger("walink.sessions")
 
 S = SessionStatus
 UNREADABLE_RETRY_S = 60.0
+# a live snapshot that failed (Postgres away, a full disk) is tried again, a bounded number of
+# times with growing, jittered pauses: without it a crash would need a re-scan until hibernation
+LIVE_SNAPSHOT_ATTEMPTS = 8
+LIVE_SNAPSHOT_RETRY_MAX_S = 60.0
 """A session whose snapshot key this worker lacks is not adopted again for this long (requests
 still try: the answer is a clear 503 each time)."""
 
@@ -204,16 +209,31 @@ class Hibernation:
     async def _live_snapshot(self, session: Session) -> None:
         """Shortly after ready, snapshot the live profile so any worker can restore the session if
         this one dies without a goodbye. Not at once: Chromium commits localStorage (where WhatsApp
-        keeps WANoiseInfo) to disk in batches up to ~5 s late; a copy taken sooner shows a QR."""
-        await asyncio.sleep(self._ctx.settings.live_snapshot_delay_s)
-        if session.status != S.READY or session.slot is None or self._ctx.snapshot_keys is None:
+        keeps WANoiseInfo) to disk in batches up to ~5 s late; a copy taken sooner shows a QR.
+        A failure (Postgres or the disk) is retried with backoff; losing the lease ends the tries."""
+        delay_s = self._ctx.settings.live_snapshot_delay_s
+        for attempt in range(1, LIVE_SNAPSHOT_ATTEMPTS + 1):
+            await asyncio.sleep(delay_s)
+            if session.status != S.READY or session.slot is None or self._ctx.snapshot_keys is None:
+                return
+            try:
+                size = await self.store_snapshot(session, live=True)
+            except NotOwner as exc:
+                log.warning("%s: live snapshot refused: %s", session.id, exc)
+                return
+            except SNAPSHOT_ERRORS as exc:
+                retry = attempt < LIVE_SNAPSHOT_ATTEMPTS
+                log.warning(
+                    "%s: live snapshot failed (attempt %d): %s%s",
+                    session.id,
+                    attempt,
+                    exc,
+                    "; trying again" if retry else "; giving up until it hibernates",
+                )
+                delay_s = min(LIVE_SNAPSHOT_RETRY_MAX_S, 2.0 * 2**attempt) * random.uniform(0.5, 1.0)
+                continue
+            session.timings["live_snapshot_bytes"] = size
             return
-        try:
-            size = await self.store_snapshot(session, live=True)
-        except SNAPSHOT_ERRORS as exc:
-            log.warning("%s: live snapshot failed: %s", session.id, exc)
-            return
-        session.timings["live_snapshot_bytes"] = size
 
     async def store_snapshot(self, session: Session, *, live: bool = False) -> int:
         """Pack the session's profile (``live``: under a running Chromium) and store it, fenced by

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -13,7 +15,7 @@ from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
 from shared import metrics, outbox, webhook_config, webhook_guard
-from shared.errors import BadRequest, InvalidState, Unauthorized
+from shared.errors import BadRequest, DatabaseUnavailable, InvalidState, Unauthorized
 from shared.ids import check_new_session_id, check_session_id, normalize_phone
 from shared.inputs import MAX_WEBHOOK_URL_CHARS, check_create_body, check_workspace_id, optional_text
 from shared.models import ENDED, SessionStatus
@@ -27,6 +29,7 @@ from shared.web import (
     read_json_object,
 )
 from worker import qr_image, sse
+from worker.context import DB_ERRORS
 from worker.keys import DISPATCHER, MANAGER, POOL, PSS, QUEUE, REMOTE_STREAMS, SETTINGS, STARTED_AT
 from worker.session import Session
 from worker.sessions import SessionManager
@@ -247,9 +250,23 @@ def _int_query(request: web.Request, name: str, default: int, *, low: int, high:
     return value
 
 
+@contextlib.asynccontextmanager
+async def _reading_postgres(request: web.Request, what: str) -> AsyncIterator[None]:
+    """A read of Postgres for a route, bounded by ``db_timeout_s``: while Postgres cannot be
+    reached the answer is 503 ``database_unavailable`` (nothing changed; retry), not a 500."""
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].db_timeout_s):
+            yield
+    except DB_ERRORS as exc:
+        raise DatabaseUnavailable(
+            f"{what} cannot be read now (Postgres: {type(exc).__name__}); retry"
+        ) from exc
+
+
 async def list_accounts(request: web.Request) -> web.Response:
     store = request.app[MANAGER].store
-    rows = await store.list_accounts(_scope(request))
+    async with _reading_postgres(request, "the accounts"):
+        rows = await store.list_accounts(_scope(request))
     accounts = [
         {
             "id": r["id"],
@@ -272,7 +289,8 @@ async def list_events(request: web.Request) -> web.Response:
     after = _int_query(request, "after", 0, low=0, high=2**62)
     limit = _int_query(request, "limit", 100, low=1, high=1000)
     pool = request.app[MANAGER].store.pool
-    events = await outbox.events_after(pool, workspace_id=_scope(request), after_id=after, limit=limit)
+    async with _reading_postgres(request, "the event feed"):
+        events = await outbox.events_after(pool, workspace_id=_scope(request), after_id=after, limit=limit)
     next_after = events[-1]["id"] if events else after
     return json_response({"events": events, "next_after": next_after})
 
