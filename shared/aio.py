@@ -12,6 +12,16 @@ import uvloop
 log = logging.getLogger("walink.aio")
 
 
+async def first_set(*events: asyncio.Event) -> None:
+    """Until one of ``events`` is set (the waits on the others are cancelled)."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 async def stop_loops(*tasks: asyncio.Task[Any], deadline_s: float = 5.0) -> None:
     """Cancel background loops and wait until they have ended, cancelling again while one runs on.
 

@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 from shared import metrics
+from shared.aio import first_set
 from shared.errors import BrowserError, InvalidState, SnapshotInvalid, SnapshotKeyUnknown, Unavailable
 from shared.ids import new_profile_id
 from shared.inputs import storable
@@ -148,13 +149,7 @@ class Linking:
     @staticmethod
     async def _left_starting(session: Session, slot: BrowserSlot) -> None:
         while session.status == S.STARTING and not slot.dead.is_set():
-            changed = session.changed
-            waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(slot.dead.wait())]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            await first_set(session.changed, slot.dead)
 
     def _adopt(self, session: Session, slot: BrowserSlot) -> None:
         session.slot = slot

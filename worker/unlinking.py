@@ -41,6 +41,7 @@ import shutil
 from typing import Any
 
 from shared import metrics
+from shared.aio import first_set
 from shared.errors import BrowserError, SnapshotInvalid, SnapshotKeyUnknown, WalinkError
 from shared.models import Reason, SessionStatus
 from worker import qr_queue
@@ -198,12 +199,7 @@ async def _login_shown(slot: BrowserSlot) -> str:
             return LOGGED_IN
         if slot.dead.is_set():
             raise BrowserError("the browser closed before the page showed its login")
-        waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(slot.dead.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await first_set(changed, slot.dead)
         changed.clear()
 
 
