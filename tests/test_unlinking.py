@@ -88,6 +88,8 @@ async def _assert_only_the_new_link_is_left(
         True,
     )
     assert manager.local(old) is None
+    old_view = await get_json(new_client, f"/v1/sessions/{old}")
+    assert (old_view["status"], old_view["reason"]) == ("failed", "replaced")
     assert await redis_client.exists(f"{redis_prefix}lease:{old}") == 0
     # the new session is still ready, live and not soft-deleted
     new_row = await pg_pool.fetchrow(

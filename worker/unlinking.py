@@ -50,7 +50,7 @@ from worker.browser import BrowserSlot
 from worker.context import DB_ERRORS, Context
 from worker.ending import Ending
 from worker.hibernation import Hibernation
-from worker.session import Session
+from worker.session import Session, public_from_record
 
 log = logging.getLogger("walink.unlinking")
 
@@ -113,6 +113,9 @@ class Unlinking:
             return None
         if _driven_here(ctx, ghost.id):
             return None  # a wake took it here meanwhile: it ends as a live replaced session does
+        # its cached view said hibernated: now what the record says (failed/replaced), as a live
+        # replaced session's view does once its end is committed
+        await ctx.durable.cache_put(public_from_record(rec))
         token = await ctx.durable.acquire(ghost.id, floor=int(rec.get("fencing_token") or 0))
         if token is None:
             return None  # driven or being unlinked by another worker
