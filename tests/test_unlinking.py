@@ -174,3 +174,40 @@ async def test_a_session_hibernated_by_a_worker_that_is_gone_is_unlinked_by_the_
         profiles=[profile_a, manager_of(b).launcher.profile_dir(profile_id)],
         var_dirs=[tmp_path / "var", tmp_path / "b"],
     )
+
+
+async def test_an_unlink_left_undone_is_taken_up_by_the_periodic_look(
+    tmp_path: Path, sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
+) -> None:
+    """The worker that replaced the session died before unlinking it (here: the row is replaced
+    while no worker runs): the stored snapshot is the record of the unlink still owed, and any
+    worker's look every ``unlink_retry_s`` does it."""
+    a = await start_worker(worker_name="worker-a")
+    old = await link_id(a, sim, PHONE)
+    await _hibernated(a, old, pg_pool)
+    assert len(await sim.devices(PHONE)) == 1
+    await a.close()
+    # what mark_ready writes for a replaced hibernated row, with nobody left to act on it
+    await pg_pool.execute(
+        "UPDATE whatsapp_accounts SET status = 'failed', session_status = 'failed', reason = 'replaced',"
+        " phone_number = NULL, deleted_at = now(), is_primary = false WHERE id = $1",
+        old,
+    )
+
+    b = await start_worker(worker_name="worker-b", data_dir=tmp_path / "b", unlink_retry_s=0.5)
+    manager = manager_of(b)
+
+    async def device_gone() -> bool:
+        return await sim.devices(PHONE) == []
+
+    await _until(device_gone, "the look unlinks the device left linked")
+
+    async def done() -> bool:
+        snapshots = await pg_pool.fetchval(
+            "SELECT count(*) FROM profile_snapshots WHERE session_id = $1", old
+        )
+        return bool(snapshots == 0) and not manager.unlinking
+
+    await _until(done, "the snapshot is deleted and the job is over")
+    assert manager.local(old) is None and not manager.browsers()
+    assert chromium.groups_under(tmp_path / "b") == set()
