@@ -396,7 +396,7 @@ def test_secret_template_holds_placeholders_only() -> None:
         "GATEWAY_DATABASE_URL",
         "OWNER_DATABASE_URL",
         "WALINK_REDIS_URL",
-        "WALINK_SNAPSHOT_KEY",
+        "WALINK_SNAPSHOT_KEYS",
         "WALINK_INTERNAL_TOKEN",
     }
     for key, value in secret["stringData"].items():
