@@ -113,6 +113,13 @@ class Settings:
     # unlink_retry_s (also how often every worker looks for such sessions left undone)
     unlink_timeout_s: float = 120.0
     unlink_retry_s: float = 60.0
+    # --- keep-alive (docs/keepalive.md): WhatsApp logs out a linked device unused for ~30 days
+    # (14 with the phone offline). A hibernated session unused for keepalive_s is woken until its
+    # page connects, then hibernated again (0: off); checked every keepalive_check_s. device_ttl_s
+    # is the TTL walink assumes: unused for 80 % of it, a session emits session_at_risk.
+    keepalive_s: float = 7 * 86400.0
+    keepalive_check_s: float = 600.0
+    device_ttl_s: float = 14 * 86400.0
     # --- hibernation (the seed's LRU of 20 and 5-minute idle timeout)
     idle_timeout_s: float = 300.0
     max_active_sessions: int = 20

@@ -1,0 +1,130 @@
+"""Keep-alive and link health (issue 11 §4): real Chromium, the simulator's device TTL and its
+admin clock, walink's injectable clock moved with it (no real waits of days)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from shared.models import SessionStatus
+from tests.conftest import WAIT_S, Sim, WorkerFactory, link_id, manager_of
+
+DAY_S = 86_400
+TTL_S = 30 * DAY_S  # the strict profile's device_ttl_s
+
+
+async def _jump(sim: Sim, client: TestClient[Any, Any], seconds: int) -> dict[str, Any]:
+    """Move the simulator's clock and walink's together."""
+    manager_of(client).clock.advance(seconds)
+    return await sim.post("/admin/clock", {"advance_s": seconds})
+
+
+async def _until(session: Any, status: SessionStatus, reason: str | None = None) -> None:
+    async with asyncio.timeout(WAIT_S):
+        while not (session.status == status and (reason is None or session.reason == reason)):
+            await session.changed.wait()
+
+
+async def _hibernate(sim: Sim, manager: Any, session: Any) -> None:
+    """Hibernate the session and wait until its page's connection to the simulator is gone (a
+    page still connected during a clock jump counts as used all along)."""
+    await manager.hibernate(session)
+    assert session.status == SessionStatus.HIBERNATED
+    for _ in range(int(WAIT_S / 0.05)):
+        if not (await sim.get("/admin/state"))["pending_polls"]:
+            return
+        await asyncio.sleep(0.05)  # another server's state: we can only look again
+    raise AssertionError("the hibernated page never let go of its connection")
+
+
+async def _metric(client: TestClient[Any, Any], name: str) -> float:
+    resp = await client.get("/metrics")
+    text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_keepalive_wakes_a_hibernated_session_before_the_device_ttl_and_it_stays_linked(
+    sim: Sim, start_worker: WorkerFactory
+) -> None:
+    assert (await sim.get("/admin/profile"))["device_ttl_s"] == TTL_S
+    client = await start_worker(keepalive_s=7 * DAY_S, device_ttl_s=TTL_S, keepalive_check_s=3600.0)
+    phone = "+15550110001"
+    sid = await link_id(client, sim, phone)
+    manager = manager_of(client)
+    session = manager.get(sid)
+    await _hibernate(sim, manager, session)
+
+    # not due yet: nothing woken
+    await _jump(sim, client, 3 * DAY_S)
+    assert await manager.keep_alive_check() == 0
+    before = (await sim.devices(phone))[0]["last_used_s"]
+
+    # past keepalive_s: woken, its page connects (a use on the phone's side), hibernated again
+    assert (await _jump(sim, client, 5 * DAY_S))["expired"] == 0
+    assert await manager.keep_alive_check() == 1
+    await _until(session, SessionStatus.HIBERNATED, "keepalive")
+    assert session.slot is None
+    after = (await sim.devices(phone))[0]["last_used_s"]
+    assert after >= before + 5 * DAY_S, (before, after)
+    assert await _metric(client, "walink_keepalive_wakes_total") >= 1
+
+    # 33 days after the link (25 after the keep-alive's use): still linked on the phone
+    assert (await _jump(sim, client, 25 * DAY_S))["expired"] == 0
+    assert [d["device_index"] for d in await sim.devices(phone)] == [1]
+    await manager.wake(session)
+    await _until(session, SessionStatus.READY)
+
+
+async def _committed(session: Any, type_: str) -> dict[str, Any]:
+    """The data of the session's first committed ``type_`` event (waited for, bounded)."""
+    for _ in range(int(WAIT_S / 0.05)):
+        found = [e.data for e in session.events if e.type == type_]
+        if found:
+            return dict(found[0])
+        await asyncio.sleep(0.05)  # committed by a background task: we can only look again
+    raise AssertionError(f"no {type_} event was committed")
+
+
+async def test_without_keepalive_an_unused_device_is_reported_at_risk_then_expired(
+    sim: Sim, start_worker: WorkerFactory
+) -> None:
+    client = await start_worker(keepalive_s=0.0, device_ttl_s=TTL_S, keepalive_check_s=3600.0)
+    phone = "+15550110002"
+    sid = await link_id(client, sim, phone)
+    manager = manager_of(client)
+    session = manager.get(sid)
+    await _hibernate(sim, manager, session)
+    # read in-process: an API request (an event stream too) would wake the session, a use
+    expired_before = await _metric(client, "walink_devices_expired_total")
+    at_risk_before = await _metric(client, "walink_sessions_at_risk_total")
+
+    # 20 days unused (less than 80 % of the TTL): nothing to report
+    await _jump(sim, client, 20 * DAY_S)
+    assert await manager.keep_alive_check() == 0
+    assert not [e for e in session.events if e.type == "session_at_risk"]
+
+    # 25 days unused: more than 80 % of the TTL — reported once, not woken (keep-alive off)
+    await _jump(sim, client, 5 * DAY_S)
+    assert await manager.keep_alive_check() == 0
+    at_risk = await _committed(session, "session_at_risk")
+    assert at_risk["expires_at_ms"] - at_risk["last_used_at_ms"] == TTL_S * 1000
+    assert await manager.keep_alive_check() == 0
+    assert len([e for e in session.events if e.type == "session_at_risk"]) == 1
+    assert await _metric(client, "walink_sessions_at_risk_total") == at_risk_before + 1
+    assert session.status == SessionStatus.HIBERNATED
+
+    # past the TTL: WhatsApp logs the device out; the next wake learns it from the page
+    assert (await _jump(sim, client, 6 * DAY_S))["expired"] == 1
+    assert await sim.devices(phone) == []
+    await manager.wake(session)
+    await _until(session, SessionStatus.LOGGED_OUT, "device_expired")
+    gone = await _committed(session, "session_disconnected")
+    assert gone["reason"] == "device_expired", gone
+    assert await _metric(client, "walink_devices_expired_total") == expired_before + 1
+    feed = await client.get(f"/v1/sessions/{sid}")
+    assert (await feed.json())["reason"] == "device_expired"
