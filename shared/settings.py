@@ -232,6 +232,14 @@ class Settings:
                 "WALINK_SHUTDOWN_COMMIT_DEADLINE_S must be > 0 and at most WALINK_SHUTDOWN_DEADLINE_S"
             )
 
+    def _validate_keepalive(self) -> None:
+        """Keep-alive and link health (docs/keepalive.md)."""
+        if self.keepalive_s < 0 or self.device_ttl_s < 0 or self.keepalive_check_s <= 0:
+            raise SettingsError(
+                "WALINK_KEEPALIVE_S and WALINK_DEVICE_TTL_S must not be negative (0: off),"
+                " WALINK_KEEPALIVE_CHECK_S must be positive"
+            )
+
     def validate(self) -> None:
         if self.target not in get_args(Target):
             raise SettingsError(f"WALINK_TARGET must be one of {get_args(Target)}, not {self.target!r}")
@@ -263,6 +271,7 @@ class Settings:
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
         self._validate_durability()
+        self._validate_keepalive()
         if self.webhook_secret_overlap_s < 0:
             raise SettingsError("WALINK_WEBHOOK_SECRET_OVERLAP_S must not be negative")
         WebhookAllow.parse(self.webhook_allow)  # a bad entry fails at start, not at the first delivery

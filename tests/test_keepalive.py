@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
+from shared.clock import Clock
 from shared.models import SessionStatus
+from shared.settings import Settings, SettingsError
+from simulator.keys import STATE
 from tests.conftest import WAIT_S, Sim, WorkerFactory, link_id, manager_of
 
 DAY_S = 86_400
@@ -128,3 +132,54 @@ async def test_without_keepalive_an_unused_device_is_reported_at_risk_then_expir
     assert await _metric(client, "walink_devices_expired_total") == expired_before + 1
     feed = await client.get(f"/v1/sessions/{sid}")
     assert (await feed.json())["reason"] == "device_expired"
+
+
+def test_keepalive_settings_are_read_and_bad_ones_refused() -> None:
+    s = Settings.from_env({"WALINK_KEEPALIVE_S": "0", "WALINK_DEVICE_TTL_S": "1209600"})
+    assert (s.keepalive_s, s.device_ttl_s) == (0.0, 1_209_600.0)
+    assert Settings().keepalive_s == 7 * DAY_S  # on by default, well inside the 14-day TTL's 80 %
+    assert Settings().keepalive_s < 0.8 * Settings().device_ttl_s
+    for env in (
+        {"WALINK_KEEPALIVE_S": "-1"},
+        {"WALINK_DEVICE_TTL_S": "-5"},
+        {"WALINK_KEEPALIVE_CHECK_S": "0"},
+    ):
+        with pytest.raises(SettingsError, match="WALINK_KEEPALIVE"):
+            Settings.from_env(env)
+
+
+def test_the_clock_only_moves_ahead() -> None:
+    clock = Clock()
+    before = clock.now_s()
+    clock.advance(DAY_S)
+    assert clock.now_s() >= before + DAY_S
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+
+
+async def test_simulator_clock_expires_only_unused_devices_and_refuses_bad_jumps(sim: Sim) -> None:
+    """No browser: a device linked through the state, its page never connected after the link."""
+    for bad in ({"advance_s": -1}, {"advance_s": "1"}, {"advance_s": True}, {}, {"advance_s": 10**12}):
+        data = await sim.post("/admin/clock", bad, expect=400)
+        assert data["error"]["code"] == "invalid_request"
+    assert (await sim.post("/admin/clock", {"advance_s": 0}))["offset_s"] == 0
+    await sim.profile(device_ttl_s=100)
+    state = sim.server.app[STATE]
+    client, refs, texts = state.begin_batch("dev-expiry-01", "n", "i", "a", "web")
+    state.commit_batch(client, refs, texts, [[[0]] for _ in refs])
+    await sim.scan(texts[0], "+15550110003", expect=409)  # strict: the first scan refreshes the secret
+    _, texts = state.refresh_adv("dev-expiry-01", "a2")
+    await sim.scan(texts[0], "+15550110003")
+    assert (await sim.post("/admin/clock", {"advance_s": 60}))["expired"] == 0
+    assert state.login("dev-expiry-01")["linked"] is True  # a use: the TTL starts again
+    assert (await sim.post("/admin/clock", {"advance_s": 90}))["expired"] == 0
+    assert (await sim.post("/admin/clock", {"advance_s": 20}))["expired"] == 1
+    assert await sim.devices("+15550110003") == []
+    assert [e["reason"] for e in client.events if e["type"] == "logout"] == ["device_expired"]
+    assert state.login("dev-expiry-01") == {
+        "linked": False,
+        "seq": client.seq,
+        "logout_reason": "device_expired",
+    }
+    await sim.post("/admin/reset", {})
+    assert (await sim.post("/admin/clock", {"advance_s": 0}))["offset_s"] == 0
