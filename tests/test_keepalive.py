@@ -10,8 +10,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from shared.clock import Clock
+from shared.errors import SettingsError
 from shared.models import SessionStatus
-from shared.settings import Settings, SettingsError
+from shared.settings import Settings
 from simulator.keys import STATE
 from tests.conftest import WAIT_S, Sim, WorkerFactory, link_id, manager_of
 
