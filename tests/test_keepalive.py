@@ -184,3 +184,32 @@ async def test_simulator_clock_expires_only_unused_devices_and_refuses_bad_jumps
     }
     await sim.post("/admin/reset", {})
     assert (await sim.post("/admin/clock", {"advance_s": 0}))["offset_s"] == 0
+
+
+async def test_keepalive_wakes_a_hibernated_session_only_postgres_knows_after_a_restart(
+    sim: Sim, start_worker: WorkerFactory
+) -> None:
+    """A restart does not load hibernated sessions into memory: the look finds them in Postgres."""
+    settings: dict[str, Any] = {
+        "worker_name": "worker-ka",
+        "keepalive_s": 7 * DAY_S,
+        "device_ttl_s": TTL_S,
+        "keepalive_check_s": 3600.0,
+    }
+    first = await start_worker(**settings)
+    phone = "+15550110004"
+    sid = await link_id(first, sim, phone)
+    await _hibernate(sim, manager_of(first), manager_of(first).get(sid))
+    await first.close()
+
+    client = await start_worker(**settings)
+    manager = manager_of(client)
+    assert manager.local(sid, None) is None  # not in memory: only Postgres knows it
+    assert await manager.keep_alive_check() == 0  # not due: left alone, nothing taken over
+    assert manager.local(sid, None) is None
+    assert (await _jump(sim, client, 8 * DAY_S))["expired"] == 0
+    assert await manager.keep_alive_check() == 1
+    session = manager.get(sid)
+    await _until(session, SessionStatus.HIBERNATED, "keepalive")
+    assert (await _jump(sim, client, 25 * DAY_S))["expired"] == 0
+    assert [d["device_index"] for d in await sim.devices(phone)] == [1]

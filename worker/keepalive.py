@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from shared import metrics
 from shared.clock import Clock
@@ -42,10 +43,20 @@ def mark_connected(session: Session, clock: Clock) -> None:
 
 
 class KeepAlive:
-    def __init__(self, ctx: Context, hibernation: Hibernation, commits: Commits) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        hibernation: Hibernation,
+        commits: Commits,
+        *,
+        take_over: Callable[[dict[str, Any]], Awaitable[Session]],
+    ) -> None:
+        """``take_over(record)`` makes this worker the driver of a session known only to Postgres
+        (see :meth:`worker.takeover.TakeOver.take_over`)."""
         self._ctx = ctx
         self._hibernation = hibernation
         self._commits = commits
+        self._take_over = take_over
 
     async def check(self) -> int:
         """One look at the hibernated sessions driven here: the at-risk ones are reported, the
@@ -54,7 +65,8 @@ class KeepAlive:
         settings = ctx.settings
         now_s = ctx.clock.now_s()
         woken = 0
-        for session in list(ctx.sessions.values()):
+        sessions = list(ctx.sessions.values()) + await self._hibernated_in_postgres(now_s)
+        for session in sessions:
             if session.status != S.HIBERNATED or ctx.closing:
                 continue
             last_s = session.timings.get(LAST_CONNECTED_KEY)
@@ -71,7 +83,36 @@ class KeepAlive:
                 log.info("%s: keep-alive wake (unused for %.0f s)", session.id, unused_s)
                 ctx.tasks.spawn(session, self._wake(session), cancel_on_end=False)
                 woken += 1
+            elif session.id in ctx.keeper.held and session.id not in self._hibernation.keepalive_wakes:
+                # taken over only to be looked at (from Postgres): not woken, its lease goes back
+                await ctx.durable.release(session.id)
+                ctx.keeper.drop(session.id)
         return woken
+
+    async def _hibernated_in_postgres(self, now_s: float) -> list[Session]:
+        """This worker's hibernated sessions that only Postgres knows (a restart does not load
+        hibernated sessions into memory) and that need a look now: taken over (their lease held
+        here) so they can be woken or reported like the others."""
+        ctx = self._ctx
+        settings = ctx.settings
+        due_s = min(
+            settings.keepalive_s or float("inf"),
+            AT_RISK_FRACTION * settings.device_ttl_s if settings.device_ttl_s > 0 else float("inf"),
+        )
+        found: list[Session] = []
+        for rec in await ctx.store.sessions_owned_by(ctx.name):
+            last_s = (rec.get("timings") or {}).get(LAST_CONNECTED_KEY)
+            if rec["status"] != S.HIBERNATED or rec["id"] in ctx.sessions or last_s is None:
+                continue
+            at_risk_sent = AT_RISK_KEY in (rec.get("timings") or {})
+            keepalive_due = settings.keepalive_s > 0 and now_s - last_s >= settings.keepalive_s
+            if now_s - last_s < due_s or (at_risk_sent and not keepalive_due):
+                continue
+            try:
+                found.append(await self._take_over(rec))
+            except WalinkError as exc:  # driven elsewhere now, or Redis away: the next look
+                log.warning("%s: keep-alive look skipped: %s", rec["id"], exc)
+        return found
 
     async def _report_at_risk(self, session: Session, last_s: int) -> None:
         if AT_RISK_KEY in session.timings:

@@ -115,7 +115,7 @@ class SessionManager:
         self._takeover = TakeOver(ctx, self._linking, self._hibernation, self._commits)
         self._duplicates = Duplicates(ctx, self._commits)
         self._unlinking = Unlinking(ctx, self._ending, self._hibernation)
-        self._keepalive = KeepAlive(ctx, self._hibernation, self._commits)
+        self._keepalive = KeepAlive(ctx, self._hibernation, self._commits, take_over=self._take_over)
         self.qr_times_ms: deque[int] = self._linking.qr_times_ms
         self.phone_times_ms: deque[int] = self._linking.phone_times_ms
 
