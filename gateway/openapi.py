@@ -87,7 +87,10 @@ def _required_body(op: dict[str, Any]) -> dict[str, Any]:
 SSE_DESCRIPTION = (
     "Server-sent events of one session. Each frame is `id: <seq>`, `event: <name>`, "
     "`data: <json>`; the events are `status`, `qr`, `session_authenticated`, `session_ready`, "
-    "`session_synced`, `session_disconnected` and `session_failed`. A new listener first gets the "
+    "`session_synced`, `session_at_risk`, `session_disconnected` and `session_failed` "
+    "(`session_at_risk`: `{last_used_at_ms, expires_at_ms}`, a hibernated session unused for 80 % of "
+    "the device TTL; a device WhatsApp logged out for going unused ends `session_disconnected` with "
+    "reason `device_expired`, see docs/keepalive.md). A new listener first gets the "
     "latest `status` and, while linking, the latest `qr`. While the session's browser waits for a "
     "place to start (the machine's launch budget, during a burst), `event: qr_pending` frames "
     "with `data: {session_id, position, eta_ms}` (no `id:`: they are not events of the record and "
@@ -100,7 +103,7 @@ SSE_DESCRIPTION = (
 
 WEBHOOK_DESCRIPTION = (
     "Webhooks (`qr_code_generated`, `session_authenticated`, `session_ready`, `session_synced`, "
-    "`session_disconnected`, `session_failed`) are POSTed as JSON with the headers "
+    "`session_at_risk`, `session_disconnected`, `session_failed`) are POSTed as JSON with the headers "
     "`X-Walink-Event`, `X-Walink-Event-Id` and `X-Walink-Signature: t=<unix>,v1=<hex>` where "
     "`hex = HMAC-SHA256(workspace secret, t + '.' + raw body)`; for a while after a secret rotation "
     "the header carries one `v1=` per secret (`t=<unix>,v1=<new>,v1=<old>`): accept the request when "

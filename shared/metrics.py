@@ -106,6 +106,15 @@ REPLACED_UNLINKS = Counter(
     " snapshot to log in with)",
     ["outcome"],
 )
+KEEPALIVE_WAKES = Counter(
+    "walink_keepalive_wakes_total", "Hibernated sessions woken by the keep-alive so their device stays linked"
+)
+SESSIONS_AT_RISK = Counter(
+    "walink_sessions_at_risk_total", "session_at_risk events: a session unused for 80 % of the device TTL"
+)
+DEVICES_EXPIRED = Counter(
+    "walink_devices_expired_total", "Sessions logged out by WhatsApp because their device went unused"
+)
 HIBERNATE_FAILURES = Counter(
     "walink_hibernate_failures_total",
     "Hibernations given up because the snapshot could not be packed or stored (session kept ready)",

@@ -81,6 +81,10 @@ class Reason(enum.StrEnum):
     LRU = "lru"
     REPLACED = "replaced"
     LEASE_LOST = "lease_lost"
+    KEEPALIVE = "keepalive"
+    """Hibernated again after a keep-alive wake (its page connected: the device's use counted)."""
+    DEVICE_EXPIRED = "device_expired"
+    """WhatsApp logged the device out because it went unused too long (``session_disconnected``)."""
 
 
 class EventType(enum.StrEnum):
@@ -94,6 +98,8 @@ class EventType(enum.StrEnum):
     SESSION_SYNCED = "session_synced"
     SESSION_DISCONNECTED = "session_disconnected"
     SESSION_FAILED = "session_failed"
+    SESSION_AT_RISK = "session_at_risk"
+    """``{last_used_at_ms, expires_at_ms}``: unused for 80 % of the device TTL walink assumes."""
 
 
 # SSE-only notices (no ``id:``, not in the outbox, no webhook)

@@ -113,6 +113,13 @@ class Settings:
     # unlink_retry_s (also how often every worker looks for such sessions left undone)
     unlink_timeout_s: float = 120.0
     unlink_retry_s: float = 60.0
+    # --- keep-alive (docs/keepalive.md): WhatsApp logs out a linked device unused for ~30 days
+    # (14 with the phone offline). A hibernated session unused for keepalive_s is woken until its
+    # page connects, then hibernated again (0: off); checked every keepalive_check_s. device_ttl_s
+    # is the TTL walink assumes: unused for 80 % of it, a session emits session_at_risk.
+    keepalive_s: float = 7 * 86400.0
+    keepalive_check_s: float = 600.0
+    device_ttl_s: float = 14 * 86400.0
     # --- hibernation (the seed's LRU of 20 and 5-minute idle timeout)
     idle_timeout_s: float = 300.0
     max_active_sessions: int = 20
@@ -225,6 +232,14 @@ class Settings:
                 "WALINK_SHUTDOWN_COMMIT_DEADLINE_S must be > 0 and at most WALINK_SHUTDOWN_DEADLINE_S"
             )
 
+    def _validate_keepalive(self) -> None:
+        """Keep-alive and link health (docs/keepalive.md)."""
+        if self.keepalive_s < 0 or self.device_ttl_s < 0 or self.keepalive_check_s <= 0:
+            raise SettingsError(
+                "WALINK_KEEPALIVE_S and WALINK_DEVICE_TTL_S must not be negative (0: off),"
+                " WALINK_KEEPALIVE_CHECK_S must be positive"
+            )
+
     def validate(self) -> None:
         if self.target not in get_args(Target):
             raise SettingsError(f"WALINK_TARGET must be one of {get_args(Target)}, not {self.target!r}")
@@ -256,6 +271,7 @@ class Settings:
         if self.warm_pool_size < 0:
             raise SettingsError("WALINK_WARM_POOL_SIZE must not be negative")
         self._validate_durability()
+        self._validate_keepalive()
         if self.webhook_secret_overlap_s < 0:
             raise SettingsError("WALINK_WEBHOOK_SECRET_OVERLAP_S must not be negative")
         WebhookAllow.parse(self.webhook_allow)  # a bad entry fails at start, not at the first delivery

@@ -96,6 +96,7 @@ async def poll(request: web.Request) -> web.Response:
     conn_id = request.query.get("conn_id", "")
     if len(conn_id) > 64:
         raise SimError(400, "invalid_request", "'conn_id' must be at most 64 characters")
+    request.app[STATE].use_device(client.device_id)  # a connected page is a use of its device
     events = await client.wait_events(int(raw_after), POLL_TIMEOUT_S, conn_id)
     return json_response({"events": events})
 

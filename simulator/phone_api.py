@@ -88,6 +88,14 @@ async def reset(request: web.Request) -> web.Response:
     return json_response({"ok": True})
 
 
+async def clock(request: web.Request) -> web.Response:
+    """``{"advance_s": N}``: jump the simulator's clock ahead (devices past ``device_ttl_s`` expire)."""
+    body = await read_json(request)
+    state = request.app[STATE]
+    expired = state.advance_clock(body.get("advance_s"))
+    return json_response({"now_s": state.now_s(), "offset_s": state.clock_offset_s, "expired": expired})
+
+
 async def admin_state(request: web.Request) -> web.Response:
     return json_response(request.app[STATE].summary())
 
@@ -104,3 +112,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/reset", reset)
     app.router.add_post("/admin/socket-state", socket_state)
     app.router.add_get("/admin/state", admin_state)
+    app.router.add_post("/admin/clock", clock)

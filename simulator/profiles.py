@@ -63,6 +63,10 @@ class Profile:
     holds it until the phone number is known."""
     lazy_modules_ms: int = 0
     """Linking modules are registered this long after ``Debug.VERSION`` (``requireDeferred``)."""
+    device_ttl_s: int = 0
+    """A linked device whose last use (its page connected) is older than this on the simulator's
+    clock is logged out, reason ``device_expired`` (0: never). WhatsApp logs a companion out after
+    about 14 days with the phone offline and 30 days without use; ``strict`` uses the 30 days."""
     conflict: str = "off"
     """``strict``: one live connection per linked device; a second page that boots the same
     credentials knocks the first into ``CONFLICT`` (and ``takeover()`` back)."""
@@ -92,6 +96,7 @@ _INT_FIELDS = {
     "late_sync_ms": (0, 3_600_000),
     "me_pn_delay_ms": (0, 600_000),
     "lazy_modules_ms": (0, 600_000),
+    "device_ttl_s": (0, 315_360_000),
 }
 _BOOL_FIELDS = {"passkey", "me_module", "lid"}
 _CHOICE_FIELDS = {"adv_refresh": ADV_REFRESH_MODES, "sync_signal": SYNC_SIGNALS, "conflict": CONFLICT_MODES}
@@ -141,6 +146,7 @@ _STRICT_BEHAVIOURS: dict[str, Any] = {
     "lid": True,
     "lazy_modules_ms": 150,
     "conflict": "strict",
+    "device_ttl_s": 30 * 86_400,
 }
 
 PROFILES: dict[str, Profile] = {

@@ -24,6 +24,8 @@ start when the batch reaches it, a little after the server opened the windows.""
 RETENTION_S = 900.0
 """Expired refs/codes and idle unlinked clients are forgotten after this long."""
 GC_INTERVAL_S = 30.0
+MAX_CLOCK_JUMP_S = 315_360_000
+"""One ``POST /admin/clock`` jumps at most ten years."""
 
 _PHONE_RE = re.compile(r"\+?([0-9]{6,15})")
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
@@ -56,6 +58,8 @@ class LinkedDevice:
     device_index: int
     linked_at: str
     platform: str
+    last_used_s: float = 0.0
+    """When its page last connected, on the simulator's clock (:meth:`SimState.now_s`)."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -64,6 +68,7 @@ class LinkedDevice:
             "push_name": self.push_name,
             "platform": self.platform,
             "linked_at": self.linked_at,
+            "last_used_s": self.last_used_s,
         }
 
 
@@ -107,8 +112,53 @@ class SimState:
         self.conflicts_sent = 0
         """``conflict`` events pushed to pages (a takeover ping-pong shows here)."""
         self.takeovers = 0
+        self.clock_offset_s = 0.0
+        """How far the admin clock (``POST /admin/clock``) was moved ahead of the real one."""
+        self.expired: set[str] = set()
+        """Devices logged out by ``device_ttl_s``: their page learns why when it next connects."""
+        self.takeovers = 0
         """"Use Here" (``Socket.takeover()``) calls that reached the server."""
         self._last_gc = time.monotonic()
+
+    # ----- the clock and device expiry ---------------------------------------------------------------
+    def now_s(self) -> float:
+        """The simulator's wall clock: real time plus what the admin clock jumped."""
+        return time.time() + self.clock_offset_s
+
+    def use_device(self, device_id: str) -> None:
+        """The device's page is connected: that is a use (it resets the device's TTL)."""
+        device = self.devices.get(device_id)
+        if device is not None:
+            device.last_used_s = self.now_s()
+
+    def advance_clock(self, advance_s: Any) -> int:
+        """Jump the clock ahead. A device whose page is connected all along stays in use; the
+        others whose last use is now older than ``device_ttl_s`` are logged out; how many."""
+        number = isinstance(advance_s, int | float) and not isinstance(advance_s, bool)
+        if not number or not 0 <= advance_s <= MAX_CLOCK_JUMP_S:
+            raise SimError(400, "invalid_request", "'advance_s' must be a number in [0, 315360000]")
+        self.clock_offset_s += float(advance_s)
+        for device in self.devices.values():
+            client = self.clients.get(device.device_id)
+            if client is not None and client.waiters > 0:  # a long-poll open now: connected
+                device.last_used_s = self.now_s()
+        return self.expire_devices()
+
+    def expire_devices(self) -> int:
+        ttl_s = self.profile.device_ttl_s
+        if ttl_s <= 0:
+            return 0
+        now = self.now_s()
+        stale = [d for d in self.devices.values() if now - d.last_used_s > ttl_s]
+        for device in stale:
+            del self.devices[device.device_id]
+            self.live_conn.pop(device.device_id, None)
+            self.pending_passkey.pop(device.device_id, None)
+            self.expired.add(device.device_id)
+            client = self.clients.get(device.device_id)
+            if client is not None:
+                client.push("logout", reason="device_expired")
+        return len(stale)
 
     # ----- pages -------------------------------------------------------------------------------------
     def client(self, device_id: str) -> Client:
@@ -178,9 +228,13 @@ class SimState:
 
     def login(self, device_id: str, conn_id: str = "") -> dict[str, Any]:
         client = self.client(device_id)
+        self.expire_devices()
         device = self.devices.get(device_id)
         if device is None:
+            if device_id in self.expired:
+                return {"linked": False, "seq": client.seq, "logout_reason": "device_expired"}
             return {"linked": False, "seq": client.seq}
+        device.last_used_s = self.now_s()
         seq = client.seq
         self._go_live(client, conn_id)
         return {
@@ -295,8 +349,9 @@ class SimState:
             if client.conn_id:
                 self.live_conn[client.device_id] = client.conn_id
             self.devices[client.device_id] = LinkedDevice(
-                client.device_id, phone, name, index, _utc_now_iso(), client.platform
+                client.device_id, phone, name, index, _utc_now_iso(), client.platform, self.now_s()
             )
+            self.expired.discard(client.device_id)
             if passkey:
                 self.pending_passkey[client.device_id] = phone
         client.batch_id += 1  # the page stops showing QR codes: its refs are spent
@@ -392,6 +447,8 @@ class SimState:
         self.live_conn.clear()
         self.conflicts_sent = 0
         self.takeovers = 0
+        self.clock_offset_s = 0.0
+        self.expired.clear()
 
     def summary(self) -> dict[str, int]:
         return {

@@ -163,6 +163,7 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(manager.watch_orphans(1.0), name="orphans"),
         asyncio.create_task(manager.keep_house(1.0), name="housekeeping"),
         asyncio.create_task(manager.watch_unlinks(settings.unlink_retry_s), name="unlinks"),
+        asyncio.create_task(manager.watch_keepalive(settings.keepalive_check_s), name="keepalive"),
     ]
     try:
         yield

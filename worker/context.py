@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from shared.clock import Clock
 from shared.errors import Conflict
 from shared.leases import LeaseKeeper
 from shared.settings import Settings
@@ -49,6 +50,8 @@ class Context:
     # a linking step's deadline (see :mod:`worker.linking`), the idle check of a ready session
     deadlines: Timers = field(default_factory=Timers)
     idle_timers: Timers = field(default_factory=Timers)
+    # the wall clock of link health (keep-alive, expiry): injectable, tests move it
+    clock: Clock = field(default_factory=Clock)
 
     @property
     def store(self) -> Store:

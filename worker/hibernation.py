@@ -22,6 +22,7 @@ from worker import qr_queue, snapshot
 from worker.commits import Commits
 from worker.context import DB_ERRORS, Context, NotOwner
 from worker.ending import Ending
+from worker.keepalive import mark_connected
 from worker.session import Session
 
 log = logging.getLogger("walink.sessions")
@@ -49,10 +50,19 @@ class Hibernation:
         self._ending = ending
         self._commits = commits
         self._restore = restore
+        self.keepalive_wakes: set[str] = set()
+        """Sessions woken by the keep-alive (:mod:`worker.keepalive`): hibernated again once ready."""
 
     # ------------------------------------------------------------------ idle and capacity
     def after_ready(self, session: Session) -> None:
-        """A session just became ready: its idle clock, the capacity check, its live snapshot."""
+        """A session just became ready: its idle clock, the capacity check, its live snapshot (a
+        keep-alive wake instead hibernates again at once: its page connected, that was the use)."""
+        mark_connected(session, self._ctx.clock)
+        if session.id in self.keepalive_wakes:
+            self.keepalive_wakes.discard(session.id)
+            hibernate = self._ctx.tasks.quietly(self.hibernate(session, Reason.KEEPALIVE))
+            self._ctx.tasks.spawn(session, hibernate, cancel_on_end=False)
+            return
         self.arm_idle(session)
         self._ctx.tasks.spawn(session, self._enforce_capacity(), cancel_on_end=False)
         if self._ctx.snapshot_keys is not None:
@@ -125,6 +135,8 @@ class Hibernation:
                     )
                     self.arm_idle(session)
                     return
+            if had_browser:
+                mark_connected(session, ctx.clock)  # its page was connected until now
             await self._ending.end_browser(session, wipe=False)
             profile = ctx.launcher.profile_dir(session.profile_id)
             if packed:

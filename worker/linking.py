@@ -357,6 +357,8 @@ class Linking:
         elif data.is_failure:
             self._ending.end(session, S.FAILED, Reason(data.reason))
         else:
+            if data.reason == Reason.DEVICE_EXPIRED:
+                metrics.DEVICES_EXPIRED.inc()
             self._ending.end(session, S.LOGGED_OUT, Reason(data.reason))
 
     def _on_browser_gone(self, session: Session, _data: Any) -> None:

@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any
 
 from shared import retry
+from shared.clock import Clock
 from shared.errors import (
     DatabaseUnavailable,
     InvalidState,
@@ -45,6 +46,7 @@ from worker.duplicates import Duplicates
 from worker.durable import Durable
 from worker.ending import Ending
 from worker.hibernation import Hibernation
+from worker.keepalive import KeepAlive
 from worker.linking import MAX_CRASH_RESTARTS, Linking
 from worker.qr_queue import QrQueue
 from worker.session import Session, public_from_record
@@ -113,6 +115,7 @@ class SessionManager:
         self._takeover = TakeOver(ctx, self._linking, self._hibernation, self._commits)
         self._duplicates = Duplicates(ctx, self._commits)
         self._unlinking = Unlinking(ctx, self._ending, self._hibernation)
+        self._keepalive = KeepAlive(ctx, self._hibernation, self._commits, take_over=self._take_over)
         self.qr_times_ms: deque[int] = self._linking.qr_times_ms
         self.phone_times_ms: deque[int] = self._linking.phone_times_ms
 
@@ -266,6 +269,18 @@ class SessionManager:
         """Every ``interval_s``: unlink the devices of replaced hibernated sessions left linked
         (an attempt that failed, a worker that died mid-way; see :mod:`worker.unlinking`)."""
         await self._unlinking.watch(interval_s)
+
+    async def keep_alive_check(self) -> int:
+        """One keep-alive look (see :mod:`worker.keepalive`); how many sessions it woke."""
+        return await self._keepalive.check()
+
+    async def watch_keepalive(self, interval_s: float) -> None:
+        await self._keepalive.watch(interval_s)
+
+    @property
+    def clock(self) -> Clock:
+        """The wall clock of link health (tests move it with the simulator's)."""
+        return self._ctx.clock
 
     @property
     def unlinking(self) -> frozenset[str]:

@@ -292,6 +292,8 @@ class LogoutNotice:
             "1": "sync_failed",
             "2": "history_sync_timeout",
             "3": "account_locked",
+            # the simulator's code for a device logged out for going unused (simulator/README.md)
+            "device_expired": "device_expired",
         }.get(self.reason_code or "", "phone_logout")
 
     @property

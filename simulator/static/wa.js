@@ -1206,7 +1206,7 @@
     pollLoop();
     if (login.linked) return resume(login);
     // Never linked (closed on the QR screen): same keys, new QR. Linked before but gone on the server: logout.
-    if (localStorage.getItem("last-wid-md")) return logoutFlow("user_initiated");
+    if (localStorage.getItem("last-wid-md")) return logoutFlow(login.logout_reason ?? "user_initiated");
     return startQr();
   }
 
