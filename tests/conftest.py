@@ -79,6 +79,13 @@ def pg_dsn() -> Any:
 
 
 @pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client for a test (webhook dispatchers, direct calls)."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
 async def pg_pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the run's database, with every table emptied before the test."""
     pool = await db.create_pool(pg_dsn, max_size=10)
@@ -159,6 +166,13 @@ async def sim(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient) -> S
 
 
 LOOPBACK_WEBHOOKS = "127.0.0.0/8,::1"  # WALINK_WEBHOOK_ALLOW of test workers
+# gateway settings for a test where one workspace takes a whole (small) cluster on purpose: its
+# bursts are larger than the fair share the default quotas give it (tests/test_limits.py)
+LIFTED_QUOTAS: dict[str, Any] = {
+    "quota_sessions": 1000,
+    "quota_linkings": 1000,
+    "quota_creates_per_minute": 100_000,
+}
 SNAPSHOT_KEY = "q0v4cXmW2m5W8Ck3tM2o3H3n5F3n2kq9yA8fQ6pL1xE="  # test-only key (base64 of 32 bytes)
 
 

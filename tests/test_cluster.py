@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from gateway.app import create_app as create_gateway
 from shared.settings import Settings
 from tests.conftest import (
+    LIFTED_QUOTAS,
     REDIS_URL,
     WAIT_S,
     AiohttpClient,
@@ -122,10 +123,7 @@ async def cluster(
         dev_api_key=API_KEY,
         health_interval_s=0.3,
         breaker_open_s=1.0,
-        # bursts of one workspace, larger than its fair share of the cluster (tests/test_limits.py)
-        quota_sessions=1000,
-        quota_linkings=1000,
-        quota_creates_per_minute=100_000,
+        **LIFTED_QUOTAS,
     )
     c.gateway = await aiohttp_client(create_gateway(settings))
     await c.eventually(c.cluster_health, lambda h: sum(1 for w in h["workers"] if w.get("reachable")) == 4)

@@ -34,6 +34,7 @@ from shared.settings import Settings
 from shared.store import Store
 from tests.conftest import (
     CHROMIUM,
+    LIFTED_QUOTAS,
     LOOPBACK_WEBHOOKS,
     REDIS_URL,
     SNAPSHOT_KEY,
@@ -207,10 +208,7 @@ async def start_cluster(
             simulator_url=sim_url,
             health_interval_s=0.2,
             breaker_open_s=1.0,
-            # bursts of one workspace, larger than its fair share of a small cluster (tests/test_limits.py)
-            quota_sessions=1000,
-            quota_linkings=1000,
-            quota_creates_per_minute=100_000,
+            **LIFTED_QUOTAS,
         )
         gateway = await aiohttp_client(create_app(settings))
         gateways.append(gateway)

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -105,12 +105,6 @@ class Receiver:
         if self.expect and len(self.accepted) >= self.expect:
             self.done.set()
         return web.Response(status=204)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -73,12 +72,6 @@ async def serve(hook: Hook, aiohttp_server: AiohttpServer, **kwargs: Any) -> Hoo
     server = await aiohttp_server(hook.app, **kwargs)
     hook.url = str(server.make_url("/hook"))
     return hook
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
