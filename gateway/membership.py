@@ -30,7 +30,8 @@ Clock = Callable[[], float]
 
 # a placement stays counted this long at most, even when no health report comes to replace it
 PLACEMENT_MEMORY_S = 30.0
-# placements younger than this at a probe's start may not be in that probe's report yet
+# placements younger than this at a probe's start may not be in that probe's report yet (health
+# reports; a heartbeat knows exactly which ones it includes: see Worker.beat)
 REPORT_LAG_S = 1.0
 
 
@@ -56,8 +57,9 @@ class Worker:
     probe_ms: float | None = None
     error: str | None = None
     reported_in_flight: int = 0
-    placements: deque[tuple[float, int]] = field(default_factory=deque)
-    """New sessions sent there and not yet in a report: (clock time, wall ms)."""
+    placements: deque[list[Any]] = field(default_factory=deque)
+    """New sessions sent there and not yet in a report: [clock time, wall ms when the worker
+    answered the create (None until then)]."""
     beat_sessions: int | None = None
     """Sessions the worker carries, from its heartbeat (None: its heartbeat says nothing of load)."""
     beat_warm: int = 0
@@ -103,7 +105,15 @@ class Worker:
         return max(0, self.beat_warm - len(self.placements))
 
     def placed(self, now: float) -> None:
-        self.placements.append((now, now_ms()))
+        self.placements.append([now, None])
+
+    def answered(self) -> None:
+        """A create placed here was answered: the session is in the worker's memory from now on, so
+        the next heartbeat includes it (before that, none can: it may still be on its way)."""
+        for placement in self.placements:
+            if placement[1] is None:
+                placement[1] = now_ms()
+                return
 
     def beat(self, load: dict[str, Any]) -> None:
         """A heartbeat's ``load``: the base of placement; placements it includes are dropped."""
@@ -114,13 +124,14 @@ class Worker:
         self.beat_warm = _int(load.get("warm"))
         self.reported_in_flight = _int(load.get("in_flight"))
         self.beat_at_ms = at_ms
-        horizon = at_ms - int(REPORT_LAG_S * 1000)
-        while self.placements and self.placements[0][1] < horizon:
-            self.placements.popleft()
+        # a placement is in this beat once its create was answered before the beat's figures
+        self.placements = deque(p for p in self.placements if p[1] is None or p[1] >= at_ms)
 
     def unplaced(self) -> None:
-        if self.placements:
-            self.placements.pop()
+        for placement in reversed(self.placements):
+            if placement[1] is None:
+                self.placements.remove(placement)
+                return
 
     def report(self, health: dict[str, Any], *, probe_started: float) -> None:
         """A ``/health`` answer: in-flight = sessions in QR + cold starts running or queued."""

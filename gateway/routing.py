@@ -175,6 +175,8 @@ class Plan:
     def served(self, worker: Worker, status: int) -> None:
         if self.kind is Kind.NEW and status == 201:
             self.router.remember(self.key, worker.name)
+            if self._prefer is None:
+                worker.answered()
         elif self.kind is Kind.SESSION and status == 404:
             self.router.forget(self.key)
 
