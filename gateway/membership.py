@@ -20,18 +20,18 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.breaker import Breaker, BreakerPolicy, BreakerState
-from shared.heartbeats import HeartbeatAuth, scan_heartbeats
-from shared.models import now_ms
+from shared.heartbeats import PLACEMENT_WINDOW_S, HeartbeatAuth, scan_heartbeats
 from shared.redis_keys import Keys
 
 log = logging.getLogger("walink.gateway.membership")
 
 Clock = Callable[[], float]
 
-# a placement stays counted this long at most, even when no health report comes to replace it
-PLACEMENT_MEMORY_S = 30.0
+# a placement stays counted this long at most, even when no report comes to replace it: as long as
+# a worker names a create in its heartbeat's ``recent``
+PLACEMENT_MEMORY_S = PLACEMENT_WINDOW_S
 # placements younger than this at a probe's start may not be in that probe's report yet (health
-# reports; a heartbeat knows exactly which ones it includes: see Worker.beat)
+# reports, and heartbeats without ``recent``; one with it says exactly which it includes)
 REPORT_LAG_S = 1.0
 
 
@@ -57,9 +57,8 @@ class Worker:
     probe_ms: float | None = None
     error: str | None = None
     reported_in_flight: int = 0
-    placements: deque[list[Any]] = field(default_factory=deque)
-    """New sessions sent there and not yet in a report: [clock time, wall ms when the worker
-    answered the create (None until then)]."""
+    placements: deque[tuple[float, str]] = field(default_factory=deque)
+    """New sessions sent there and not yet in a report: (clock time, session id)."""
     beat_sessions: int | None = None
     """Sessions the worker carries, from its heartbeat (None: its heartbeat says nothing of load)."""
     beat_warm: int = 0
@@ -104,19 +103,13 @@ class Worker:
         self._expire(now)
         return max(0, self.beat_warm - len(self.placements))
 
-    def placed(self, now: float) -> None:
-        self.placements.append([now, None])
+    def placed(self, now: float, session_id: str) -> None:
+        self.placements.append((now, session_id))
 
-    def answered(self) -> None:
-        """A create placed here was answered: the session is in the worker's memory from now on, so
-        the next heartbeat includes it (before that, none can: it may still be on its way)."""
-        for placement in self.placements:
-            if placement[1] is None:
-                placement[1] = now_ms()
-                return
-
-    def beat(self, load: dict[str, Any]) -> None:
-        """A heartbeat's ``load``: the base of placement; placements it includes are dropped."""
+    def beat(self, load: dict[str, Any], *, now: float) -> None:
+        """A heartbeat's ``load``: the base of placement. Its ``sessions`` include exactly the
+        creates it names in ``recent`` (and older ones), so those placements are dropped and the
+        rest (still on their way to the worker) stay counted: never twice, never missed."""
         at_ms = _int(load.get("at_ms"))
         if at_ms <= self.beat_at_ms:
             return
@@ -124,14 +117,23 @@ class Worker:
         self.beat_warm = _int(load.get("warm"))
         self.reported_in_flight = _int(load.get("in_flight"))
         self.beat_at_ms = at_ms
-        # a placement is in this beat once its create was answered before the beat's figures
-        self.placements = deque(p for p in self.placements if p[1] is None or p[1] >= at_ms)
+        recent = load.get("recent")
+        if isinstance(recent, list):
+            named = {sid for sid in recent if isinstance(sid, str)}
+            self.placements = deque(p for p in self.placements if p[1] not in named)
+        else:  # a worker that does not name its creates: as a health report
+            self._forget_before(now - REPORT_LAG_S)
 
-    def unplaced(self) -> None:
+    def unplaced(self, session_id: str) -> None:
+        """The create did not land there (refused, or never sent)."""
         for placement in reversed(self.placements):
-            if placement[1] is None:
+            if placement[1] == session_id:
                 self.placements.remove(placement)
                 return
+
+    def _forget_before(self, horizon: float) -> None:
+        while self.placements and self.placements[0][0] < horizon:
+            self.placements.popleft()
 
     def report(self, health: dict[str, Any], *, probe_started: float) -> None:
         """A ``/health`` answer: in-flight = sessions in QR + cold starts running or queued."""
@@ -143,9 +145,7 @@ class Worker:
         self.reported_in_flight = (
             _int(sessions.get("qr_scanning")) + _int(queue.get("waiting")) + _int(queue.get("active"))
         )
-        horizon = probe_started - REPORT_LAG_S
-        while self.placements and self.placements[0][0] < horizon:
-            self.placements.popleft()
+        self._forget_before(probe_started - REPORT_LAG_S)
 
 
 def _int(value: Any) -> int:
@@ -209,7 +209,7 @@ class Membership:
             worker.heartbeat = beat
             worker.draining = draining
             if isinstance(beat.get("load"), dict):
-                worker.beat(beat["load"])
+                worker.beat(beat["load"], now=self.clock())
         for name, worker in list(self.workers.items()):
             if name in beats:
                 continue

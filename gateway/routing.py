@@ -166,17 +166,17 @@ class Plan:
 
     def attempting(self, worker: Worker) -> None:
         if self.kind is Kind.NEW and self._prefer is None:
-            worker.placed(self.router.clock())
+            worker.placed(self.router.clock(), self.key)
 
     def not_landed(self, worker: Worker) -> None:
         if self.kind is Kind.NEW and self._prefer is None:
-            worker.unplaced()
+            worker.unplaced(self.key)
 
     def served(self, worker: Worker, status: int) -> None:
         if self.kind is Kind.NEW and status == 201:
             self.router.remember(self.key, worker.name)
-            if self._prefer is None:
-                worker.answered()
+        elif self.kind is Kind.NEW and 400 <= status < 500 and self._prefer is None:
+            worker.unplaced(self.key)  # refused there: no session to count (a 5xx may have landed)
         elif self.kind is Kind.SESSION and status == 404:
             self.router.forget(self.key)
 

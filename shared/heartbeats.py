@@ -34,6 +34,11 @@ KEY_LABEL = b"walink heartbeat v1"
 # a signed beat is refused when signed this far from the reader's clock (either way): replays of an
 # old beat stop working, while ordinary clock skew between machines does not matter
 MAX_SKEW_MS = 30_000
+# a heartbeat's ``load.recent`` names the sessions whose create reached the worker within this window
+# (at most RECENT_CREATES_MAX of them, the newest): a gateway keeps counting a placement of its own
+# until a beat names it, or for this long at most (gateway.membership.Worker.beat)
+PLACEMENT_WINDOW_S = 30.0
+RECENT_CREATES_MAX = 2_000
 SIGNATURE_FIELD = "sig"
 SIGNED_AT_FIELD = "signed_at_ms"
 

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app as create_gateway
+from shared.models import now_ms
+from shared.redis_keys import Keys
 from shared.settings import Settings
 from tests.conftest import (
     LIFTED_QUOTAS,
@@ -276,12 +280,30 @@ async def test_forty_sessions_at_once_spread_within_the_bound_and_the_launch_bud
     1.25x of the mean, their browsers started at most the machine's launch budget at a time
     across the four workers, every QR reached, and every route lands on the owner."""
 
-    async def add() -> str:
-        status, body = await cluster.call("POST", "/v1/sessions", json={})
-        assert status == 201, body
-        return str(body["id"])
+    async def add() -> tuple[str, str]:
+        resp = await cluster.gw.post("/v1/sessions", headers=AUTH, json={})
+        body = await resp.json()
+        assert resp.status == 201, body
+        return str(body["id"]), resp.headers["X-Walink-Worker"]
 
-    created = await asyncio.gather(*(add() for _ in range(40)))
+    placed = dict(await asyncio.gather(*(add() for _ in range(40))))
+    created = list(placed)
+    answered_ms = now_ms()
+    # each worker's next heartbeat names the creates it took: what makes every gateway's count exact
+    # (a session is in a beat's "sessions" exactly when the beat names it, so none counts twice)
+    redis = aioredis.from_url(REDIS_URL)
+    try:
+        for name in map(cluster.name, cluster.ports):
+
+            async def beat(name: str = name) -> dict[str, Any]:
+                raw = await redis.get(Keys(cluster.redis_prefix).worker(name))
+                return dict(orjson.loads(raw)["load"]) if raw is not None else {}
+
+            load = await cluster.eventually(beat, lambda b: int(b.get("at_ms", 0)) > answered_ms)
+            mine = {sid for sid, owner in placed.items() if owner == name}
+            assert mine <= set(load["recent"]), (name, mine - set(load["recent"]))
+    finally:
+        await redis.aclose()
     await asyncio.gather(*(cluster.sse_until(sid, "qr") for sid in created))
     owners: dict[str, str] = {}
     for sid in created:

@@ -309,8 +309,8 @@ def test_placements_count_until_a_health_report_includes_them() -> None:
     membership = Membership(NODES[:1], BreakerPolicy(), clock=clock)
     worker = membership.get(NODES[0])
     assert worker is not None
-    worker.placed(clock())
-    worker.placed(clock())
+    worker.placed(clock(), "s_a")
+    worker.placed(clock(), "s_b")
     assert worker.in_flight(clock()) == 2
     clock.advance(2)
     worker.report(
@@ -330,11 +330,12 @@ def test_heartbeat_load_places_sessions_within_the_bound_and_warm_browsers_first
     }
     membership.apply_heartbeats(beats)
     landed: dict[str, int] = dict.fromkeys(NODES[:3], 0)
+    placed_on: dict[str, str] = {}
     for key in sample_keys(30):
         worker = router.for_new_session(key)[0]
-        worker.placed(clock())
-        worker.answered()  # the create was answered: the worker holds the session from now on
+        worker.placed(clock(), key)
         landed[worker.name] += 1
+        placed_on[key] = worker.name
     totals = {name: landed[name] + beats[name]["load"]["sessions"] for name in landed}  # type: ignore[index]
     mean = sum(totals.values()) / len(totals)
     assert max(totals.values()) <= 1.25 * mean, totals
@@ -342,11 +343,71 @@ def test_heartbeat_load_places_sessions_within_the_bound_and_warm_browsers_first
     assert landed[NODES[0]] < landed[NODES[1]] and landed[NODES[0]] < landed[NODES[2]], landed
     first = membership.get(NODES[2])
     assert first is not None and first.warm(clock()) == 0  # its warm browser is spoken for
-    # a later beat includes the placements made before it: they are not counted twice
+    # a later beat names the creates it includes: they are not counted twice
     for name in landed:
-        beats[name]["load"] = {"sessions": totals[name], "warm": 0, "in_flight": 0, "at_ms": now_ms() + 5000}
+        beats[name]["load"] = {
+            "sessions": totals[name],
+            "warm": 0,
+            "in_flight": 0,
+            "recent": [k for k, on in placed_on.items() if on == name],
+            "at_ms": now_ms() + 5000,
+        }
     membership.apply_heartbeats(beats)
     assert {name: w.load(clock()) for name, w in membership.workers.items()} == totals
+
+
+def test_a_beat_mid_burst_counts_each_placement_once_whatever_the_order_of_answers() -> None:
+    """A burst of creates with heartbeats arriving in the middle of it, some naming creates whose
+    answer has not reached the gateway yet, others not naming creates still on their way: each
+    placement is counted exactly once, so the bound holds on what the workers really carry.
+    (A beat counting unanswered creates once made them count twice and raised everyone's cap.)"""
+    clock = Clock()
+    membership, router, _ = cluster(clock, {})
+    workers = list(membership.workers.values())
+    real: dict[str, list[str]] = {w.name: [] for w in workers}  # what each worker has received
+    sent: dict[str, list[str]] = {w.name: [] for w in workers}  # placed, not yet received
+    at_ms = now_ms()
+
+    def beat_all() -> None:
+        nonlocal at_ms
+        at_ms += 1000
+        membership.apply_heartbeats(
+            {
+                w.name: {
+                    "url": w.url,
+                    "load": {
+                        "sessions": len(real[w.name]),
+                        "warm": 0,
+                        "in_flight": 0,
+                        "recent": list(real[w.name]),
+                        "at_ms": at_ms,
+                    },
+                }
+                for w in workers
+            }
+        )
+
+    beat_all()
+    for i, key in enumerate(sample_keys(40)):
+        worker = router.for_new_session(key)[0]
+        worker.placed(clock(), key)
+        sent[worker.name].append(key)
+        if i % 3 == 0:  # the worker receives every placement sent so far but one (still on its way)
+            for name, keys in sent.items():
+                real[name].extend(keys[:-1])
+                sent[name] = keys[-1:]
+        if i % 7 == 6:
+            beat_all()
+        assert {w.name: w.load(clock()) for w in workers} == {
+            n: len(real[n]) + len(sent[n]) for n in real
+        }  # every session counted once: received and named, or on its way
+    totals = {n: len(real[n]) + len(sent[n]) for n in real}
+    assert sum(totals.values()) == 40 and max(totals.values()) <= 1.25 * 40 / len(workers), totals
+    # a create refused there stops counting at once; one named later is not counted again
+    worker = workers[0]
+    worker.placed(clock(), "s_refused")
+    worker.unplaced("s_refused")
+    assert worker.load(clock()) == totals[worker.name]
 
 
 def test_a_warm_worker_is_chosen_over_the_rings_first_choice_with_none() -> None:

@@ -21,6 +21,7 @@ from shared.settings import Settings
 from shared.web import error_middleware, read_json_object
 from worker import qr_image
 from worker import whatsapp_web as wa
+from worker.membership import RecentCreates
 from worker.qr_queue import BACKGROUND, USER, QrQueue
 from worker.session import Session
 
@@ -360,3 +361,14 @@ def test_the_cli_answers_bad_input_with_one_line_and_exit_2(
     assert cli.main(["api-key", "--workspace", "Bad.Id"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("walink api-key: workspace id must be") and "Traceback" not in err
+
+
+def test_recent_creates_name_the_newest_within_the_window() -> None:
+    """What a heartbeat's ``load.recent`` names: creates within the window, the newest at most."""
+    recent = RecentCreates(limit=3)
+    for sid in ["s_1", "s_2", "s_3", "s_4"]:
+        recent.add(sid)
+    assert recent.ids() == ["s_2", "s_3", "s_4"]
+    gone = RecentCreates(window_s=-1.0)  # every create is older than a window that ended already
+    gone.add("s_1")
+    assert gone.ids() == []

@@ -193,13 +193,14 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[HEARTBEAT] = heartbeat
 
-    def load() -> dict[str, int]:
+    def load() -> dict[str, Any]:
         manager, queue = app.get(MANAGER), app[QUEUE]
         sessions = manager.placement_load() if manager is not None else {"sessions": 0, "qr": 0}
         return {
             "sessions": sessions["sessions"],
             "in_flight": sessions["qr"] + queue.waiting + queue.active,
             "warm": int(app[POOL].stats()["ready"]),
+            "recent": manager.recent_creates.ids() if manager is not None else [],
         }
 
     heartbeat.load = load

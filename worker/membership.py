@@ -7,9 +7,12 @@ beats before peers adopt its sessions. A worker told to stop marks itself draini
 (gateways stop sending new sessions) and deletes the key when it is done.
 
 ``load`` is what every gateway places new sessions by (:mod:`gateway.routing`), the same for
-all of them: ``{"sessions", "in_flight", "warm", "at_ms"}`` — sessions with a browser here or
-starting one, linkings in flight (QR shown, or a start waiting or running), warm browsers
-showing a QR, and when that was counted.
+all of them: ``{"sessions", "in_flight", "warm", "recent", "at_ms"}`` — sessions with a browser
+here or starting one, linkings in flight (QR shown, or a start waiting or running), warm browsers
+showing a QR, the ids of sessions whose create reached this worker lately (:class:`RecentCreates`),
+and when that was counted. ``recent`` is what makes a gateway's count exact: a placement it made
+is in ``sessions`` exactly when its id is in ``recent`` (or older than the window), whatever the
+order in which the create's answer and the beat reach the gateway.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +30,29 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared.heartbeats import HeartbeatAuth
+from shared.heartbeats import PLACEMENT_WINDOW_S, RECENT_CREATES_MAX, HeartbeatAuth
 from shared.models import now_ms
 from shared.redis_keys import Keys
 
 log = logging.getLogger("walink.membership")
+
+
+class RecentCreates:
+    """The sessions whose create reached this worker within ``PLACEMENT_WINDOW_S`` (the newest
+    ``RECENT_CREATES_MAX``), named from the create's first step, before any await."""
+
+    def __init__(self, *, window_s: float = PLACEMENT_WINDOW_S, limit: int = RECENT_CREATES_MAX) -> None:
+        self.window_s = window_s
+        self._ids: deque[tuple[float, str]] = deque(maxlen=limit)
+
+    def add(self, session_id: str) -> None:
+        self._ids.append((time.monotonic(), session_id))
+
+    def ids(self) -> list[str]:
+        horizon = time.monotonic() - self.window_s
+        while self._ids and self._ids[0][0] < horizon:
+            self._ids.popleft()
+        return [sid for _, sid in self._ids]
 
 
 class Heartbeat:

@@ -48,6 +48,7 @@ from worker.ending import Ending
 from worker.hibernation import Hibernation
 from worker.keepalive import KeepAlive
 from worker.linking import MAX_CRASH_RESTARTS, Linking
+from worker.membership import RecentCreates
 from worker.qr_queue import QrQueue
 from worker.session import Session, public_from_record
 from worker.takeover import TakeOver
@@ -82,6 +83,7 @@ class SessionManager:
         self.store = durable.store
         self.name = name
         self._creating = 0  # creates between their first await and memory (see placement_load)
+        self.recent_creates = RecentCreates()  # named in the heartbeat (worker.membership)
         keys = snapshot.SnapshotKeys.from_settings(settings.snapshot_key, settings.snapshot_keys)
         self.snapshot_keys = keys
         self.keeper = LeaseKeeper(
@@ -332,9 +334,10 @@ class SessionManager:
             reason=Reason.CREATED,
         )
         session.mark("requested_at_ms")
-        # counted in the heartbeat's load from now on: the gateway forgets its placement once a
-        # heartbeat is newer than it, even when the create is still on its way to memory here
+        # counted in the heartbeat's load from now on, and named in it: a gateway stops counting
+        # its placement of this session once a beat names it (no earlier, no later)
         self._creating += 1
+        self.recent_creates.add(sid)
         try:
             await self.store.ensure_workspace(workspace_id)
             token = await self.durable.acquire(sid, floor=0)
