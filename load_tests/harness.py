@@ -28,7 +28,6 @@ import ctypes.util
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from load_tests.client import ScanRefused
+from load_tests.ports import free_port
 from shared import db
 from shared.settings import HEADLESS_SHELL
 from shared.store import Store
@@ -53,13 +53,6 @@ LOOPBACK = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
 
 Progress = Callable[[str], None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _load_prctl() -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Playwright, async_playwright
 
+from load_tests.ports import free_port as free_port  # the tests take it from here
 from shared import db
 from shared.settings import HEADLESS_SHELL, Settings
 from simulator.app import create_app as create_simulator
@@ -373,13 +373,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(f"\nChromium processes left after the suite: {left}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _stop_with_parent() -> None:
     """In the child: get SIGTERM when the test process dies, so no worker outlives a killed run."""
     import ctypes
@@ -434,7 +427,15 @@ class WorkerProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        await asyncio.wait_for(self._until_log("ready on"), WAIT_S)
+        try:
+            await asyncio.wait_for(self._until_log("ready on"), WAIT_S)
+        except BaseException:
+            # a worker that never got ready (its port taken, too slow) is not left running behind the
+            # test: it would go on claiming this run's outbox rows and sessions in later tests
+            if self.proc.returncode is None:
+                self.proc.kill()
+            await self.proc.wait()
+            raise
         self._drainer = asyncio.get_running_loop().create_task(self._drain())
 
     async def _until_log(self, needle: str) -> None:
@@ -466,7 +467,7 @@ class WorkerProcess:
                 await self._logged.wait()
 
     async def stop(self, sig: int) -> int:
-        assert self.proc is not None
+        assert self.proc is not None, "stop of a worker that was never started"
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
         code = await asyncio.wait_for(self.proc.wait(), WAIT_S)

@@ -54,13 +54,20 @@ class Cluster:
         self.workers: dict[int, WorkerProcess] = {}
         self.gateway: TestClient[Any, Any] | None = None
 
+    async def stop_all(self) -> None:
+        started = [w for w in self.workers.values() if w.proc is not None]
+        for proc in started:
+            if proc.proc is not None and proc.proc.returncode is None:
+                proc.proc.send_signal(signal.SIGCONT)
+        await asyncio.gather(*(w.stop(signal.SIGTERM) for w in started), return_exceptions=True)
+
     def name(self, port: int) -> str:
         return f"127.0.0.1:{port}"
 
     async def start_worker(self, port: int) -> WorkerProcess:
         proc = WorkerProcess(self.tmp_path, self.sim, port, self.pg_dsn, self.redis_prefix)
+        self.workers[port] = proc  # known before it starts: the fixture stops it whatever happens
         await proc.start()
-        self.workers[port] = proc
         return proc
 
     @property
@@ -118,28 +125,25 @@ async def cluster(
     aiohttp_client: AiohttpClient,
 ) -> AsyncIterator[Cluster]:
     c = Cluster(tmp_path, sim, pg_dsn, redis_prefix)
-    await asyncio.gather(*(c.start_worker(p) for p in c.ports))
-    settings = Settings(
-        workers=",".join(c.name(p) for p in c.ports),
-        database_url=pg_dsn,
-        redis_url=REDIS_URL,
-        redis_prefix=redis_prefix,
-        dev_api_key=API_KEY,
-        health_interval_s=0.3,
-        breaker_open_s=1.0,
-        **LIFTED_QUOTAS,
-    )
-    c.gateway = await aiohttp_client(create_gateway(settings))
-    await c.eventually(c.cluster_health, lambda h: sum(1 for w in h["workers"] if w.get("reachable")) == 4)
-    try:
+    try:  # every worker that started is stopped, whatever fails, also during setup
+        await asyncio.gather(*(c.start_worker(p) for p in c.ports))
+        settings = Settings(
+            workers=",".join(c.name(p) for p in c.ports),
+            database_url=pg_dsn,
+            redis_url=REDIS_URL,
+            redis_prefix=redis_prefix,
+            dev_api_key=API_KEY,
+            health_interval_s=0.3,
+            breaker_open_s=1.0,
+            **LIFTED_QUOTAS,
+        )
+        c.gateway = await aiohttp_client(create_gateway(settings))
+        await c.eventually(c.cluster_health, lambda h: all(w.get("reachable") for w in h["workers"]))
         yield c
     finally:
         for port, proc in c.workers.items():  # shown by pytest when the test failed
             print(f"--- worker {port} log (tail)\n" + "".join(proc.log[-60:]))
-        for proc in c.workers.values():
-            if proc.proc is not None and proc.proc.returncode is None:
-                proc.proc.send_signal(signal.SIGCONT)
-        await asyncio.gather(*(w.stop(signal.SIGTERM) for w in c.workers.values()), return_exceptions=True)
+        await c.stop_all()
         # a SIGKILLed worker that was not started again leaves its browsers to its next start, which
         # reaps them; this test run is that next start
         for port in c.ports:

@@ -33,11 +33,11 @@ import aiohttp
 import asyncpg
 
 from load_tests.harness import LIFTED_QUOTAS
+from load_tests.ports import free_port
 from tests.chaos.observers import ApiProbe, DriverSampler, FeedReader, Receiver, answer_of
 from tests.chaos.services import (
     PrivatePostgres,
     PrivateRedis,
-    free_port,
     python_child,
     run_quietly,
     walink_env,

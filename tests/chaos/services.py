@@ -16,23 +16,17 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from load_tests.ports import free_port
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 REDIS_SERVER = Path("/usr/bin/redis-server")
 START_S = 60.0  # how long a process may take to answer on its port (a busy 2-core box)
 STOP_S = 45.0  # how long a process may take to exit after a signal
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def port_answers(port: int) -> bool:
