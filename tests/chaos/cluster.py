@@ -408,17 +408,23 @@ class ChaosCluster:
         await linking.stream.until("qr")
         return linking
 
-    async def start_linking_on(self, worker: str, *, tries: int = 10) -> Linking:
-        """A linking in flight placed on ``worker`` (the gateway places by id: others are deleted)."""
-        for _ in range(tries):
-            linking = await self.start_linking()
-            if await self.owner(linking.sid) == worker:
-                return linking
-            if linking.stream is not None:
-                linking.stream.close()
-            status, body = await self.call("DELETE", f"/v1/sessions/{linking.sid}")
-            assert status == 204, (status, body)
-        raise AssertionError(f"no linking placed on {worker} in {tries} tries")
+    async def start_linking_on(self, worker: str) -> Linking:
+        """A linking in flight on ``worker``: created on that worker itself (with the gateway's
+        internal token), since the gateway's bounded-load placement rightly sends a new session
+        elsewhere when ``worker`` already carries its share; everything after goes through the gateway."""
+        async with self.http.post(
+            f"http://{worker}/v1/sessions",
+            json={"webhook_url": self.receiver.url},
+            headers=self._internal(),
+            timeout=aiohttp.ClientTimeout(total=RECOVER_S),
+        ) as resp:
+            body = await resp.json()
+            assert resp.status == 201, (resp.status, body)
+        linking = Linking(str(body["id"]), self.next_phone())
+        linking.stream = await self.open_stream(linking.sid)
+        await linking.stream.until("qr")
+        assert await self.owner(linking.sid) == worker
+        return linking
 
     async def current_qr(self, sid: str, not_this: str | None) -> str:
         """The QR shown now (a different one than ``not_this``), read from ``/qr``."""
