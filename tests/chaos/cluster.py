@@ -412,6 +412,7 @@ class ChaosCluster:
         """A linking in flight on ``worker``: created on that worker itself (with the gateway's
         internal token), since the gateway's bounded-load placement rightly sends a new session
         elsewhere when ``worker`` already carries its share; everything after goes through the gateway."""
+        assert self.http is not None
         async with self.http.post(
             f"http://{worker}/v1/sessions",
             json={"webhook_url": self.receiver.url},
