@@ -27,9 +27,6 @@ log = logging.getLogger("walink.gateway.membership")
 
 Clock = Callable[[], float]
 
-# a placement stays counted this long at most, even when no report comes to replace it: as long as
-# a worker names a create in its heartbeat's ``recent``
-PLACEMENT_MEMORY_S = PLACEMENT_WINDOW_S
 # placements younger than this at a probe's start may not be in that probe's report yet (health
 # reports, and heartbeats without ``recent``; one with it says exactly which it includes)
 REPORT_LAG_S = 1.0
@@ -82,8 +79,9 @@ class Worker:
         return self.reachable is not False and self.breaker.available()
 
     def _expire(self, now: float) -> None:
-        while self.placements and self.placements[0][0] < now - PLACEMENT_MEMORY_S:
-            self.placements.popleft()
+        """A placement stays counted for PLACEMENT_WINDOW_S at most: as long as a worker names a
+        create in its heartbeat's ``recent``."""
+        self._forget_before(now - PLACEMENT_WINDOW_S)
 
     def in_flight(self, now: float) -> int:
         """Linkings in flight: the last report plus placements that report cannot include yet."""

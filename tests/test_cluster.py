@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app as create_gateway
+from shared.heartbeats import HeartbeatAuth, scan_heartbeats
 from shared.models import now_ms
 from shared.redis_keys import Keys
 from shared.settings import Settings
@@ -278,7 +278,7 @@ async def test_a_paused_worker_that_resumes_lets_go_and_nothing_is_driven_twice(
 
 
 async def test_forty_sessions_at_once_spread_within_the_bound_and_the_launch_budget_holds(
-    cluster: Cluster,
+    cluster: Cluster, redis_client: aioredis.Redis
 ) -> None:
     """40 "add account" at once through the gateway: placed by the workers' heartbeats within
     1.25x of the mean, their browsers started at most the machine's launch budget at a time
@@ -293,21 +293,19 @@ async def test_forty_sessions_at_once_spread_within_the_bound_and_the_launch_bud
     placed = dict(await asyncio.gather(*(add() for _ in range(40))))
     created = list(placed)
     answered_ms = now_ms()
+
     # each worker's next heartbeat names the creates it took: what makes every gateway's count exact
     # (a session is in a beat's "sessions" exactly when the beat names it, so none counts twice)
-    redis = aioredis.from_url(REDIS_URL)
-    try:
-        for name in map(cluster.name, cluster.ports):
+    async def beats() -> dict[str, dict[str, Any]]:
+        return await scan_heartbeats(redis_client, Keys(cluster.redis_prefix), HeartbeatAuth(""))
 
-            async def beat(name: str = name) -> dict[str, Any]:
-                raw = await redis.get(Keys(cluster.redis_prefix).worker(name))
-                return dict(orjson.loads(raw)["load"]) if raw is not None else {}
-
-            load = await cluster.eventually(beat, lambda b: int(b.get("at_ms", 0)) > answered_ms)
-            mine = {sid for sid, owner in placed.items() if owner == name}
-            assert mine <= set(load["recent"]), (name, mine - set(load["recent"]))
-    finally:
-        await redis.aclose()
+    seen = await cluster.eventually(
+        beats,
+        lambda b: len(b) == 4 and all(int(beat["load"]["at_ms"]) > answered_ms for beat in b.values()),
+    )
+    for name, beat in seen.items():
+        mine = {sid for sid, owner in placed.items() if owner == name}
+        assert mine <= set(beat["load"]["recent"]), (name, mine - set(beat["load"]["recent"]))
     await asyncio.gather(*(cluster.sse_until(sid, "qr") for sid in created))
     owners: dict[str, str] = {}
     for sid in created:

@@ -403,8 +403,12 @@ class ChaosCluster:
         """ "Add account": a session created with the receiver as webhook, its first QR seen."""
         status, body = await self.call("POST", "/v1/sessions", json={"webhook_url": self.receiver.url})
         assert status == 201, (status, body)
-        linking = Linking(str(body["id"]), self.next_phone())
-        linking.stream = await self.open_stream(linking.sid)
+        return await self._follow(str(body["id"]))
+
+    async def _follow(self, sid: str) -> Linking:
+        """A new session's linking, followed through the gateway from its first QR."""
+        linking = Linking(sid, self.next_phone())
+        linking.stream = await self.open_stream(sid)
         await linking.stream.until("qr")
         return linking
 
@@ -421,9 +425,7 @@ class ChaosCluster:
         ) as resp:
             body = await resp.json()
             assert resp.status == 201, (resp.status, body)
-        linking = Linking(str(body["id"]), self.next_phone())
-        linking.stream = await self.open_stream(linking.sid)
-        await linking.stream.until("qr")
+        linking = await self._follow(str(body["id"]))
         assert await self.owner(linking.sid) == worker
         return linking
 
