@@ -15,12 +15,13 @@ import logging
 import secrets
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 
-from shared import outbox
+from shared import outbox, snapshot_store
 from shared.db import Conn
 from shared.errors import SessionExists, SessionNotFound, StaleOwner
 from shared.ids import WORKSPACE_ID_RE, check_workspace_id
@@ -415,23 +416,25 @@ class Store:
         return await outbox.events_by_id(self.pool, event_ids)
 
     # ------------------------------------------------------------------ snapshots
-    async def put_snapshot(self, session_id: str, blob: bytes, *, token: int) -> None:
-        await self.pool.execute(
-            "INSERT INTO profile_snapshots (session_id, blob, size_bytes, fencing_token) VALUES ($1,$2,$3,$4)"
-            " ON CONFLICT (session_id) DO UPDATE SET blob = EXCLUDED.blob, size_bytes = EXCLUDED.size_bytes,"
-            " fencing_token = EXCLUDED.fencing_token, created_at = now()"
-            " WHERE profile_snapshots.fencing_token <= EXCLUDED.fencing_token",
-            session_id,
-            blob,
-            len(blob),
-            token,
-        )
+    async def put_snapshot(self, session_id: str, blob: bytes, *, token: int) -> bool:
+        """Store a snapshot held in memory (:mod:`shared.snapshot_store`); False when a snapshot
+        with a greater fencing token is stored (nothing changes then)."""
+        async with self.pool.acquire() as conn:
+            return await snapshot_store.put_bytes(conn, session_id, blob, token=token)
+
+    async def put_snapshot_file(self, session_id: str, path: Path, *, token: int) -> bool:
+        """Store the snapshot file ``path`` a chunk at a time (flat memory whatever its size)."""
+        async with self.pool.acquire() as conn:
+            return await snapshot_store.put_file(conn, session_id, path, token=token)
 
     async def get_snapshot(self, session_id: str) -> bytes | None:
-        blob = await self.pool.fetchval(
-            "SELECT blob FROM profile_snapshots WHERE session_id = $1", session_id
-        )
-        return bytes(blob) if blob is not None else None
+        async with self.pool.acquire() as conn:
+            return await snapshot_store.get_bytes(conn, session_id)
+
+    async def get_snapshot_file(self, session_id: str, path: Path) -> bool:
+        """The stored snapshot into the new private file ``path``; False when none is stored."""
+        async with self.pool.acquire() as conn:
+            return await snapshot_store.get_file(conn, session_id, path)
 
     async def replaced_with_snapshot(self, limit: int = 20) -> list[str]:
         """Sessions a newer link of their phone replaced (deleted) whose snapshot is still stored:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from playwright.async_api import Page, Playwright, Route
 
@@ -116,13 +117,22 @@ def open_blob(blob: bytes, key: bytes = KEY, session_id: str = SESSION) -> bytes
     kid = hashlib.sha256(b"walink-snapshot-key-id:" + key).digest()[:8]
     assert blob[4:12] == kid
     aad = b"walink-snapshot-v2:" + kid + session_id.encode()
-    xz = AESGCM(key).decrypt(blob[12:24], blob[24:], aad)
-    return lzma.decompress(xz, format=lzma.FORMAT_XZ)
+    compressed = AESGCM(key).decrypt(blob[12:24], blob[24:], aad)
+    assert compressed[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+    return zstandard.ZstdDecompressor().decompressobj().decompress(compressed)
 
 
-def seal(payload: bytes, key: bytes = KEY, session_id: str = SESSION, *, compress: bool = True) -> bytes:
-    """Encrypt ``payload`` (a tar, or anything) exactly as a genuine snapshot, with the right key."""
-    data = lzma.compress(payload, format=lzma.FORMAT_XZ, preset=0) if compress else payload
+def seal(
+    payload: bytes, key: bytes = KEY, session_id: str = SESSION, *, compress: bool = True, zstd: bool = False
+) -> bytes:
+    """Encrypt ``payload`` (a tar, or anything) exactly as a genuine snapshot, with the right key;
+    compressed with xz as snapshots were before zstd (still restored), or with zstd."""
+    if not compress:
+        data = payload
+    elif zstd:
+        data = zstandard.ZstdCompressor(level=3).compress(payload)
+    else:
+        data = lzma.compress(payload, format=lzma.FORMAT_XZ, preset=0)
     nonce = secrets.token_bytes(12)
     return b"WLS1" + nonce + AESGCM(key).encrypt(nonce, data, b"walink-snapshot-v1:" + session_id.encode())
 
@@ -292,7 +302,12 @@ def crafted_cases(tmp_path: Path) -> dict[str, bytes]:
     }
     sealed = {case: seal(make_tar(members)) for case, members in cases.items()}
     sealed["not a tar"] = seal(secrets.token_bytes(2000))
-    sealed["not xz"] = seal(make_tar(GOOD), compress=False)
+    sealed["not compressed"] = seal(make_tar(GOOD), compress=False)
+    sealed["not a tar in zstd"] = seal(secrets.token_bytes(2000), zstd=True)
+    sealed["truncated zstd"] = seal(zstandard.ZstdCompressor().compress(make_tar(GOOD))[:-40], compress=False)
+    sealed["zstd with a path outside the allow-list"] = seal(
+        make_tar([*GOOD, ("Default/Cookies", tarfile.REGTYPE, b"x")]), zstd=True
+    )
     sealed["garbage after the xz stream"] = _with_trailing_garbage()
     return sealed
 
@@ -316,10 +331,11 @@ def test_crafted_archives_are_refused_and_write_nothing(tmp_path: Path) -> None:
     assert unpack_profile(seal(make_tar(GOOD)), target, key=KEY, session_id=SESSION) == 32
 
 
-def test_decompression_bombs_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zstd", [False, True], ids=["xz", "zstd"])
+def test_decompression_bombs_are_refused(tmp_path: Path, zstd: bool) -> None:
     huge = [*GOOD, (f"{IDB_LEVELDB}/000003.log", tarfile.REGTYPE, bytes(8 * 1024 * 1024))]
-    blob = seal(make_tar(huge))
-    assert len(blob) < 8 * 1024 * 1024 // 100  # xz squeezes 8 MiB of zeros to a few KiB
+    blob = seal(make_tar(huge), zstd=zstd)
+    assert len(blob) < 8 * 1024 * 1024 // 100  # 8 MiB of zeros squeeze to a few KiB
     target = tmp_path / "profile"
     with pytest.raises(SnapshotInvalid, match="expands beyond"):
         unpack_profile(blob, target, key=KEY, session_id=SESSION, max_bytes=1024 * 1024)

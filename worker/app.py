@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -121,6 +122,8 @@ async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
     killed, locks = chromium.reap(settings.profiles_dir)
     if killed or locks:
         log.info("start: reaped %d orphan browser group(s), %d stale lock(s)", killed, locks)
+    # snapshot files a killed run left half-written (worker/hibernation.py): never read again
+    await asyncio.to_thread(shutil.rmtree, settings.worker_data_dir / "snapshots", True)
     pw = await asyncio.wait_for(async_playwright().start(), 60)
     app[LAUNCHER] = BrowserLauncher(settings, pw, app[HTTP])
     try:

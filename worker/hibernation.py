@@ -10,14 +10,16 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from shared import metrics
 from shared.errors import SnapshotInvalid, SnapshotKeyUnknown, WalinkError
 from shared.models import Reason, SessionStatus
+from shared.private_files import make_private_dirs
 from worker import qr_queue, snapshot
 from worker.commits import Commits
 from worker.context import DB_ERRORS, Context, NotOwner
@@ -249,14 +251,22 @@ class Hibernation:
 
     async def store_snapshot(self, session: Session, *, live: bool = False) -> int:
         """Pack the session's profile (``live``: under a running Chromium) and store it, fenced by
-        the session's lease token; the answer is the snapshot's size in bytes."""
+        the session's lease token; the answer is the snapshot's size in bytes. The snapshot goes
+        through a private file and is stored a chunk at a time: memory stays flat and the event
+        loop free whatever the size of WhatsApp's storage."""
         ctx = self._ctx
         assert ctx.snapshot_keys is not None  # callers check: snapshots are enabled
-        pack = snapshot.pack_live_profile_async if live else snapshot.pack_profile_async
         profile = ctx.launcher.profile_dir(session.profile_id)
-        blob = await pack(profile, key=ctx.snapshot_keys, session_id=session.id)
-        await ctx.store.put_snapshot(session.id, blob, token=session.fencing_token)
-        return len(blob)
+        started = time.monotonic()
+        async with _snapshot_file(ctx, session, "pack") as path:
+            size = await snapshot.pack_profile_file_async(
+                profile, path, key=ctx.snapshot_keys, session_id=session.id, live=live
+            )
+            packed = time.monotonic()
+            await ctx.store.put_snapshot_file(session.id, path, token=session.fencing_token)
+        session.timings["snapshot_pack_ms"] = int((packed - started) * 1000)
+        session.timings["snapshot_store_ms"] = int((time.monotonic() - packed) * 1000)
+        return size
 
     async def _profile_or_fail(self, session: Session) -> bool:
         """The session's profile on disk (from its snapshot if need be); if it cannot be had, the
@@ -281,11 +291,26 @@ class Hibernation:
             return
         if ctx.snapshot_keys is None:
             raise SnapshotInvalid("no local profile and snapshots are disabled (WALINK_SNAPSHOT_KEY unset)")
-        blob = await ctx.store.get_snapshot(session.id)
-        if blob is None:
-            raise SnapshotInvalid(f"no snapshot stored for {session.id}")
-        shutil.rmtree(profile, ignore_errors=True)
-        await snapshot.unpack_profile_async(blob, profile, key=ctx.snapshot_keys, session_id=session.id)
+        async with _snapshot_file(ctx, session, "restore") as path:
+            if not await ctx.store.get_snapshot_file(session.id, path):
+                raise SnapshotInvalid(f"no snapshot stored for {session.id}")
+            await asyncio.to_thread(shutil.rmtree, profile, True)
+            await snapshot.unpack_profile_file_async(
+                path, profile, key=ctx.snapshot_keys, session_id=session.id
+            )
+
+
+@contextlib.asynccontextmanager
+async def _snapshot_file(ctx: Context, session: Session, purpose: str) -> AsyncIterator[Path]:
+    """A path for one snapshot file of ``session`` in the worker's private snapshot directory
+    (the file itself is made by whoever writes it, 0600), removed afterwards whatever happens."""
+    directory = ctx.settings.worker_data_dir / "snapshots"
+    await asyncio.to_thread(make_private_dirs, directory)
+    path = directory / f"{session.profile_id}.{purpose}.{secrets.token_hex(4)}"
+    try:
+        yield path
+    finally:
+        await asyncio.to_thread(path.unlink, True)
 
 
 def _has_files(directory: Path) -> bool:

@@ -8,8 +8,9 @@ the old key can be dropped. It runs beside live workers:
   ``batch_size`` in ``session_id`` order, and never holds a transaction across a batch;
 * it opens each with any of the keys and seals the same payload (the compressed profile) with the
   first key — the profile itself is never unpacked;
-* it writes a re-sealed snapshot only over the very row it read (same ``fencing_token``, same
-  bytes): a snapshot a worker stored meanwhile is newer, and is never overwritten;
+* it writes a re-sealed snapshot only over the very snapshot it read (same ``fencing_token``,
+  same first chunk, which holds the snapshot's random nonce; all its chunks in one transaction):
+  a snapshot a worker stored meanwhile is newer, and is never overwritten;
 * run again, it finds nothing left to do (idempotent); a snapshot none of the keys opens is left
   untouched and counted, and the command then exits 1.
 """
@@ -17,11 +18,13 @@ the old key can be dropped. It runs beside live workers:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
 
+from shared import snapshot_store
 from shared.errors import SnapshotInvalid, SnapshotKeyUnknown
 from worker import snapshot
 from worker.snapshot import SnapshotKeys
@@ -30,17 +33,18 @@ DEFAULT_BATCH_SIZE = 50
 
 # rows whose header is not the first key's v2 header, after a cursor, in key order
 _TODO_SQL = """
-SELECT session_id, blob, fencing_token FROM profile_snapshots
+SELECT session_id, sha256(blob) AS head, fencing_token FROM profile_snapshots
 WHERE substring(blob FROM 1 FOR $1) IS DISTINCT FROM $2 AND session_id > $3
 ORDER BY session_id LIMIT $4
 """
 _TODO_COUNT_SQL = (
     "SELECT count(*) FROM profile_snapshots WHERE substring(blob FROM 1 FOR $1) IS DISTINCT FROM $2"
 )
-# only over the row as it was read: a newer snapshot (another token, other bytes) stays
-_RESEAL_SQL = """
-UPDATE profile_snapshots SET blob = $4, size_bytes = $5
-WHERE session_id = $1 AND fencing_token = $2 AND blob = $3
+# only over the snapshot as it was read: a newer one (another token; another first chunk, which
+# holds the snapshot's random nonce) stays
+_LOCK_SQL = """
+SELECT 1 FROM profile_snapshots WHERE session_id = $1 AND fencing_token = $2 AND sha256(blob) = $3
+FOR UPDATE
 """
 
 
@@ -104,22 +108,29 @@ async def rekey(
         cursor = rows[-1]["session_id"]
         for row in rows:
             report.checked += 1
-            sid, blob = row["session_id"], bytes(row["blob"])
-            try:
-                sealed = await asyncio.to_thread(_reseal, blob, keys, sid)
-            except SnapshotKeyUnknown:
-                report.unknown_key += 1
-                continue
-            except SnapshotInvalid:
-                report.invalid += 1
-                continue
-            status = await pool.execute(
-                _RESEAL_SQL, sid, row["fencing_token"], blob, sealed, len(sealed), timeout=timeout_s
-            )
-            if status.endswith(" 1"):
+            sid, head, token = row["session_id"], bytes(row["head"]), row["fencing_token"]
+            async with pool.acquire(timeout=timeout_s) as conn:
+                # a snapshot is read whole here (the command's memory, not a worker's)
+                blob = await asyncio.wait_for(snapshot_store.get_bytes(conn, sid), timeout_s)
+                if blob is None or hashlib.sha256(blob[: snapshot_store.CHUNK_BYTES]).digest() != head:
+                    report.changed_meanwhile += 1  # replaced or deleted since the batch was read
+                    continue
+                try:
+                    sealed = await asyncio.to_thread(_reseal, blob, keys, sid)
+                except SnapshotKeyUnknown:
+                    report.unknown_key += 1
+                    continue
+                except SnapshotInvalid:
+                    report.invalid += 1
+                    continue
+                async with conn.transaction():
+                    if await conn.fetchval(_LOCK_SQL, sid, token, head, timeout=timeout_s) is None:
+                        report.changed_meanwhile += 1
+                        continue
+                    await asyncio.wait_for(
+                        snapshot_store.put_bytes(conn, sid, sealed, token=token), timeout_s
+                    )
                 report.resealed += 1
-            else:
-                report.changed_meanwhile += 1
         if progress is not None:
             progress(report.line())
     report.remaining = int(await pool.fetchval(_TODO_COUNT_SQL, len(header), header, timeout=timeout_s))
