@@ -47,6 +47,7 @@ from typing import Any
 import aiohttp
 
 from load_tests.baseline import FIXED_WAIT_S, SEED_ARGS, SeedBaseline, SeedSession
+from load_tests.bench_snapshots import step_snapshot
 from load_tests.client import (
     Api,
     ClientError,
@@ -89,6 +90,7 @@ STEPS = (
     "webhooks",
     "gateway",
     "failover",
+    "snapshot",
 )
 
 WAIT_S = 60.0  # how long a client waits for one event before calling it lost (not a speed check)
@@ -2026,6 +2028,7 @@ STEP_FUNCS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "burst50": step_burst,
     "first_click": step_first_click,
     "memory": step_memory,
+    "snapshot": step_snapshot,
     "wake": step_wake,
     "webhooks": step_webhooks,
     "gateway": step_gateway,
