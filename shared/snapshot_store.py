@@ -32,8 +32,8 @@ from shared.db import Conn
 from shared.errors import SnapshotInvalid
 
 CHUNK_BYTES = 1 << 20
-"""Bytes per stored chunk (``make bench``: 1 MiB stores as fast as 8 MiB and keeps each message
-small; 64 KiB costs a round trip per 64 KiB)."""
+"""Bytes per stored chunk (``make bench``: 1 MiB and 8 MiB chunks store a 200 MiB snapshot in about
+the same time, and 1 MiB keeps each message, and the worker's buffers, small)."""
 
 Reader = Callable[[int], Awaitable[bytes]]
 
