@@ -56,6 +56,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import hmac
 import io
@@ -104,6 +105,7 @@ _ZSTD_MAX_WINDOW = 16 * 1024 * 1024  # level 3 uses a 2 MiB window; refuse frame
 _XZ_MAGIC = b"\xfd7zXZ\x00"  # snapshots packed before zstd (still restored)
 _LZMA_MEMLIMIT = 64 * 1024 * 1024  # xz -0 needs ~1 MiB to decompress; refuse streams asking far more
 _CHUNK = 64 * 1024
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 IDB_LEVELDB = "Default/IndexedDB/https_web.whatsapp.com_0.indexeddb.leveldb"
 IDB_BLOBS = "Default/IndexedDB/https_web.whatsapp.com_0.indexeddb.blob"
@@ -436,7 +438,10 @@ def pack_profile_into(profile_dir: Path, out: BinaryIO, *, key: bytes | Snapshot
                             "such a snapshot could not be restored"
                         )
                     tar.addfile(_tar_info(entry.name, "file", st.st_size), fh)
-    except OSError as exc:  # a file vanished or shrank under us: the profile is in use
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise  # the snapshot's own file cannot be written (a full disk): not the profile's fault
+        # a file vanished or shrank under us: the profile is in use
         raise SnapshotInvalid(f"{profile_dir} changed while it was packed ({exc}); is it in use?") from exc
     size = sealer.finish()
     log.debug("packed %s: %d files, %d bytes -> %d bytes", profile_dir, len(entries), total, size)
