@@ -175,3 +175,15 @@ async def test_a_large_snapshot_round_trips_through_postgres_and_rekey(
     )
     assert _read_tree(tmp_path / "restored") == files
     assert os.listdir(tmp_path / "restored") == ["Default"]
+
+
+def test_a_starting_worker_removes_half_done_restores_and_copies_but_no_profile(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    for name in ("p_0123456789abcdef0123", ".p_1.restore-x1y2", "walink-live-abc"):
+        (profiles / name / "Default").mkdir(parents=True)
+    (profiles / ".p_1.payload-zz9").write_bytes(b"decrypted")
+    (profiles / "p_0123456789abcdef0123" / ".p_2.restore-inner").mkdir()  # not at the top: kept
+    assert snapshot.remove_leftovers(profiles) == 3
+    assert sorted(p.name for p in profiles.iterdir()) == ["p_0123456789abcdef0123"]
+    assert (profiles / "p_0123456789abcdef0123" / ".p_2.restore-inner").is_dir()
+    assert snapshot.remove_leftovers(tmp_path / "absent") == 0

@@ -30,7 +30,7 @@ from shared.retention import RetentionJob
 from shared.settings import Settings
 from shared.web import DEFAULT_WORKSPACE, error_middleware, serve_until_signalled
 from shared.webhook_guard import WebhookAllow
-from worker import chromium
+from worker import chromium, snapshot
 from worker.browser import BrowserLauncher
 from worker.durable import Durable
 from worker.keys import (
@@ -122,8 +122,12 @@ async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
     killed, locks = chromium.reap(settings.profiles_dir)
     if killed or locks:
         log.info("start: reaped %d orphan browser group(s), %d stale lock(s)", killed, locks)
-    # snapshot files a killed run left half-written (worker/hibernation.py): never read again
+    # snapshot files a killed run left half-written (worker/hibernation.py), restores and live
+    # copies it left half-done next to the profiles: never read again
     await asyncio.to_thread(shutil.rmtree, settings.worker_data_dir / "snapshots", True)
+    leftovers = await asyncio.to_thread(snapshot.remove_leftovers, settings.profiles_dir)
+    if leftovers:
+        log.info("start: removed %d half-done snapshot file(s) and restore(s)", leftovers)
     pw = await asyncio.wait_for(async_playwright().start(), 60)
     app[LAUNCHER] = BrowserLauncher(settings, pw, app[HTTP])
     try:

@@ -816,6 +816,29 @@ async def unpack_profile_async(
     )
 
 
+_LEFTOVER = re.compile(r"\.[^/]+\.(?:restore|payload)-[^/]+|walink-live-[^/]+")
+
+
+def remove_leftovers(profiles_dir: Path) -> int:
+    """Remove what a killed worker left half-done next to its profiles: restore staging
+    directories, decrypted payload files and live copies (never a profile); how many went."""
+    removed = 0
+    try:
+        entries = list(os.scandir(profiles_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not _LEFTOVER.fullmatch(entry.name) or entry.is_symlink():
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def _live_copy(profile_dir: Path) -> Iterator[Path]:
     """A copy of the login's files of a profile whose Chromium is still running (for crash
