@@ -369,8 +369,13 @@ class BrowserLauncher:
             )
             return
         if self.settings.target != "simulator":
-            response = await route.fetch(timeout=_UPSTREAM_TIMEOUT_S * 1000)
-            body = await response.body()
+            try:
+                response = await route.fetch(timeout=_UPSTREAM_TIMEOUT_S * 1000)
+                body = await response.body()
+            except PlaywrightError:
+                slot.shell = None
+                await route.abort("failed")  # the live site could not be reached: as the browser would
+                return
             slot.shell = body if response.status == 200 else None
             await route.fulfill(response=response, body=body)
             return
