@@ -93,6 +93,33 @@ def test_shell_names_its_build_as_a_whole_token() -> None:
     assert not wa.shell_is_build(b'{"not": "html", "v": "2.3000.101"}', "2.3000.101")
 
 
+# ----- the simulator's builds (HTTP only) ---------------------------------------------------------------
+async def test_simulator_builds_admin_and_assets(sim: Sim) -> None:
+    client = sim.client
+    assert (await sim.get("/admin/builds"))["current"] == FIRST_BUILD
+    await sim.post("/admin/builds", {"version": NEW_BUILD})
+    shell = await (await client.get("/accept?code=AbC")).text()
+    assert f"/rsrc/{NEW_BUILD}/wa.js" in shell and FIRST_BUILD not in shell
+    bundle = await (await client.get(f"/rsrc/{FIRST_BUILD}/wa.js")).text()
+    assert f'const SIM_BUILD = "{FIRST_BUILD}";' in bundle  # an old build's assets are kept
+    assert (await client.get("/rsrc/2.3000.999/wa.js")).status == 404  # never published
+    await sim.post("/admin/builds", {"version": NEW_BUILD, "deprecated": True}, expect=409)  # current
+    await sim.post("/admin/builds", {"version": "../x"}, expect=400)
+    # deprecated: the server refuses it at boot (strict: version_check), and says so in check-update
+    await sim.post("/admin/builds", {"version": FIRST_BUILD, "deprecated": True})
+    boot = await sim.get(f"/sim/api/boot?build={FIRST_BUILD}")
+    assert boot["build"] == {"version": FIRST_BUILD, "deprecated": True, "current": NEW_BUILD}
+    assert (await sim.get(f"/check-update?version={FIRST_BUILD}&platform=web"))["isBelowHard"] is True
+    # removed: its assets and its archived shell are gone
+    await sim.post("/admin/builds", {"version": FIRST_BUILD, "removed": True})
+    assert (await client.get(f"/rsrc/{FIRST_BUILD}/wa.js")).status == 404
+    assert (await client.get(f"/wa-version/html/{FIRST_BUILD}.html")).status == 404
+    assert (await client.get(f"/wa-version/html/{NEW_BUILD}.html")).status == 200
+    # the kind 2024 page (instant): no version check
+    await sim.profile(name="instant")
+    assert (await sim.get(f"/sim/api/boot?build={FIRST_BUILD}"))["build"]["deprecated"] is False
+
+
 # ----- the cache's units -------------------------------------------------------------------------------
 async def test_latest_captures_each_build_privately(tmp_path: Path) -> None:
     cache = WebCache(tmp_path / "webcache", "latest")
