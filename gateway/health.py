@@ -178,6 +178,7 @@ def worker_view(worker: Worker, share: float, now: float) -> dict[str, Any]:
         "last_check_ms_ago": (None if worker.checked_at is None else round((now - worker.checked_at) * 1000)),
         "probe_ms": worker.probe_ms,
         "error": worker.error,
+        "web_version": health.get("web_version"),  # the WhatsApp Web build it serves
         "health": worker.health,
     }
 

@@ -27,6 +27,10 @@ SESSIONS = Gauge("walink_sessions", "Sessions on this worker by status", ["statu
 QUEUE_ACTIVE = Gauge("walink_qr_queue_active", "Cold browser starts running now")
 QUEUE_WAITING = Gauge("walink_qr_queue_waiting", "Cold browser starts waiting for the QR queue")
 POOL_READY = Gauge("walink_warm_pool_ready", "Warm browsers showing a QR, ready to hand out")
+WEB_VERSION_UNPINNED = Counter(
+    "walink_web_version_unpinned_total",
+    "Pinned WhatsApp Web builds dropped because the server refused them (DEPRECATED_VERSION)",
+)
 BROWSERS = Gauge("walink_browsers", "Chromium browsers running on this worker")
 BROWSER_MEMORY = Gauge("walink_browser_memory_bytes", "Proportional set size of all browsers of this worker")
 

@@ -51,8 +51,13 @@ class Settings:
     # --- what the browsers talk to
     target: Target = "simulator"
     simulator_url: str = "http://127.0.0.1:3100"
-    # WhatsApp Web version whose bootstrap HTML is served from the local cache (target=whatsapp)
-    wa_version: str = "2.3000.1030947950"
+    # --- the WhatsApp Web version cache (worker/web_cache.py, docs/whatsapp-web-2026.md)
+    # "latest": the live build, each new build captured into <data dir>/webcache/<version>.html;
+    # a version (2.3000.1017054665): that build pinned, from the local cache, else from
+    # wa_version_url ("{version}" replaced, the wa-version layout), else live with a warning
+    wa_version: str = "latest"
+    wa_version_url: str = ""
+    wa_version_fetch_timeout_s: float = 15.0
     # --- linking
     # cold browser starts at once on this machine, shared by all its workers through Redis
     # (0: its cores); the scope is the machine (default: the host name)
@@ -240,7 +245,26 @@ class Settings:
                 " WALINK_KEEPALIVE_CHECK_S must be positive"
             )
 
+    def _validate_web_cache(self) -> None:
+        """The WhatsApp Web version cache (worker/web_cache.py)."""
+        from worker.whatsapp_web import is_version  # the version format is page knowledge
+
+        if self.wa_version != "latest" and not is_version(self.wa_version):
+            raise SettingsError(
+                f"WALINK_WA_VERSION must be 'latest' or a WhatsApp Web version such as"
+                f" 2.3000.1017054665, not {self.wa_version!r}"
+            )
+        url = self.wa_version_url
+        if url and (not url.startswith(("http://", "https://")) or "{version}" not in url):
+            raise SettingsError(
+                "WALINK_WA_VERSION_URL must be an http(s) URL template containing {version}, e.g."
+                " https://raw.githubusercontent.com/wppconnect-team/wa-version/main/html/{version}.html"
+            )
+        if self.wa_version_fetch_timeout_s <= 0:
+            raise SettingsError("WALINK_WA_VERSION_FETCH_TIMEOUT_S must be positive")
+
     def validate(self) -> None:
+        self._validate_web_cache()
         if self.target not in get_args(Target):
             raise SettingsError(f"WALINK_TARGET must be one of {get_args(Target)}, not {self.target!r}")
         for name in (

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from simulator import page_api, phone_api
+from simulator import builds_api, page_api, phone_api
+from simulator.builds import Builds
 from simulator.httputil import MAX_BODY_BYTES, api_middleware
-from simulator.keys import STATE
+from simulator.keys import BUILDS, STATE
 from simulator.profiles import DEFAULT_PROFILE, PROFILES
 from simulator.state import SimState
 
@@ -29,8 +30,9 @@ def _load(name: str) -> bytes:
 
 
 async def index(request: web.Request) -> web.Response:
+    """The app shell of the current build (every app-shell path: ``builds_api.APP_SHELL_PATHS``)."""
     return web.Response(
-        body=request.app[ASSETS_KEY]["index.html"],
+        body=request.app[BUILDS].shell(request.path_qs),
         content_type="text/html",
         charset="utf-8",
         headers={"Cache-Control": "no-store"},
@@ -39,10 +41,17 @@ async def index(request: web.Request) -> web.Response:
 
 async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
+    version = request.match_info.get("version")
     if name not in _ASSETS:
         raise web.HTTPNotFound(reason="no such asset")
+    builds = request.app[BUILDS]
+    if version is not None and not builds.assets_available(version):
+        raise web.HTTPNotFound(reason="no such build")
+    body = builds.bundle(version) if name == "wa.js" else request.app[ASSETS_KEY][name]
+    if body is None:
+        raise web.HTTPNotFound(reason="no such build")
     return web.Response(
-        body=request.app[ASSETS_KEY][name],
+        body=body,
         content_type=_ASSETS[name],
         charset="utf-8",
         headers={"Cache-Control": "no-cache"},
@@ -64,9 +73,13 @@ def create_app(profile: str = DEFAULT_PROFILE) -> web.Application:
     )
     app[STATE] = SimState(PROFILES[profile])
     app[ASSETS_KEY] = {name: _load(name) for name in ("index.html", *_ASSETS)}
-    app.router.add_get("/", index)
+    app[BUILDS] = Builds(app[ASSETS_KEY]["index.html"], app[ASSETS_KEY]["wa.js"])
+    for path in builds_api.APP_SHELL_PATHS:
+        app.router.add_get(path, index)
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/rsrc/{name}", asset)
+    app.router.add_get("/rsrc/{version}/{name}", asset)
+    builds_api.add_routes(app)
     page_api.add_routes(app)
     phone_api.add_routes(app)
     return app

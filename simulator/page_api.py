@@ -7,12 +7,14 @@ from typing import Any
 
 from aiohttp import web
 
+from simulator.builds import FIRST_BUILD, check_version
 from simulator.httputil import json_response, read_json, req_param, req_str
-from simulator.keys import STATE
+from simulator.keys import BUILDS, STATE
 from simulator.qr import qr_matrices
 from simulator.state import SimError, check_device_id
 
-VERSION = "2.3000.1031415926-sim"
+VERSION = FIRST_BUILD
+"""The build the simulator starts with (more: ``POST /admin/builds``, simulator/builds.py)."""
 POLL_TIMEOUT_S = 20.0
 _KEY_MAX = 128
 
@@ -25,8 +27,16 @@ def _qr_part(body: dict[str, Any], key: str, max_len: int = _KEY_MAX) -> str:
 
 
 async def boot(request: web.Request) -> web.Response:
+    """The page's first call: it names its build (``build``, from its bundle); with
+    ``version_check`` the answer says whether the server refuses that build."""
     state = request.app[STATE]
-    return json_response({"version": VERSION, "profile": state.profile.to_dict()})
+    builds = request.app[BUILDS]
+    version = check_version(request.query.get("build", builds.current))
+    conn_id = request.query.get("conn_id", "")[:64]
+    build = builds.booted(version, conn_id)
+    if not state.profile.version_check:
+        build["deprecated"] = False
+    return json_response({"version": version, "build": build, "profile": state.profile.to_dict()})
 
 
 async def pair_device(request: web.Request) -> web.Response:
@@ -97,6 +107,9 @@ async def poll(request: web.Request) -> web.Response:
     if len(conn_id) > 64:
         raise SimError(400, "invalid_request", "'conn_id' must be at most 64 characters")
     request.app[STATE].use_device(client.device_id)  # a connected page is a use of its device
+    build = request.query.get("build")
+    if build is not None:  # the build this page runs: pushed DEPRECATED_VERSION if it is refused
+        request.app[BUILDS].note_device(client.device_id, check_version(build))
     events = await client.wait_events(int(raw_after), POLL_TIMEOUT_S, conn_id)
     return json_response({"events": events})
 

@@ -70,6 +70,10 @@ class Profile:
     conflict: str = "off"
     """``strict``: one live connection per linked device; a second page that boots the same
     credentials knocks the first into ``CONFLICT`` (and ``takeover()`` back)."""
+    # ----- builds (simulator/builds.py)
+    version_check: bool = False
+    """The server checks the build a page reports: a deprecated (or removed) build gets
+    ``DEPRECATED_VERSION`` at boot, and pages running a build get it when it is deprecated."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -98,7 +102,7 @@ _INT_FIELDS = {
     "lazy_modules_ms": (0, 600_000),
     "device_ttl_s": (0, 315_360_000),
 }
-_BOOL_FIELDS = {"passkey", "me_module", "lid"}
+_BOOL_FIELDS = {"passkey", "me_module", "lid", "version_check"}
 _CHOICE_FIELDS = {"adv_refresh": ADV_REFRESH_MODES, "sync_signal": SYNC_SIGNALS, "conflict": CONFLICT_MODES}
 
 
@@ -147,6 +151,7 @@ _STRICT_BEHAVIOURS: dict[str, Any] = {
     "lazy_modules_ms": 150,
     "conflict": "strict",
     "device_ttl_s": 30 * 86_400,
+    "version_check": True,
 }
 
 PROFILES: dict[str, Profile] = {

@@ -32,6 +32,7 @@ from gateway.app import create_app
 from shared.redis_keys import Keys
 from shared.settings import Settings
 from shared.store import Store
+from simulator.builds import FIRST_BUILD
 from tests.conftest import (
     CHROMIUM,
     LIFTED_QUOTAS,
@@ -312,6 +313,10 @@ async def test_link_spread_and_tenancy_through_the_gateway(start_cluster: Callab
     assert sum(shares.values()) == pytest.approx(1.0, abs=0.01)
     assert all(0.2 < s < 0.47 for s in shares.values()), shares
     assert sum(w["sessions_owned"] or 0 for w in cluster["workers"]) >= 1
+    # each worker names the WhatsApp Web build it serves (the live one: WALINK_WA_VERSION=latest)
+    served = [w["web_version"] for w in cluster["workers"]]
+    assert all(v["wanted"] == "latest" and not v["pinned"] and v["source"] == "live" for v in served)
+    assert FIRST_BUILD in {v["version"] for v in served} <= {FIRST_BUILD, None}, served
 
     # ---- new sessions spread over every worker: 7 at once, bounded to ceil(1.25 x 7 / 3) = 3 each
     burst = await asyncio.gather(*(_create(c, label=f"spread {i}") for i in range(7)))

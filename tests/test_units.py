@@ -169,15 +169,6 @@ def test_not_logout_urls(url: str) -> None:
     assert wa.parse_logout_url(url) is None
 
 
-def test_web_version_cache_round_trip(tmp_path: Path) -> None:
-    cache = wa.WebVersionCache(tmp_path, "2.3000.1030947950")
-    assert cache.resolve() is None
-    cache.persist(b"<html>pinned</html>", "2.3000.1030947950")
-    assert cache.resolve() == b"<html>pinned</html>"
-    with pytest.raises(ValueError):
-        cache.persist(b"x", "../../etc/passwd")
-
-
 def test_user_agent_is_not_headless() -> None:
     ua = wa.user_agent_for("156.0.7000.1")
     assert "HeadlessChrome" not in ua and "Chrome/156." in ua

@@ -243,7 +243,7 @@ async def test_reconnecting_blocked_and_deprecated_socket_states(
     failed = await stream.until("session_failed")
     stream.close()
     assert failed["reason"] == "deprecated_version" and session.version_reloads == 1
-    assert manager.launcher.web_cache.version is None  # no pinned build any more
+    assert manager.launcher.web_cache.pinned_version is None  # no pinned build any more
     await asyncio.wait_for(manager.settle(), 30)
     assert manager.browsers() == []
 

@@ -130,6 +130,8 @@ async def playwright_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("start: removed %d half-done snapshot file(s) and restore(s)", leftovers)
     pw = await asyncio.wait_for(async_playwright().start(), 60)
     app[LAUNCHER] = BrowserLauncher(settings, pw, app[HTTP])
+    # the pinned WhatsApp Web build (local cache or WALINK_WA_VERSION_URL; bounded by its timeout)
+    await app[LAUNCHER].web_cache.prepare(app[HTTP])
     try:
         yield
     finally:

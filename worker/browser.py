@@ -26,11 +26,14 @@ from shared.private_files import make_private_dirs
 from shared.settings import Settings
 from worker import chromium
 from worker import whatsapp_web as wa
+from worker.web_cache import WebCache
 
 log = logging.getLogger("walink.browser")
 
 PageEventSink = Callable[[str, Any], None]
 
+_UPSTREAM_TIMEOUT_S = 60.0
+_NO_STORE = {"Cache-Control": "no-store"}
 _HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host", "upgrade"}
 )
@@ -39,7 +42,9 @@ _HOP_HEADERS = frozenset(
 class BrowserSlot:
     """A running Chromium on one profile, showing WhatsApp Web."""
 
-    def __init__(self, profile_id: str, profile_dir: Path, close_timeout_s: float) -> None:
+    def __init__(
+        self, profile_id: str, profile_dir: Path, close_timeout_s: float, web_cache: WebCache | None = None
+    ) -> None:
         self.profile_id = profile_id
         self.profile_dir = profile_dir
         self.context: BrowserContext | None = None
@@ -62,6 +67,13 @@ class BrowserSlot:
         self._hook_timeout_s = 30.0
         self.requests: set[asyncio.Task[Any]] = set()
         """The page's requests being forwarded (ended with the browser, as its sockets would be)."""
+        self.web_cache = web_cache
+        self.shell: bytes | None = None
+        """The app shell of the page's last app-shell navigation, as upstream sent it (None: the
+        pinned shell was served); kept by the web cache once the page has loaded."""
+        self.page_version: str | None = None
+        """``Debug.VERSION`` of the document on the page (the build it runs), from the hook."""
+        self._version_loaded = False
 
     # ----- who receives the page's events
     def set_sink(self, sink: PageEventSink | None) -> None:
@@ -87,7 +99,11 @@ class BrowserSlot:
                 self.first_qr.set()
         elif kind == "state":
             self.socket_state = str(data)
+            self._note_build_state(self.socket_state)
         elif kind == "hooked" and isinstance(data, dict):
+            version = data.get("version")
+            self.page_version = version if isinstance(version, str) and wa.is_version(version) else None
+            self._version_loaded = False
             self.hooked.set()
         elif kind in {"crashed", "closed"}:
             self.dead.set()
@@ -98,6 +114,19 @@ class BrowserSlot:
             self._on_idle(self)
         elif kind in {"crashed", "closed"} and self._on_dead is not None:
             self._on_dead(self)
+        elif kind == "state" and data == wa.STATE_DEPRECATED_VERSION and self._on_dead is not None:
+            self._on_dead(self)  # a warm browser on a refused build: replaced by a fresh one
+
+    def _note_build_state(self, state: str) -> None:
+        """Tell the web cache that the page's build loaded (accepted) or was refused."""
+        cache = self.web_cache
+        if cache is None or self.page_version is None:
+            return
+        if state == wa.STATE_DEPRECATED_VERSION:
+            cache.refused(self.page_version)
+        elif state in wa.LOADED_STATES and not self._version_loaded:
+            self._version_loaded = True
+            cache.loaded(self.shell, self.page_version)
 
     # ----- wiring done by the launcher
     def _on_binding(self, _source: Any, kind: str, data: Any = None) -> None:
@@ -227,7 +256,12 @@ class BrowserLauncher:
         self.http = http
         self.version = chromium.chromium_version(settings.chromium_path)
         self.user_agent = wa.user_agent_for(self.version)
-        self.web_cache = wa.WebVersionCache(settings.webcache_dir, settings.wa_version)
+        self.web_cache = WebCache(
+            settings.webcache_dir,
+            settings.wa_version,
+            url_template=settings.wa_version_url,
+            fetch_timeout_s=settings.wa_version_fetch_timeout_s,
+        )
         self.launched_total = 0
         self.sandbox = chromium.sandboxed(settings.chromium_sandbox)
 
@@ -239,7 +273,7 @@ class BrowserLauncher:
         profile_dir = self.profile_dir(profile_id)
         make_private_dirs(profile_dir)  # 0700, like the directories Chromium makes inside it
         chromium.remove_profile_locks(profile_dir)
-        slot = BrowserSlot(profile_id, profile_dir, settings.browser_close_timeout_s)
+        slot = BrowserSlot(profile_id, profile_dir, settings.browser_close_timeout_s, self.web_cache)
         timeout_ms = settings.start_timeout_s * 1000
         launching = asyncio.ensure_future(
             self.playwright.chromium.launch_persistent_context(
@@ -271,10 +305,10 @@ class BrowserLauncher:
             slot.pid = await asyncio.to_thread(chromium.browser_pid_for_profile, profile_dir)
             context.set_default_timeout(timeout_ms)
             await context.expose_binding(wa.BINDING_NAME, slot._on_binding)
-            if settings.target == "simulator":
-                await context.route(wa.ROUTE_PATTERN, partial(self._route_to_simulator, slot))
-            else:
-                await context.route(lambda url: url == wa.APP_URL, self._route_cached_html)
+            # the simulator serves the whole origin; the live site only its app shell goes through
+            # walink (the web cache), everything else goes to the network untouched
+            routed = wa.ROUTE_PATTERN if settings.target == "simulator" else wa.is_app_shell_url
+            await context.route(routed, partial(self._route_origin, slot))
             page = context.pages[0] if context.pages else await context.new_page()
             slot.page = page
             page.on("framenavigated", slot._on_navigated)
@@ -300,21 +334,62 @@ class BrowserLauncher:
             chromium.kill_group(pid)
         chromium.remove_profile_locks(profile_dir)
 
-    async def _route_to_simulator(self, slot: BrowserSlot, route: Route) -> None:
-        """Serve ``https://web.whatsapp.com/**`` from the simulator: same origin, same storage keys."""
+    async def _route_origin(self, slot: BrowserSlot, route: Route) -> None:
+        """A request of the page to ``https://web.whatsapp.com``: an app-shell navigation goes
+        through the web cache; the rest to the simulator (same origin, same storage keys) or, for
+        the live site, to the network."""
         task = asyncio.current_task()
         if task is None or slot.closing:
             return
         slot.requests.add(task)
         try:
-            await self._forward(route)
+            request = route.request
+            navigation = request.method == "GET" and request.is_navigation_request()
+            if navigation and wa.is_app_shell_url(request.url):
+                await self._serve_shell(slot, route)
+            elif self.settings.target == "simulator":
+                await self._forward(route)
+            else:
+                await route.fallback()
         except asyncio.CancelledError:
             if not slot.closing:
                 raise
+        except PlaywrightError:
+            pass  # the page went away while the request was in flight
         finally:
             slot.requests.discard(task)
 
-    async def _forward(self, route: Route) -> None:
+    async def _serve_shell(self, slot: BrowserSlot, route: Route) -> None:
+        """The pinned build's app shell, else upstream's (recorded for the web cache)."""
+        pinned = self.web_cache.pinned_shell()
+        if pinned is not None:
+            slot.shell = None
+            await route.fulfill(
+                status=200, content_type="text/html; charset=utf-8", body=pinned, headers=_NO_STORE
+            )
+            return
+        if self.settings.target != "simulator":
+            try:
+                response = await route.fetch(timeout=_UPSTREAM_TIMEOUT_S * 1000)
+                body = await response.body()
+            except PlaywrightError:
+                slot.shell = None
+                await route.abort("failed")  # the live site could not be reached: as the browser would
+                return
+            slot.shell = body if response.status == 200 else None
+            await route.fulfill(response=response, body=body)
+            return
+        fetched = await self._upstream(route)
+        if fetched is None:
+            slot.shell = None
+            await route.abort("connectionrefused")
+            return
+        status, headers, body = fetched
+        slot.shell = body if status == 200 else None
+        await route.fulfill(status=status, headers=headers, body=body)
+
+    async def _upstream(self, route: Route) -> tuple[int, dict[str, str], bytes] | None:
+        """The simulator's answer to the page's request (None: it could not be reached)."""
         request = route.request
         path = request.url[len(wa.ORIGIN) :] or "/"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -324,24 +399,19 @@ class BrowserLauncher:
                 self.settings.simulator_url.rstrip("/") + path,
                 headers=headers,
                 data=request.post_data_buffer,
-                timeout=aiohttp.ClientTimeout(total=60),
+                timeout=aiohttp.ClientTimeout(total=_UPSTREAM_TIMEOUT_S),
             ) as resp:
                 body = await resp.read()
                 out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
-            await route.fulfill(status=resp.status, headers=out_headers, body=body)
+                return resp.status, out_headers, body
         except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def _forward(self, route: Route) -> None:
+        fetched = await self._upstream(route)
+        if fetched is None:
             with contextlib.suppress(PlaywrightError):
                 await route.abort("connectionrefused")
-        except PlaywrightError:
-            pass  # the page went away while the request was in flight
-
-    async def _route_cached_html(self, route: Route) -> None:
-        """Target ``whatsapp``: the pinned bootstrap HTML from the local cache, else the live one."""
-        cached = self.web_cache.resolve()
-        try:
-            if cached is not None:
-                await route.fulfill(status=200, content_type="text/html", body=cached)
-            else:
-                await route.fallback()
-        except PlaywrightError:
-            pass
+            return
+        status, headers, body = fetched
+        await route.fulfill(status=status, headers=headers, body=body)

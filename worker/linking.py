@@ -268,8 +268,7 @@ class Linking:
         if slot is None or session.version_reloads >= MAX_VERSION_RELOADS:
             self.fail(session, Reason.DEPRECATED_VERSION)
             return
-        session.version_reloads += 1
-        self._ctx.launcher.web_cache.unpin()
+        session.version_reloads += 1  # the web cache dropped a refused pinned build (BrowserSlot)
         log.warning("%s: WhatsApp Web's build is deprecated; reloading the live page", session.id)
         self._ctx.tasks.spawn(session, self._reload(session, slot))
 

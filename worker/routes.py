@@ -403,6 +403,8 @@ async def health(request: web.Request) -> web.Response:
             "browsers_launched": manager.launcher.launched_total,
         },
         "redis": "ok" if manager.durable.redis_ok else "unreachable",
+        # the WhatsApp Web build this worker's browsers load (worker/web_cache.py)
+        "web_version": manager.launcher.web_cache.served().to_dict(),
         "webhooks": {"dispatcher_listening": app[DISPATCHER].is_listening()},
     }
     return json_response(body, status=503 if manager.closing else 200)

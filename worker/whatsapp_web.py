@@ -19,10 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
-
-from shared.private_files import make_private_dirs
 
 log = logging.getLogger("walink.whatsapp_web")
 
@@ -322,43 +319,42 @@ def user_agent_for(chromium_version: str) -> str:
     )
 
 
-class WebVersionCache:
-    """The seed's ``webVersionCache: {type: 'local'}``: a pinned WhatsApp Web bootstrap HTML.
+# ----- the app shell and its builds (the web version cache: worker/web_cache.py) ---------------------
+# The bootstrap HTML ("app shell") names the build's script bundle; the bundle's version is
+# ``window.Debug.VERSION``. whatsapp-web.js pins it by answering the request whose URL *equals*
+# ``https://web.whatsapp.com/`` (LocalWebCache/RemoteWebCache); the origin also serves the shell
+# on other paths, so walink answers every app-shell navigation (docs/whatsapp-web-2026.md, §
+# "Builds and the web version cache").
 
-    ``resolve`` returns the cached HTML of the pinned version (served for ``https://web.whatsapp.com/``
-    instead of the live one); ``persist`` stores the HTML of the version that is running, named by
-    ``window.Debug.VERSION``, as whatsapp-web.js's LocalWebCache does after the page has synced.
-    """
+APP_SHELL_PATHS = frozenset({"/", "/send", "/accept"})
+"""Paths of the origin answered with the app shell, with any query: ``/`` (also
+``/?post_logout=1&logout_reason=…`` after a logout), ``/send?phone=…`` (click-to-chat) and
+``/accept?code=…`` (group invites)."""
+VERSION_RE = re.compile(r"[0-9]{1,4}\.[0-9]{1,6}\.[0-9]{1,12}(?:-[a-z0-9]{1,16})?")
+"""A WhatsApp Web build: ``2.3000.1017054665``, ``2.2412.54``, ``2.3000.1014522270-alpha``."""
+LOADED_STATES = frozenset({STATE_UNPAIRED, STATE_UNPAIRED_IDLE, STATE_PAIRING, STATE_CONNECTED})
+"""Socket states of a page whose build the server accepted (its shell is then worth keeping)."""
+SHELL_MAX_BYTES = 8 * 1024 * 1024
+"""An app shell larger than this is not one (wa-version's are about 590 KB)."""
 
-    def __init__(self, directory: Path, version: str | None) -> None:
-        self.directory = directory
-        self.version = version
 
-    def unpin(self) -> None:
-        """The server refused the pinned build (``DEPRECATED_VERSION``): load the live page from now on."""
-        if self.version is not None:
-            log.warning("WhatsApp Web %s is deprecated; no longer pinned", self.version)
-        self.version = None
+def is_version(value: str) -> bool:
+    return VERSION_RE.fullmatch(value) is not None
 
-    def _path(self, version: str) -> Path:
-        safe = "".join(c for c in version if c.isalnum() or c in ".-")
-        if not safe or safe != version:
-            raise ValueError(f"not a WhatsApp Web version: {version!r}")
-        return self.directory / f"{safe}.html"
 
-    def resolve(self) -> bytes | None:
-        if self.version is None:
-            return None
-        try:
-            return self._path(self.version).read_bytes()
-        except FileNotFoundError:
-            return None
+def is_app_shell_url(url: str) -> bool:
+    """Does a navigation to ``url`` get WhatsApp Web's app shell from the origin?"""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" == ORIGIN and (parts.path or "/") in APP_SHELL_PATHS
 
-    def persist(self, html: bytes, version: str) -> Path:
-        path = self._path(version)
-        make_private_dirs(self.directory)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(html)
-        tmp.replace(path)
-        log.info("cached WhatsApp Web %s (%d bytes)", version, len(html))
-        return path
+
+def shell_is_build(html: bytes, version: str) -> bool:
+    """Is ``html`` an app shell that names build ``version`` (its bundle URLs carry it)?"""
+    if not is_version(version) or len(html) > SHELL_MAX_BYTES:
+        return False
+    head = html[:1024].lstrip().lower()
+    if not head.startswith((b"<!doctype html", b"<html")):
+        return False
+    # the version as a whole token: "2.3000.10" must not match inside "2.3000.101"
+    token = re.compile(rb"(?<![0-9A-Za-z.\-])" + re.escape(version.encode()) + rb"(?![0-9A-Za-z\-]|\.[0-9])")
+    return token.search(html) is not None

@@ -10,6 +10,12 @@
 (() => {
   "use strict";
 
+  // ---------------------------------------------------------------- the build (simulator/builds.py)
+  // This bundle's build, compiled in by the server (/rsrc/<version>/wa.js): window.Debug.VERSION is
+  // the build the page loaded, whatever the server's current build is; the page names it to the
+  // server at boot and on its long-poll, and a refused build gets DEPRECATED_VERSION.
+  const SIM_BUILD = "__SIM_BUILD__";
+
   // ---------------------------------------------------------------- module registry (__d / require)
   const factories = new Map();
   const instances = new Map();
@@ -1129,7 +1135,7 @@
       try {
         const url =
           `/sim/api/poll?device_id=${encodeURIComponent(sim.creds.device_id)}&after=${sim.seq}` +
-          `&conn_id=${sim.connId}`;
+          `&conn_id=${sim.connId}&build=${encodeURIComponent(SIM_BUILD)}`;
         const resp = await fetch(url, { cache: "no-store", signal: abort.signal });
         if (!resp.ok) throw new Error(`poll: HTTP ${resp.status}`);
         const { events } = await resp.json();
@@ -1182,15 +1188,16 @@
       loaded.status === "none" ? { status: "fresh", creds: await createCreds() } : loaded,
     );
     credsLoading.catch(() => {}); // awaited below; avoid an unhandled rejection while the splash runs
-    const info = await apiRetry("GET", "/sim/api/boot");
+    const info = await apiRetry("GET", `/sim/api/boot?build=${encodeURIComponent(SIM_BUILD)}&conn_id=${sim.connId}`);
     sim.profile = info.profile;
     Socket.state = "OPENING";
     defineCoreModules();
-    window.Debug = { VERSION: info.version };
+    window.Debug = { VERSION: SIM_BUILD };
     if (sim.profile.lazy_modules_ms > 0) setTimeout(defineLazyModules, sim.profile.lazy_modules_ms);
     else defineLazyModules();
     allocateHeap(sim.profile.heap_mb || 0);
     await splash(jittered(sim.profile.load_ms));
+    if (info.build && info.build.deprecated) return forceState("DEPRECATED_VERSION", 0); // update screen
 
     const loaded = await credsLoading;
     if (loaded.status === "fatal") return logoutFlow(0);
