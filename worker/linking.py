@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 from shared import metrics
 from shared import passkeys as wire
@@ -50,6 +50,7 @@ MAX_TAKEOVERS = 3
 (two browsers on one device would otherwise knock each other out for ever)."""
 TAKEOVER_WINDOW_S = 60.0
 MAX_VERSION_RELOADS = 1
+PASSKEY_TOKENS_KEPT = 1024
 _BLOCKED_REASONS = {wa.STATE_TOS_BLOCK: Reason.TOS_BLOCK, wa.STATE_PROXYBLOCK: Reason.PROXYBLOCK}
 
 
@@ -60,6 +61,9 @@ class Linking:
         self._commits = commits
         self._hibernation = hibernation
         self.qr_times_ms: deque[int] = deque(maxlen=1000)
+        self._passkey_tokens: OrderedDict[bytes, passkey.PendingPasskey] = OrderedDict()
+        """The last ``PASSKEY_TOKENS_KEPT`` requests by token digest: a token whose session has
+        ended since is answered ``used`` or ``expired``, not ``unknown``."""
         self.phone_times_ms: deque[int] = deque(maxlen=1000)
 
     # ------------------------------------------------------------------ starting a browser
@@ -318,10 +322,22 @@ class Linking:
         expires_at_ms = now_ms() + int(timeout_s * 1000)
         session.transition(S.PASSKEY_REQUIRED, Reason.PASSKEY)
         session.passkey = passkey.PendingPasskey(options, expires_at_ms, digest)
+        self._passkey_tokens[digest] = session.passkey
+        while len(self._passkey_tokens) > PASSKEY_TOKENS_KEPT:
+            self._passkey_tokens.popitem(last=False)
         session.mark("passkey_at_ms")
         payload = wire.prompt_payload(options, expires_at_ms, token, settings.passkey_base_url)
         session.publish(EventType.PASSKEY_PROMPT, payload)
         self._arm(session, timeout_s, S.PASSKEY_REQUIRED, Reason.PASSKEY_TIMEOUT)
+
+    def gone_passkey(self, token: str) -> NoReturn:
+        """A token whose session this worker no longer drives: why it cannot be used (always raises)."""
+        pending = self._passkey_tokens.get(wire.digest(token))
+        if pending is None:
+            raise PasskeyTokenUnknown("no passkey request has this token")
+        if pending.used:
+            raise PasskeyTokenUsed("this passkey link was already used")
+        raise PasskeyExpired("the passkey request has expired")
 
     def passkey_request(self, session: Session, token: str | None = None) -> passkey.PendingPasskey:
         """The pending request, for its one-time token (when given) or for the session's API caller."""

@@ -29,7 +29,6 @@ from shared.errors import (
     DatabaseUnavailable,
     InvalidState,
     LeaseUnavailable,
-    PasskeyTokenUnknown,
     SessionExists,
     SessionNotFound,
     Unavailable,
@@ -379,7 +378,7 @@ class SessionManager:
         """The session a passkey token names and its pending request (404/410 otherwise)."""
         session = self.local(passkey_wire.session_of_token(token))
         if session is None:
-            raise PasskeyTokenUnknown("no passkey request has this token")
+            self._linking.gone_passkey(token)
         return session, self._linking.passkey_request(session, token)
 
     async def answer_passkey(
