@@ -5,7 +5,6 @@ phone; and a passkey WhatsApp refuses ends the link ``failed`` with its reason."
 
 from __future__ import annotations
 
-import base64
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,10 +15,9 @@ import pytest
 from playwright.async_api import BrowserContext, Page, Playwright, Route
 
 from shared import passkeys as wire
-from simulator.passkeys import unb64url
 from tests.browser import ARGS
 from tests.conftest import Sim, WorkerFactory, create, events, get_json
-from tests.webauthn import new_private_key
+from tests.webauthn import new_private_key, virtual_authenticator
 
 pytestmark = pytest.mark.chromium
 
@@ -29,11 +27,6 @@ EXTENSION = Path(__file__).resolve().parent.parent / "extension"
 WHATSAPP_PAGE = (
     b"<!doctype html><html><head><title>WhatsApp</title></head><body><div id=app></div></body></html>"
 )
-
-
-def _std_b64(b64url_text: str) -> str:
-    """CDP's binary fields are standard base64."""
-    return base64.b64encode(unb64url(b64url_text, "value")).decode()
 
 
 async def _whatsapp(route: Route) -> None:
@@ -63,34 +56,7 @@ async def user_browser(pw: Playwright, tmp_path: Path, walink_origin: str) -> As
 
 async def _with_authenticator(context: BrowserContext, reg: dict[str, Any], private_key: str) -> Page:
     page = context.pages[0] if context.pages else await context.new_page()
-    cdp = await context.new_cdp_session(page)
-    await cdp.send("WebAuthn.enable", {"enableUI": False})
-    added = await cdp.send(
-        "WebAuthn.addVirtualAuthenticator",
-        {
-            "options": {
-                "protocol": "ctap2",
-                "transport": "internal",
-                "hasResidentKey": True,
-                "hasUserVerification": True,
-                "isUserVerified": True,
-                "automaticPresenceSimulation": True,
-            }
-        },
-    )
-    await cdp.send(
-        "WebAuthn.addCredential",
-        {
-            "authenticatorId": added["authenticatorId"],
-            "credential": {
-                "credentialId": _std_b64(reg["credential_id"]),
-                "isResidentCredential": False,
-                "rpId": "whatsapp.com",
-                "privateKey": _std_b64(private_key),
-                "signCount": 0,
-            },
-        },
-    )
+    await virtual_authenticator(context, page, reg["credential_id"], private_key)
     return page
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from simulator.passkeys import PasskeyError, Passkeys
+from simulator.profiles import PROFILES
+from simulator.state import SimState
 from tests.webauthn import assertion, new_private_key
 
 PHONE = "447911123456"
@@ -111,3 +113,24 @@ def test_malformed_assertions_are_400() -> None:
         with pytest.raises(PasskeyError) as bad:
             keys.verify(DEVICE, body)
         assert bad.value.status == 400
+
+
+def test_a_public_key_that_is_not_p256_is_refused() -> None:
+    with pytest.raises(PasskeyError) as bad:
+        Passkeys().register(PHONE, None, "bm90LWEta2V5")
+    assert (bad.value.status, bad.value.code) == (400, "invalid_request")
+
+
+def test_only_strict_asks_for_the_passkey_and_links_only_after_it() -> None:
+    for name, asks in (("instant", False), ("strict", True)):
+        state = SimState(PROFILES[name])
+        reg = state.register_passkey(PHONE, None, None)
+        client = state.client(DEVICE)
+        linked = state._link(client, PHONE, None)
+        assert linked["passkey"] is asks
+        assert (DEVICE in state.devices) is not asks  # strict: not linked before the assertion
+        if asks:
+            challenge = str(client.events[-1]["passkey"]["challenge"])
+            body = assertion(reg["private_key"], reg["credential_id"], challenge)
+            assert state.verify_passkey(DEVICE, body) == {"ok": True, "phone": PHONE}
+            assert DEVICE in state.devices

@@ -3,12 +3,14 @@ the worker's checks): ES256 over ``authenticatorData || SHA-256(clientDataJSON)`
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from playwright.async_api import BrowserContext, Page
 
 from simulator.passkeys import b64url, unb64url
 
@@ -57,3 +59,43 @@ def assertion(
             "userHandle": None,
         },
     }
+
+
+def _std_b64(b64url_text: str) -> str:
+    """CDP's binary fields are standard base64."""
+    return base64.b64encode(unb64url(b64url_text, "value")).decode()
+
+
+async def virtual_authenticator(
+    context: BrowserContext, page: Page, credential_id: str, private_key: str
+) -> None:
+    """A platform authenticator with user verification (CDP WebAuthn domain) on ``page``,
+    holding one credential for rpId whatsapp.com: ``credential_id`` with ``private_key``."""
+    cdp = await context.new_cdp_session(page)
+    await cdp.send("WebAuthn.enable", {"enableUI": False})
+    added = await cdp.send(
+        "WebAuthn.addVirtualAuthenticator",
+        {
+            "options": {
+                "protocol": "ctap2",
+                "transport": "internal",
+                "hasResidentKey": True,
+                "hasUserVerification": True,
+                "isUserVerified": True,
+                "automaticPresenceSimulation": True,
+            }
+        },
+    )
+    await cdp.send(
+        "WebAuthn.addCredential",
+        {
+            "authenticatorId": added["authenticatorId"],
+            "credential": {
+                "credentialId": _std_b64(credential_id),
+                "isResidentCredential": False,
+                "rpId": RP_ID,
+                "privateKey": _std_b64(private_key),
+                "signCount": 0,
+            },
+        },
+    )
