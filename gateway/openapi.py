@@ -864,6 +864,15 @@ SCHEMAS: dict[str, Any] = {
                 },
             },
             "timings": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "passkey": {
+                "type": "object",
+                "description": "While `passkey_required`: the page's WebAuthn request (docs/passkey.md)",
+                "properties": {
+                    "public_key": {"type": "object"},
+                    "expires_at_ms": {"type": "integer"},
+                    "answered": {"type": "boolean"},
+                },
+            },
             "qr_url": {"type": "string"},
             "events_url": {"type": "string"},
         },

@@ -393,11 +393,9 @@ class SimState:
         client = self.client(device_id)
         device = self.awaiting_passkey.pop(device_id, None)
         try:
-            self.passkeys.verify(device_id, body)
+            self.passkeys.verify(device_id, body)  # spends the challenge whatever the verdict
         except PasskeyError as exc:
             raise SimError(exc.status, exc.code, exc.message) from exc
-        finally:
-            self.passkeys.pending.pop(device_id, None)
         if device is None or len(self.phone_devices(device.phone)) >= MAX_DEVICES_PER_PHONE:
             raise SimError(409, "no_pending_passkey", "no link waits for this page's passkey")
         device.last_used_s = self.now_s()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from shared import passkeys as wire
-from tests.conftest import EventStream, Sim, WorkerFactory, create, events, get_json
+from tests.conftest import EventStream, Sim, WorkerFactory, create, events, get_json, manager_of
 from tests.webauthn import assertion, new_private_key
 
 pytestmark = pytest.mark.chromium
@@ -124,4 +124,26 @@ async def test_token_routes(sim: Sim, start_worker: WorkerFactory) -> None:
     await stream.until("session_ready")
     used = await client.post(f"/v1/passkey/{token}", json=signed)
     assert (used.status, (await used.json())["error"]["code"]) == (410, "passkey_token_used")
+    stream.close()
+
+
+async def test_the_wrapper_looks_native_to_the_page(sim: Sim, start_worker: WorkerFactory) -> None:
+    client = await start_worker()
+    sid, stream, _prompt, _reg = await _until_passkey(client, sim)
+    page = manager_of(client).local(sid).slot.page
+    seen = await page.evaluate(
+        """() => ({
+          text: Function.prototype.toString.call(navigator.credentials.get),
+          viaMethod: navigator.credentials.get.toString(),
+          toStringText: Function.prototype.toString.toString(),
+          name: navigator.credentials.get.name,
+          length: navigator.credentials.get.length,
+          own: Object.getOwnPropertyNames(navigator.credentials),
+          passkeyKeys: Object.getOwnPropertyNames(window).filter((k) => /passkey/i.test(k)),
+        })"""
+    )
+    assert seen["text"] == seen["viaMethod"] == "function get() { [native code] }"
+    assert seen["toStringText"] == "function toString() { [native code] }"
+    assert (seen["name"], seen["length"], seen["own"]) == ("get", 0, [])
+    assert seen["passkeyKeys"] == []  # the controller is under a registered symbol only
     stream.close()
