@@ -191,9 +191,6 @@ class BrowserSlot:
         no call is pending."""
         return bool(await self._evaluate(wa.PASSKEY_RESOLVE_SCRIPT, assertion))
 
-    async def reject_passkey(self) -> bool:
-        return bool(await self._evaluate(wa.PASSKEY_REJECT_SCRIPT))
-
     async def takeover(self) -> None:
         await self._evaluate(wa.TAKEOVER_SCRIPT)
 

@@ -277,8 +277,9 @@ LOGOUT_SCRIPT = "() => window.require('WAWebSocketModel').Socket.logout()"
 # init script (every document of the context, before the page's own scripts) wraps that call on
 # the WhatsApp origin: the request goes to the worker as a ``passkey_request`` event in the
 # WebAuthn JSON shape, and the returned promise is settled later by PASSKEY_RESOLVE_SCRIPT (a
-# credential built from the user's AuthenticationResponseJSON) or PASSKEY_REJECT_SCRIPT
-# (NotAllowedError), or by itself with NotAllowedError when the request's timeout has passed.
+# credential built from the user's AuthenticationResponseJSON), or by itself with NotAllowedError
+# when the request's timeout has passed or its AbortSignal fires (the worker's own deadline, which
+# comes first, ends the session and its browser).
 # The wrapper keeps the native function's name, length and toString(); its controller is under a
 # registered symbol, not an enumerable property.
 PASSKEY_RP_ID = "whatsapp.com"
@@ -403,7 +404,6 @@ PASSKEY_INIT_SCRIPT = (
     + """'), {
     value: Object.freeze({
       resolve: (j) => { if (!pending) { return false; } return settle(credential(j), null); },
-      reject: () => settle(null, notAllowed()),
       pending: () => Boolean(pending),
     }),
     enumerable: false,
@@ -415,9 +415,6 @@ PASSKEY_RESOLVE_SCRIPT = (
     "(j) => { const c = window[Symbol.for('"
     + PASSKEY_CONTROLLER
     + "')]; return Boolean(c && c.resolve(j)); }"
-)
-PASSKEY_REJECT_SCRIPT = (
-    "() => { const c = window[Symbol.for('" + PASSKEY_CONTROLLER + "')]; return Boolean(c && c.reject()); }"
 )
 
 
