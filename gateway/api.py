@@ -29,7 +29,7 @@ from gateway.proxy import WORKER_HEADER, Answer, Call, forward_headers, to_respo
 from gateway.quotas import LIMIT_FIELDS, MAX_LIMIT, Admission
 from gateway.routing import Kind, Plan
 from gateway.sse import STARTED_AT, relay
-from shared import metrics
+from shared import metrics, passkeys
 from shared.errors import BadRequest, EventNotFound, Forbidden, SessionNotFound, WalinkError
 from shared.ids import check_chosen_session_id, check_session_id, namespace_of, new_session_id
 from shared.inputs import check_create_body
@@ -229,6 +229,24 @@ async def restart_session(request: web.Request) -> web.StreamResponse:
 
 
 logout_session = _session_forwarding("/logout", idempotent=False)
+answer_passkey = _session_forwarding("/passkey", idempotent=False)
+
+
+async def _passkey_token_answer(request: web.Request, path: str, *, idempotent: bool) -> Answer:
+    """A token-scoped passkey route (no API key: the token authorises), routed to the owner of
+    the session the token names; the worker checks the token itself."""
+    token = request.match_info["token"]
+    session_id = passkeys.session_of_token(token)
+    return await _pass_on(request, path, None, _session_plan(request, session_id), idempotent=idempotent)
+
+
+async def passkey_by_token(request: web.Request) -> web.StreamResponse:
+    token = request.match_info["token"]
+    idempotent = request.method == "GET"
+    answer = await _passkey_token_answer(request, f"/v1/passkey/{token}", idempotent=idempotent)
+    response = to_response(answer)
+    response.headers.pop(WORKER_HEADER, None)  # an end user's browser learns nothing of the cluster
+    return response
 
 
 async def session_events(request: web.Request) -> web.StreamResponse:
@@ -399,6 +417,9 @@ def add_routes(app: web.Application) -> None:
     r.add_delete(
         "/v1/sessions/{session_id}/pairing-code", cancel_pairing_code, name="v1.sessions.cancel_pairing_code"
     )
+    r.add_post("/v1/sessions/{session_id}/passkey", answer_passkey, name="v1.sessions.passkey")
+    r.add_get(passkeys.TOKEN_PATH, passkey_by_token, name="v1.passkey.get")
+    r.add_post(passkeys.TOKEN_PATH, passkey_by_token, name="v1.passkey.answer")
     r.add_post("/v1/sessions/{session_id}/restart", restart_session, name="v1.sessions.restart")
     r.add_post("/v1/sessions/{session_id}/logout", logout_session, name="v1.sessions.logout")
     r.add_get("/v1/accounts", list_accounts, name="v1.accounts")

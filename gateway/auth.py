@@ -36,6 +36,8 @@ DEV_WORKSPACE = DEFAULT_WORKSPACE
 MAX_KEY_LEN = 256
 OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/docs", "/openapi.json", "/favicon.ico"})
 CLUSTER_PATHS = frozenset({"/health/cluster"})
+TOKEN_PREFIXES = ("/v1/passkey/",)
+"""Routes authorised by a one-time token in their path, not an API key (``shared.passkeys``)."""
 
 KeyLookup = Callable[[str], Awaitable[tuple[str | None, bool] | None]]
 Clock = Callable[[], float]
@@ -189,7 +191,7 @@ def _unauthorized(message: str) -> web.Response:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in OPEN_PATHS:
+    if request.path in OPEN_PATHS or request.path.startswith(TOKEN_PREFIXES):
         return await handler(request)
     auth = request.app[AUTH]
     if request.path in CLUSTER_PATHS and auth.dev_mode and is_local_visit(request):

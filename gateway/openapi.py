@@ -87,8 +87,9 @@ def _required_body(op: dict[str, Any]) -> dict[str, Any]:
 SSE_DESCRIPTION = (
     "Server-sent events of one session. Each frame is `id: <seq>`, `event: <name>`, "
     "`data: <json>`; the events are `status`, `qr`, `session_authenticated`, `session_ready`, "
-    "`session_synced`, `session_at_risk`, `session_disconnected` and `session_failed` "
-    "(`session_at_risk`: `{last_used_at_ms, expires_at_ms}`, a hibernated session unused for 80 % of "
+    "`session_synced`, `session_at_risk`, `passkey_prompt`, `session_disconnected` and "
+    "`session_failed` (`passkey_prompt`: the page asks for a passkey, see `POST …/passkey`; "
+    "`session_at_risk`: `{last_used_at_ms, expires_at_ms}`, a hibernated session unused for 80 % of "
     "the device TTL; a device WhatsApp logged out for going unused ends `session_disconnected` with "
     "reason `device_expired`, see docs/keepalive.md). A new listener first gets the "
     "latest `status` and, while linking, the latest `qr`. While the session's browser waits for a "
@@ -103,7 +104,8 @@ SSE_DESCRIPTION = (
 
 WEBHOOK_DESCRIPTION = (
     "Webhooks (`qr_code_generated`, `session_authenticated`, `session_ready`, `session_synced`, "
-    "`session_at_risk`, `session_disconnected`, `session_failed`) are POSTed as JSON with the headers "
+    "`session_at_risk`, `passkey_prompt`, `session_disconnected`, `session_failed`) are POSTed as JSON "
+    "with the headers "
     "`X-Walink-Event`, `X-Walink-Event-Id` and `X-Walink-Signature: t=<unix>,v1=<hex>` where "
     "`hex = HMAC-SHA256(workspace secret, t + '.' + raw body)`; for a while after a secret rotation "
     "the header carries one `v1=` per secret (`t=<unix>,v1=<new>,v1=<old>`): accept the request when "
@@ -115,6 +117,13 @@ WEBHOOK_DESCRIPTION = (
     "unless the operator admits them with `WALINK_WEBHOOK_ALLOW`); a refused delivery is "
     "dead-lettered at once with the reason in its delivery log."
 )
+PASSKEY_TOKEN = {
+    "name": "token",
+    "in": "path",
+    "required": True,
+    "description": "The `passkey_token` of a `passkey_prompt` event (`<session id>~<random>`)",
+    "schema": {"type": "string", "maxLength": 128},
+}
 EVENT_ID = {
     "name": "event_id",
     "in": "path",
@@ -226,6 +235,60 @@ def document() -> dict[str, Any]:
                 {"202": _json(_ref("Created"), "Going back to the QR")},
                 params=[SESSION_ID],
                 errors=(400, 401, 404, 409, 502, 503),
+            ),
+        },
+        "/v1/sessions/{session_id}/passkey": {
+            "post": _required_body(
+                _op(
+                    "Answer a passkey request",
+                    "The session is `passkey_required` (WhatsApp asks this account for a passkey; the "
+                    "`passkey_prompt` event carries the request): send the assertion the user's "
+                    "authenticator made, as WebAuthn JSON (`AuthenticationResponseJSON`, base64url fields). "
+                    "It resolves the page's `navigator.credentials.get`; the answer is the session after "
+                    "WhatsApp's verdict: 200 `ready`-bound (`authenticated`/`ready`) or `failed` with reason "
+                    "`passkey_invalid` / `passkey_expired`; 202 while the page has not answered yet. "
+                    "400 `invalid_passkey_assertion` (not an assertion), 409 `passkey_not_requested` (the "
+                    "session does not wait for one, or it was answered) or `passkey_challenge_mismatch` (the "
+                    "assertion is for another challenge: a stale request), 410 `passkey_expired`. See "
+                    "docs/passkey.md.",
+                    {
+                        "200": _json(_ref("PasskeyVerdict"), "WhatsApp's verdict"),
+                        "202": _json(_ref("PasskeyVerdict"), "Given to the page; no verdict yet"),
+                    },
+                    params=[SESSION_ID],
+                    body=_ref("PasskeyAssertion"),
+                    errors=(400, 401, 404, 409, 410, 502, 503),
+                )
+            ),
+        },
+        "/v1/passkey/{token}": {
+            "get": _op(
+                "The passkey request of a one-time token",
+                "No API key: the `passkey_token` of a `passkey_prompt` event authorises (it is what the "
+                "browser extension on web.whatsapp.com uses). The request as "
+                "`PublicKeyCredentialRequestOptionsJSON`. 404 `passkey_token_unknown`, 410 "
+                "`passkey_token_used` or `passkey_expired`.",
+                {"200": _json(_ref("PasskeyRequest"), "The pending request")},
+                tag="passkeys",
+                params=[PASSKEY_TOKEN],
+                errors=(404, 410, 502, 503),
+                security=False,
+            ),
+            "post": _required_body(
+                _op(
+                    "Answer the passkey request of a one-time token",
+                    "As `POST /v1/sessions/{session_id}/passkey`, authorised by the token (no API key); "
+                    "the token is spent by an assertion that reaches the page.",
+                    {
+                        "200": _json(_ref("PasskeyVerdict"), "WhatsApp's verdict"),
+                        "202": _json(_ref("PasskeyVerdict"), "Given to the page; no verdict yet"),
+                    },
+                    tag="passkeys",
+                    params=[PASSKEY_TOKEN],
+                    body=_ref("PasskeyAssertion"),
+                    errors=(400, 404, 409, 410, 502, 503),
+                    security=False,
+                )
             ),
         },
         "/v1/sessions/{session_id}/restart": {
@@ -437,6 +500,10 @@ def document() -> dict[str, Any]:
         "security": [{"bearer": []}, {"apiKey": []}],
         "tags": [
             sessions_tag,
+            {
+                "name": "passkeys",
+                "description": "One-time passkey links for the user's browser (no API key).",
+            },
             {"name": "accounts", "description": "Linked accounts of the workspace."},
             {"name": "events", "description": "The event record and webhooks."},
             {"name": "webhooks", "description": "Webhook URL, signing secret, event filters, delivery log."},
@@ -487,11 +554,13 @@ def document() -> dict[str, Any]:
                 f"E{status}": _json(_ref("Error"), text)
                 for status, text in {
                     400: "Invalid input: invalid_request, invalid_session_id, invalid_text (a NUL or "
-                    "control character), invalid_metadata, invalid_phone_number",
+                    "control character), invalid_metadata, invalid_phone_number, invalid_passkey_assertion",
                     401: "Missing or invalid API key",
                     403: "Not allowed for this key",
                     404: "Not found (in the caller's workspace)",
-                    409: "Conflict: invalid_state, session_exists",
+                    409: "Conflict: invalid_state, session_exists, passkey_not_requested, "
+                    "passkey_challenge_mismatch",
+                    410: "Gone: passkey_expired, passkey_token_used",
                     413: "Body too large",
                     502: "Upstream error",
                     503: "Unavailable: no_worker_available, unavailable, quota_unavailable, "
@@ -795,8 +864,63 @@ SCHEMAS: dict[str, Any] = {
                 },
             },
             "timings": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "passkey": {
+                "type": "object",
+                "description": "While `passkey_required`: the page's WebAuthn request (docs/passkey.md)",
+                "properties": {
+                    "public_key": {"type": "object"},
+                    "expires_at_ms": {"type": "integer"},
+                    "answered": {"type": "boolean"},
+                },
+            },
             "qr_url": {"type": "string"},
             "events_url": {"type": "string"},
+        },
+    },
+    "PasskeyAssertion": {
+        "type": "object",
+        "description": "WebAuthn `AuthenticationResponseJSON` (`PublicKeyCredential.toJSON()`), "
+        "base64url without padding",
+        "required": ["id", "rawId", "type", "response"],
+        "properties": {
+            "id": {"type": "string"},
+            "rawId": {"type": "string"},
+            "type": {"type": "string", "const": "public-key"},
+            "authenticatorAttachment": {
+                "type": ["string", "null"],
+                "enum": ["platform", "cross-platform", None],
+            },
+            "clientExtensionResults": {"type": "object"},
+            "response": {
+                "type": "object",
+                "required": ["clientDataJSON", "authenticatorData", "signature"],
+                "properties": {
+                    "clientDataJSON": {"type": "string"},
+                    "authenticatorData": {"type": "string"},
+                    "signature": {"type": "string"},
+                    "userHandle": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+    "PasskeyRequest": {
+        "type": "object",
+        "properties": {
+            "public_key": {
+                "type": "object",
+                "description": "`PublicKeyCredentialRequestOptionsJSON`: challenge, rpId, allowCredentials, "
+                "userVerification, timeout",
+            },
+            "expires_at_ms": {"type": "integer"},
+            "origin": {"type": "string", "examples": ["https://web.whatsapp.com"]},
+        },
+    },
+    "PasskeyVerdict": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": STATUSES},
+            "reason": {"type": "string"},
         },
     },
     "SessionList": {

@@ -252,3 +252,42 @@ class SnapshotKeyUnknown(Unavailable):
     def __init__(self, message: str, *, key_id: str) -> None:
         super().__init__(message)
         self.key_id = key_id
+
+
+# --------------------------------------------------------------------------- passkeys (docs/passkey.md)
+class InvalidPasskeyAssertion(BadRequest):
+    """The body is not a WebAuthn assertion (``AuthenticationResponseJSON`` with base64url fields)."""
+
+    code = "invalid_passkey_assertion"
+
+
+class PasskeyNotRequested(Conflict):
+    """The session is not waiting for a passkey assertion (or the one it waited for was given)."""
+
+    code = "passkey_not_requested"
+
+
+class PasskeyChallengeMismatch(Conflict):
+    """The assertion's ``clientDataJSON.challenge`` is not the challenge the page waits for."""
+
+    code = "passkey_challenge_mismatch"
+
+
+class PasskeyExpired(WalinkError):
+    """The passkey challenge's time ran out before the assertion came."""
+
+    status = 410
+    code = "passkey_expired"
+
+
+class PasskeyTokenUnknown(NotFound):
+    """No pending passkey request has this token."""
+
+    code = "passkey_token_unknown"
+
+
+class PasskeyTokenUsed(WalinkError):
+    """This one-time passkey token already carried an assertion."""
+
+    status = 410
+    code = "passkey_token_used"

@@ -74,6 +74,9 @@ class Settings:
     start_timeout_s: float = 45.0
     link_timeout_s: float = 120.0
     passkey_timeout_s: float = 300.0
+    # the gateway's URL as the users' browsers reach it, put in passkey links (docs/passkey.md);
+    # empty: http://127.0.0.1:<gateway_port>
+    public_url: str = ""
     # a pairing code nobody typed: WhatsApp renews it every ~3 min a few times, then shows "Code expired"
     pairing_code_timeout_s: float = 1200.0
     takeover_on_conflict: bool = True
@@ -263,10 +266,20 @@ class Settings:
         if self.wa_version_fetch_timeout_s <= 0:
             raise SettingsError("WALINK_WA_VERSION_FETCH_TIMEOUT_S must be positive")
 
+    @property
+    def passkey_base_url(self) -> str:
+        """Where passkey links send the user's browser (``public_url``, else the local gateway)."""
+        return (self.public_url or f"http://127.0.0.1:{self.gateway_port}").rstrip("/")
+
+    def _validate_public_url(self) -> None:
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise SettingsError("WALINK_PUBLIC_URL must be an http:// or https:// URL (or empty)")
+
     def validate(self) -> None:
         self._validate_web_cache()
         if self.target not in get_args(Target):
             raise SettingsError(f"WALINK_TARGET must be one of {get_args(Target)}, not {self.target!r}")
+        self._validate_public_url()
         for name in (
             "qr_concurrency",
             "qr_batches",

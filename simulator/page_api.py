@@ -98,6 +98,17 @@ async def unpair(request: web.Request) -> web.Response:
     return json_response({"ok": True, "removed": removed})
 
 
+async def passkey(request: web.Request) -> web.Response:
+    """The page's answer to the passkey challenge: ``{device_id, credential}`` where ``credential``
+    is the ``PublicKeyCredential`` as ``AuthenticationResponseJSON`` (base64url fields)."""
+    body = await read_json(request)
+    credential = body.get("credential")
+    if not isinstance(credential, dict):
+        raise SimError(400, "invalid_assertion", "'credential' must be an object")
+    device_id = check_device_id(req_str(body, "device_id", 64))
+    return json_response(request.app[STATE].verify_passkey(device_id, credential))
+
+
 async def poll(request: web.Request) -> web.Response:
     client = request.app[STATE].client(req_param(request, "device_id"))
     raw_after = request.query.get("after", "0")
@@ -122,4 +133,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/sim/api/takeover", takeover)
     app.router.add_post("/sim/api/pair-code", pair_code)
     app.router.add_post("/sim/api/unpair", unpair)
+    app.router.add_post("/sim/api/passkey", passkey)
     app.router.add_get("/sim/api/poll", poll)

@@ -57,8 +57,14 @@ async def socket_state(request: web.Request) -> web.Response:
 
 
 async def passkey(request: web.Request) -> web.Response:
+    """Register a passkey for a phone: ``{phone, credential_id?, public_key?}`` (SPKI DER and the
+    id in base64url); without ``public_key`` a P-256 key pair is made and its private key returned."""
     body = await read_json(request)
-    return json_response({"confirmed": request.app[STATE].confirm_passkey(req_str(body, "phone", 32))})
+    state = request.app[STATE]
+    registered = state.register_passkey(
+        req_str(body, "phone", 32), opt_str(body, "credential_id", 2048), opt_str(body, "public_key", 1024)
+    )
+    return json_response(registered, status=201)
 
 
 async def devices(request: web.Request) -> web.Response:

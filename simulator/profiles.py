@@ -43,6 +43,10 @@ class Profile:
     refs_per_batch: int = 6
     fail_rate: float = 0.0
     passkey: bool = False
+    """An account whose phone registered a passkey (``POST /phone/passkey``) must answer a WebAuthn
+    assertion (``navigator.credentials.get``, rpId ``whatsapp.com``) after the scan before the
+    device links; ``passkey_ttl_ms`` is the challenge's lifetime (a late assertion fails)."""
+    passkey_ttl_ms: int = 120_000
     heap_mb: int = 0
     me_module: bool = True
     pair_code_ttl_ms: int = 195_000
@@ -101,6 +105,7 @@ _INT_FIELDS = {
     "me_pn_delay_ms": (0, 600_000),
     "lazy_modules_ms": (0, 600_000),
     "device_ttl_s": (0, 315_360_000),
+    "passkey_ttl_ms": (100, 3_600_000),
 }
 _BOOL_FIELDS = {"passkey", "me_module", "lid", "version_check"}
 _CHOICE_FIELDS = {"adv_refresh": ADV_REFRESH_MODES, "sync_signal": SYNC_SIGNALS, "conflict": CONFLICT_MODES}
@@ -152,6 +157,7 @@ _STRICT_BEHAVIOURS: dict[str, Any] = {
     "conflict": "strict",
     "device_ttl_s": 30 * 86_400,
     "version_check": True,
+    "passkey": True,
 }
 
 PROFILES: dict[str, Profile] = {

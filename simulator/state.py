@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from simulator.clients import Client
+from simulator.passkeys import PasskeyError, Passkeys
 from simulator.profiles import PROFILES, Profile
 from simulator.qr import full_text, new_ref, parse_qr
 
@@ -106,7 +107,9 @@ class SimState:
         self.codes: dict[str, PairCode] = {}
         self.devices: dict[str, LinkedDevice] = {}
         self.last_index: dict[str, int] = {}
-        self.pending_passkey: dict[str, str] = {}
+        self.passkeys = Passkeys()
+        self.awaiting_passkey: dict[str, LinkedDevice] = {}
+        """device id -> the link that waits for the account's passkey assertion (``passkey``)."""
         self.live_conn: dict[str, str] = {}
         """device id -> the page instance holding its one live connection (``conflict: strict``)."""
         self.conflicts_sent = 0
@@ -153,7 +156,7 @@ class SimState:
         for device in stale:
             del self.devices[device.device_id]
             self.live_conn.pop(device.device_id, None)
-            self.pending_passkey.pop(device.device_id, None)
+            self._drop_passkey(device.device_id)
             self.expired.add(device.device_id)
             client = self.clients.get(device.device_id)
             if client is not None:
@@ -291,7 +294,7 @@ class SimState:
 
     def unpair(self, device_id: str) -> bool:
         """The page logged itself out (``Socket.logout()``)."""
-        self.pending_passkey.pop(device_id, None)
+        self._drop_passkey(device_id)
         self.live_conn.pop(device_id, None)
         return self.devices.pop(device_id, None) is not None
 
@@ -341,19 +344,21 @@ class SimState:
             raise SimError(409, "too_many_devices", f"this phone already has {MAX_DEVICES_PER_PHONE} devices")
         prof = self.profile
         fail = random.random() < prof.fail_rate
-        passkey = prof.passkey and not fail
+        passkey = prof.passkey and not fail and self.passkeys.has_passkey(phone)
         index = self.last_index.get(phone, 0) + 1
         name = push_name or f"User {phone[-4:]}"
+        request: dict[str, Any] | None = None
         if not fail:
             self.last_index[phone] = index
-            if client.conn_id:
-                self.live_conn[client.device_id] = client.conn_id
-            self.devices[client.device_id] = LinkedDevice(
+            device = LinkedDevice(
                 client.device_id, phone, name, index, _utc_now_iso(), client.platform, self.now_s()
             )
-            self.expired.discard(client.device_id)
-            if passkey:
-                self.pending_passkey[client.device_id] = phone
+            if passkey:  # linked only once the page's assertion verifies
+                self.awaiting_passkey[client.device_id] = device
+                challenge = self.passkeys.issue(client.device_id, phone, prof.passkey_ttl_ms)
+                request = challenge.request(prof.passkey_ttl_ms)
+            else:
+                self._add_device(client, device)
         client.batch_id += 1  # the page stops showing QR codes: its refs are spent
         self._expire_codes(client.device_id)
         client.push(
@@ -362,10 +367,44 @@ class SimState:
             push_name=name,
             device_index=index,
             fail=fail,
-            passkey=passkey,
+            passkey=request,
             profile=prof.to_dict(),
         )
-        return {"ok": True, "device_id": client.device_id}
+        return {"ok": True, "device_id": client.device_id, "passkey": request is not None}
+
+    def _add_device(self, client: Client, device: LinkedDevice) -> None:
+        if client.conn_id:
+            self.live_conn[client.device_id] = client.conn_id
+        self.devices[client.device_id] = device
+        self.expired.discard(client.device_id)
+
+    # ----- passkeys (docs/whatsapp-web-2026.md, "Passkey on linking") ------------------------------
+    def register_passkey(
+        self, phone: str, credential_id: str | None, public_key: str | None
+    ) -> dict[str, Any]:
+        try:
+            return self.passkeys.register(check_phone(phone), credential_id, public_key)
+        except PasskeyError as exc:
+            raise SimError(exc.status, exc.code, exc.message) from exc
+
+    def verify_passkey(self, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The page's answer to the passkey challenge: the device is linked on a valid assertion;
+        on any other the link is refused (the page logs out with the error's code)."""
+        client = self.client(device_id)
+        device = self.awaiting_passkey.pop(device_id, None)
+        try:
+            self.passkeys.verify(device_id, body)  # spends the challenge whatever the verdict
+        except PasskeyError as exc:
+            raise SimError(exc.status, exc.code, exc.message) from exc
+        if device is None or len(self.phone_devices(device.phone)) >= MAX_DEVICES_PER_PHONE:
+            raise SimError(409, "no_pending_passkey", "no link waits for this page's passkey")
+        device.last_used_s = self.now_s()
+        self._add_device(client, device)
+        return {"ok": True, "phone": device.phone}
+
+    def _drop_passkey(self, device_id: str) -> None:
+        self.awaiting_passkey.pop(device_id, None)
+        self.passkeys.pending.pop(device_id, None)
 
     def phone_devices(self, phone: str) -> list[LinkedDevice]:
         found = [d for d in self.devices.values() if d.phone == phone]
@@ -379,7 +418,7 @@ class SimState:
         for device in targets:
             del self.devices[device.device_id]
             self.live_conn.pop(device.device_id, None)
-            self.pending_passkey.pop(device.device_id, None)
+            self._drop_passkey(device.device_id)
             client = self.clients.get(device.device_id)
             if client is not None:
                 client.push("logout", reason="user_initiated")
@@ -415,16 +454,6 @@ class SimState:
             self.client(device.device_id).push("conflict")
         return len(targets)
 
-    def confirm_passkey(self, phone: str) -> int:
-        digits = check_phone(phone)
-        pending = [dev for dev, ph in self.pending_passkey.items() if ph == digits]
-        if not pending:
-            raise SimError(404, "no_pending_passkey", "no passkey prompt is pending for this phone")
-        for device_id in pending:
-            del self.pending_passkey[device_id]
-            self.client(device_id).push("passkey_ok")
-        return len(pending)
-
     # ----- admin -------------------------------------------------------------------------------------
     def set_profile(self, name: str | None, overrides: dict[str, Any]) -> Profile:
         base = self.profile
@@ -443,7 +472,8 @@ class SimState:
         self.codes.clear()
         self.devices.clear()
         self.last_index.clear()
-        self.pending_passkey.clear()
+        self.passkeys.clear()
+        self.awaiting_passkey.clear()
         self.live_conn.clear()
         self.conflicts_sent = 0
         self.takeovers = 0

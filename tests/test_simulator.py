@@ -22,6 +22,7 @@ from pytest_aiohttp import AiohttpServer
 from simulator.app import create_app
 from tests.browser import ARGS, ORIGIN, forward_to, launch
 from tests.conftest import CHROMIUM
+from tests.webauthn import new_private_key, virtual_authenticator
 
 pytestmark = pytest.mark.chromium
 
@@ -328,21 +329,36 @@ async def test_pairing_code_links(sim: Sim, pw: Playwright, tmp_path: Path) -> N
         assert [d["push_name"] for d in await sim.devices()] == ["User 4567"]
 
 
-async def test_passkey_prompt_until_confirmed(sim: Sim, pw: Playwright, tmp_path: Path) -> None:
+async def _register_passkey(sim: Sim) -> dict[str, Any]:
     await sim.ok("POST", "/admin/profile", {"passkey": True})
-    async with persistent(pw, sim, tmp_path / "p") as (_ctx, page):
+    status, reg = await sim.call("POST", "/phone/passkey", {"phone": PHONE})
+    assert status == 201, reg
+    assert set(reg) >= {"credential_id", "public_key", "private_key", "user_handle"}
+    return cast(dict[str, Any], reg)
+
+
+async def test_passkey_account_links_on_a_valid_assertion(sim: Sim, pw: Playwright, tmp_path: Path) -> None:
+    reg = await _register_passkey(sim)
+    async with persistent(pw, sim, tmp_path / "p") as (ctx, page):
+        await virtual_authenticator(ctx, page, reg["credential_id"], reg["private_key"])
         qr = await open_qr(page)
-        await sim.ok("POST", "/phone/scan", {"qr": qr, "phone": PHONE})
-        prompt = page.locator('div[data-testid="passkey-prompt"]')
-        await prompt.wait_for()
-        assert "Confirm it's you with your passkey" in await prompt.inner_text()
-        assert await page.evaluate(SOCKET_STATE) == "PAIRING"
-        assert await page.evaluate(HAS_SYNCED) is False
-        assert await sim.ok("POST", "/phone/passkey", {"phone": PHONE}) == {"confirmed": 1}
+        assert (await sim.ok("POST", "/phone/scan", {"qr": qr, "phone": PHONE}))["passkey"] is True
         await page.wait_for_selector(MAIN_SEL)
-        await page.wait_for_function(HAS_SYNCED)
-        status, _ = await sim.call("POST", "/phone/passkey", {"phone": PHONE})
-        assert status == 404
+        assert await page.evaluate(ME_USER) == PHONE
+        assert [d["push_name"] for d in await sim.devices()] == ["User 4567"]
+
+
+async def test_passkey_account_with_a_wrong_key_is_not_linked(
+    sim: Sim, pw: Playwright, tmp_path: Path
+) -> None:
+    reg = await _register_passkey(sim)
+    async with persistent(pw, sim, tmp_path / "p") as (ctx, page):
+        await virtual_authenticator(ctx, page, reg["credential_id"], new_private_key())
+        qr = await open_qr(page)
+        refused = "logout_reason=passkey_invalid"
+        async with page.expect_event("framenavigated", lambda frame: refused in frame.url):
+            await sim.ok("POST", "/phone/scan", {"qr": qr, "phone": PHONE})
+        assert await sim.devices() == []
 
 
 async def test_failed_link_logs_out_with_reason_1(sim: Sim, pw: Playwright, tmp_path: Path) -> None:

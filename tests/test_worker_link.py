@@ -240,19 +240,6 @@ async def test_link_with_pairing_code(sim: Sim, start_worker: WorkerFactory) -> 
     assert ready["phone_number"] == "447911123456"
 
 
-async def test_passkey_is_reported(sim: Sim, start_worker: WorkerFactory) -> None:
-    await sim.profile(passkey=True)
-    client = await start_worker()
-    sid = (await create(client))["id"]
-    stream = await events(client, sid)
-    await sim.scan_linking(stream, PHONE)
-    await stream.until("status", status="passkey_required")
-    assert (await get_json(client, f"/v1/sessions/{sid}"))["status"] == "passkey_required"
-    await sim.post("/phone/passkey", {"phone": PHONE})
-    await stream.until("session_ready")
-    stream.close()
-
-
 async def test_failed_sync_is_a_failure_with_reason(sim: Sim, start_worker: WorkerFactory) -> None:
     await sim.profile(fail_rate=1.0)
     client = await start_worker()

@@ -166,7 +166,6 @@ class BrowserSlot:
                 await page.evaluate(
                     wa.HOOK_SCRIPT,
                     {
-                        "passkeySelector": wa.PASSKEY_PROMPT,
                         "qrSelector": wa.QR_CONTAINER,
                         "codeSelector": wa.PAIRING_CODE_CELLS,
                     },
@@ -215,6 +214,11 @@ class BrowserSlot:
             await page.goto(wa.APP_URL, wait_until="commit", timeout=timeout_s * 1000)
         except PlaywrightError as exc:
             raise BrowserError(f"WhatsApp Web did not load again: {exc.message}") from exc
+
+    async def resolve_passkey(self, assertion: dict[str, Any]) -> bool:
+        """Settle the page's pending ``navigator.credentials.get`` with this assertion; False if
+        no call is pending."""
+        return bool(await self._evaluate(wa.PASSKEY_RESOLVE_SCRIPT, assertion))
 
     async def takeover(self) -> None:
         await self._evaluate(wa.TAKEOVER_SCRIPT)
@@ -305,6 +309,7 @@ class BrowserLauncher:
             slot.pid = await asyncio.to_thread(chromium.browser_pid_for_profile, profile_dir)
             context.set_default_timeout(timeout_ms)
             await context.expose_binding(wa.BINDING_NAME, slot._on_binding)
+            await context.add_init_script(wa.PASSKEY_INIT_SCRIPT)
             # the simulator serves the whole origin; the live site only its app shell goes through
             # walink (the web cache), everything else goes to the network untouched
             routed = wa.ROUTE_PATTERN if settings.target == "simulator" else wa.is_app_shell_url

@@ -7,19 +7,32 @@ end in time has a deadline, not a poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 from shared import metrics
+from shared import passkeys as wire
 from shared.aio import first_set
-from shared.errors import BrowserError, InvalidState, SnapshotInvalid, SnapshotKeyUnknown, Unavailable
+from shared.errors import (
+    BrowserError,
+    InvalidState,
+    PasskeyChallengeMismatch,
+    PasskeyExpired,
+    PasskeyNotRequested,
+    PasskeyTokenUnknown,
+    PasskeyTokenUsed,
+    SnapshotInvalid,
+    SnapshotKeyUnknown,
+    Unavailable,
+)
 from shared.ids import new_profile_id
 from shared.inputs import storable
 from shared.models import LINKING, QR_PENDING, EventType, Reason, SessionStatus, now_ms
-from worker import qr_queue
+from worker import passkey, qr_queue
 from worker import whatsapp_web as wa
 from worker.browser import BrowserSlot
 from worker.commits import Commits
@@ -37,6 +50,7 @@ MAX_TAKEOVERS = 3
 (two browsers on one device would otherwise knock each other out for ever)."""
 TAKEOVER_WINDOW_S = 60.0
 MAX_VERSION_RELOADS = 1
+PASSKEY_TOKENS_KEPT = 1024
 _BLOCKED_REASONS = {wa.STATE_TOS_BLOCK: Reason.TOS_BLOCK, wa.STATE_PROXYBLOCK: Reason.PROXYBLOCK}
 
 
@@ -47,6 +61,9 @@ class Linking:
         self._commits = commits
         self._hibernation = hibernation
         self.qr_times_ms: deque[int] = deque(maxlen=1000)
+        self._passkey_tokens: OrderedDict[bytes, passkey.PendingPasskey] = OrderedDict()
+        """The last ``PASSKEY_TOKENS_KEPT`` requests by token digest: a token whose session has
+        ended since is answered ``used`` or ``expired``, not ``unknown``."""
         self.phone_times_ms: deque[int] = deque(maxlen=1000)
 
     # ------------------------------------------------------------------ starting a browser
@@ -287,12 +304,77 @@ class Linking:
         session.publish(EventType.SESSION_AUTHENTICATED, {"restored": restoring})
         self._arm(session, self._ctx.settings.link_timeout_s, S.AUTHENTICATED, Reason.LINK_TIMEOUT)
 
-    def _on_passkey(self, session: Session, _data: Any) -> None:
-        if session.status in {S.QR, S.AUTHENTICATED}:
-            session.transition(S.PASSKEY_REQUIRED, Reason.PASSKEY)
-            self._arm(
-                session, self._ctx.settings.passkey_timeout_s, S.PASSKEY_REQUIRED, Reason.PASSKEY_TIMEOUT
-            )
+    def _on_passkey_request(self, session: Session, data: Any) -> None:
+        """The page asks for a passkey (its ``navigator.credentials.get``): the session waits for
+        the user's assertion, until the request's own timeout or ``passkey_timeout_s``."""
+        if session.status not in {S.QR, S.AUTHENTICATED, S.PASSKEY_REQUIRED}:
+            return
+        options = passkey.options_from_page(data)
+        if options is None:
+            log.warning("%s: unusable passkey request from the page: %r", session.id, data)
+            return
+        settings = self._ctx.settings
+        timeout_s = settings.passkey_timeout_s
+        if options["timeout"]:
+            timeout_s = min(timeout_s, options["timeout"] / 1000)
+        token, digest = wire.new_token(session.id)
+        expires_at_ms = now_ms() + int(timeout_s * 1000)
+        session.transition(S.PASSKEY_REQUIRED, Reason.PASSKEY)
+        session.passkey = passkey.PendingPasskey(options, expires_at_ms, digest)
+        self._passkey_tokens[digest] = session.passkey
+        while len(self._passkey_tokens) > PASSKEY_TOKENS_KEPT:
+            self._passkey_tokens.popitem(last=False)
+        session.mark("passkey_at_ms")
+        payload = wire.prompt_payload(options, expires_at_ms, token, settings.passkey_base_url)
+        session.publish(EventType.PASSKEY_PROMPT, payload)
+        self._arm(session, timeout_s, S.PASSKEY_REQUIRED, Reason.PASSKEY_TIMEOUT)
+
+    def gone_passkey(self, token: str) -> NoReturn:
+        """A token whose session this worker no longer drives: why it cannot be used (always raises)."""
+        pending = self._passkey_tokens.get(wire.digest(token))
+        if pending is None:
+            raise PasskeyTokenUnknown("no passkey request has this token")
+        if pending.used:
+            raise PasskeyTokenUsed("this passkey link was already used")
+        raise PasskeyExpired("the passkey request has expired")
+
+    def passkey_request(self, session: Session, token: str | None = None) -> passkey.PendingPasskey:
+        """The pending request, for its one-time token (when given) or for the session's API caller."""
+        pending = session.passkey
+        waiting = session.status == S.PASSKEY_REQUIRED
+        if token is not None:
+            if pending is None or not wire.token_matches(token, pending.token_digest):
+                raise PasskeyTokenUnknown("no passkey request has this token")
+            if pending.used:
+                raise PasskeyTokenUsed("this passkey link was already used")
+        elif not waiting or pending is None or pending.used:
+            raise PasskeyNotRequested(f"the session is not waiting for a passkey ({session.status})")
+        if not waiting or now_ms() > pending.expires_at_ms:
+            raise PasskeyExpired("the passkey request has expired")
+        return pending
+
+    async def answer_passkey(self, session: Session, body: dict[str, Any], token: str | None = None) -> None:
+        """Settle the page's passkey request with the user's assertion (``AuthenticationResponseJSON``):
+        checked for shape, time and challenge first (a refusal here leaves the request pending);
+        what WhatsApp answers to it becomes the session's state."""
+        pending = self.passkey_request(session, token)
+        assertion = passkey.check_assertion(body)
+        if not passkey.same_challenge(assertion.challenge, pending.options["challenge"]):
+            raise PasskeyChallengeMismatch("the assertion was made for another challenge (a stale request?)")
+        slot = session.slot
+        if slot is None:
+            raise PasskeyNotRequested("the session's browser is not running")
+        pending.used = True
+        if not await slot.resolve_passkey(assertion.json):
+            raise PasskeyNotRequested("the page no longer waits for a passkey")
+
+    async def passkey_verdict(self, session: Session, timeout_s: float) -> None:
+        """Until the page has answered the assertion (the session left ``passkey_required``),
+        at most ``timeout_s``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while session.status == S.PASSKEY_REQUIRED and not session.ended:
+                    await session.changed.wait()
 
     def _on_lid(self, session: Session, data: Any) -> None:
         lid = wa.lid_of(data.get("lid")) if isinstance(data, dict) else None
@@ -385,7 +467,7 @@ class Linking:
     _handlers = {
         "qr": _on_qr,
         "state": _on_state,
-        "passkey": _on_passkey,
+        "passkey_request": _on_passkey_request,
         "me": _on_me,
         "lid": _on_lid,
         "synced": _on_synced,

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
 from shared import metrics, outbox, webhook_config, webhook_guard
+from shared import passkeys as passkey_wire
 from shared.errors import BadRequest, DatabaseUnavailable, InvalidState, Unauthorized
 from shared.ids import check_new_session_id, check_session_id, normalize_phone
 from shared.inputs import MAX_WEBHOOK_URL_CHARS, check_create_body, check_workspace_id, optional_text
@@ -211,6 +212,41 @@ async def cancel_pairing_code(request: web.Request) -> web.Response:
     session = await _session(request)
     await request.app[MANAGER].back_to_qr(session)
     return json_response({"id": session.id, "status": session.status.value, **_links(session)}, status=202)
+
+
+async def _passkey_answer(request: web.Request, session: Session, token: str | None) -> web.Response:
+    data = await read_json_object(request, max_bytes=request.app[SETTINGS].max_body_bytes)
+    session = await request.app[MANAGER].answer_passkey(session, data, token)
+    waiting = session.status == SessionStatus.PASSKEY_REQUIRED
+    body = {"id": session.id, "status": session.status.value, "reason": session.reason}
+    return json_response(body, status=202 if waiting else 200)
+
+
+async def answer_passkey(request: web.Request) -> web.Response:
+    """The user's passkey assertion (``AuthenticationResponseJSON``) for the session's page."""
+    return await _passkey_answer(request, await _session(request), None)
+
+
+def _passkey_token(request: web.Request) -> str:
+    return request.match_info["token"]
+
+
+async def get_passkey_by_token(request: web.Request) -> web.Response:
+    """The pending passkey request a one-time token names (the extension reads it; no API key)."""
+    token = _passkey_token(request)
+    _session_of, pending = request.app[MANAGER].by_passkey_token(token)
+    body = {
+        "public_key": pending.options,
+        "expires_at_ms": pending.expires_at_ms,
+        "origin": passkey_wire.WHATSAPP_ORIGIN,
+    }
+    return json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def answer_passkey_by_token(request: web.Request) -> web.Response:
+    token = _passkey_token(request)
+    session, _pending = request.app[MANAGER].by_passkey_token(token)
+    return await _passkey_answer(request, session, token)
 
 
 async def restart_session(request: web.Request) -> web.Response:
@@ -451,6 +487,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/sessions/{session_id}/events", session_events)
     app.router.add_post("/v1/sessions/{session_id}/pairing-code", pairing_code)
     app.router.add_delete("/v1/sessions/{session_id}/pairing-code", cancel_pairing_code)
+    app.router.add_post("/v1/sessions/{session_id}/passkey", answer_passkey)
+    app.router.add_get(passkey_wire.TOKEN_PATH, get_passkey_by_token)
+    app.router.add_post(passkey_wire.TOKEN_PATH, answer_passkey_by_token)
     app.router.add_post("/v1/sessions/{session_id}/restart", restart_session)
     app.router.add_post("/v1/sessions/{session_id}/logout", logout_session)
     app.router.add_get("/v1/accounts", list_accounts)

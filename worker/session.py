@@ -28,6 +28,7 @@ from shared.models import (
 )
 from shared.store import NewEvent
 from worker.browser import BrowserSlot
+from worker.passkey import PendingPasskey
 
 log = logging.getLogger("walink.session")
 
@@ -85,6 +86,8 @@ class Session:
     crash_restarts: int = field(default=0, repr=False)
     """Browser crashes of this ready session restored from its profile (see ``MAX_CRASH_RESTARTS``)."""
     slot: BrowserSlot | None = field(default=None, repr=False)
+    passkey: PendingPasskey | None = field(default=None, repr=False)
+    """The page's last passkey request (kept after it, so that its token's use is known)."""
     pending: list[NewEvent] = field(default_factory=list, repr=False)
     events: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=EVENT_BACKLOG), repr=False)
     subscribers: set[asyncio.Queue[StreamItem]] = field(default_factory=set, repr=False)
@@ -212,6 +215,11 @@ class Session:
             "metadata": self.metadata,
             "worker": worker,
             "qr_available": self.qr is not None,
+            **(
+                {"passkey": self.passkey.public()}
+                if self.passkey and self.status == "passkey_required"
+                else {}
+            ),
             "history": [t.to_dict() for t in self.history],
             "timings": dict(self.timings),
         }

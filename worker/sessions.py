@@ -22,6 +22,7 @@ import time
 from collections import deque
 from typing import Any
 
+from shared import passkeys as passkey_wire
 from shared import retry
 from shared.clock import Clock
 from shared.errors import (
@@ -49,11 +50,15 @@ from worker.hibernation import Hibernation
 from worker.keepalive import KeepAlive
 from worker.linking import MAX_CRASH_RESTARTS, Linking
 from worker.membership import RecentCreates
+from worker.passkey import PendingPasskey
 from worker.qr_queue import QrQueue
 from worker.session import Session, public_from_record
 from worker.takeover import TakeOver
 from worker.unlinking import Unlinking
 from worker.warm_pool import WarmPool
+
+PASSKEY_VERDICT_S = 15.0
+"""How long ``POST …/passkey`` waits for the page's verdict on the assertion before it answers 202."""
 
 __all__ = ["DB_ERRORS", "MAX_CRASH_RESTARTS", "NotOwner", "SessionManager", "close_with_deadline"]
 
@@ -367,6 +372,24 @@ class SessionManager:
 
     async def back_to_qr(self, session: Session) -> None:
         await self._linking.back_to_qr(session)
+
+    # ----- passkeys (docs/passkey.md)
+    def by_passkey_token(self, token: str) -> tuple[Session, PendingPasskey]:
+        """The session a passkey token names and its pending request (404/410 otherwise)."""
+        session = self.local(passkey_wire.session_of_token(token))
+        if session is None:
+            self._linking.gone_passkey(token)
+        return session, self._linking.passkey_request(session, token)
+
+    async def answer_passkey(
+        self, session: Session, body: dict[str, Any], token: str | None = None
+    ) -> Session:
+        """Give the page the user's assertion; the session as WhatsApp's verdict left it (or
+        still ``passkey_required`` if the page has not answered within ``PASSKEY_VERDICT_S``)."""
+        await self._linking.answer_passkey(session, body, token)
+        self._commits.flush(session)
+        await self._linking.passkey_verdict(session, PASSKEY_VERDICT_S)
+        return session
 
     async def logout(self, session: Session) -> Session:
         if session.ended:

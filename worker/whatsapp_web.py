@@ -31,7 +31,6 @@ ROUTE_PATTERN = ORIGIN + "/**"
 QR_CONTAINER = "div[data-ref]"
 QR_CANVAS = "div[data-ref] canvas"
 QR_RELOAD_BUTTON = "div[data-ref] button"
-PASSKEY_PROMPT = '[data-testid="passkey-prompt"]'
 PAIRING_CODE_CELLS = "[data-link-code]"
 
 BINDING_NAME = "__walinkEmit"
@@ -93,7 +92,7 @@ const whenModule = (name, timeoutMs = 60000) => new Promise((resolve, reject) =>
 """
 
 # Installed once per document. Emits: hooked, state, qr {qr, ref, ttl_ms}, pairing_code {code},
-# passkey, me {phone, method, push_name, lid}, lid {lid}, synced {signal}, progress, logout.
+# me {phone, method, push_name, lid}, lid {lid}, synced {signal}, progress, logout.
 #  * the QR is whatever string the page renders in div[data-ref] (a MutationObserver on the
 #    attribute): a new ref (Conn change:ref) and a new ADV secret under the same ref
 #    (companion_reg_refresh → advSecretEventEmitter 'change') both re-render it;
@@ -103,7 +102,7 @@ const whenModule = (name, timeoutMs = 60000) => new Promise((resolve, reject) =>
 #  * the sync is reported on its own, on the first of Cmd main_loaded, Stream mode MAIN, hasSynced.
 HOOK_SCRIPT = (
     """
-async ({passkeySelector, qrSelector, codeSelector}) => {
+async ({qrSelector, codeSelector}) => {
   if (window.__walinkHooked) { return 'already'; }
   window.__walinkHooked = true;
   const emit = (kind, data) => window.__walinkEmit(kind, data === undefined ? null : data);
@@ -133,12 +132,6 @@ async ({passkeySelector, qrSelector, codeSelector}) => {
     const code = cells ? (cells.getAttribute('data-link-code') || '').split(',').join('') : '';
     if (code && code !== lastCode) { lastCode = code; emit('pairing_code', {code}); }
     if (!cells) { lastCode = null; }
-  };
-  let passkeyShown = false;
-  const checkPasskey = () => {
-    const shown = Boolean(document.querySelector(passkeySelector));
-    if (shown && !passkeyShown) { emit('passkey', null); }
-    passkeyShown = shown;
   };
 
   // the user of WAWebUserPrefsMeUser's `getter` when its server is `server` (the module may be late)
@@ -209,7 +202,7 @@ async ({passkeySelector, qrSelector, codeSelector}) => {
     catch (e) { /* progress is informative only */ }
   });
   whenModule('WAWebUserPrefsMeUser').then(checkMe, () => {});
-  new MutationObserver(() => { readQr(); readCode(); checkPasskey(); }).observe(
+  new MutationObserver(() => { readQr(); readCode(); }).observe(
     document.documentElement,
     {childList: true, subtree: true, attributes: true, attributeFilter: ['data-ref', 'data-link-code']},
   );
@@ -217,7 +210,6 @@ async ({passkeySelector, qrSelector, codeSelector}) => {
   emit('state', Socket.state);
   readQr();
   readCode();
-  checkPasskey();
   checkMe();
   if (Socket.hasSynced) { synced('hasSynced'); }
   else if (Stream && Stream.mode === 'MAIN') { synced('stream_main'); }
@@ -275,6 +267,154 @@ TAKEOVER_SCRIPT = "async () => { await window.require('WAWebSocketModel').Socket
 LOGOUT_SCRIPT = "() => window.require('WAWebSocketModel').Socket.logout()"
 
 
+# ----------------------------------------------------------------------- passkey on linking (2026)
+# Since about 2026-06-30 WhatsApp asks some accounts for a passkey while a device links: the page
+# calls navigator.credentials.get({publicKey: {rpId: "whatsapp.com", userVerification: "required",
+# challenge, ...}}) in the linked browser (docs/whatsapp-web-2026.md, "Passkey on linking"). This
+# init script (every document of the context, before the page's own scripts) wraps that call on
+# the WhatsApp origin: the request goes to the worker as a ``passkey_request`` event in the
+# WebAuthn JSON shape, and the returned promise is settled later by PASSKEY_RESOLVE_SCRIPT (a
+# credential built from the user's AuthenticationResponseJSON), or by itself with NotAllowedError
+# when the request's timeout has passed or its AbortSignal fires (the worker's own deadline, which
+# comes first, ends the session and its browser).
+# The wrapper keeps the native function's name, length and toString(); its controller is under a
+# registered symbol, not an enumerable property.
+PASSKEY_RP_ID = "whatsapp.com"
+PASSKEY_CONTROLLER = "walink.passkey"
+PASSKEY_TIMEOUT_GRACE_MS = 5_000
+"""The wrapper gives up this long after the request's own timeout (the worker's deadline is first)."""
+PASSKEY_LOGOUT_REASONS = {
+    # the simulator's logout reasons after a passkey the server refused (simulator/README.md)
+    "passkey_invalid": "passkey_invalid",
+    "passkey_expired": "passkey_expired",
+    "passkey_cancelled": "passkey_cancelled",
+}
+PASSKEY_INIT_SCRIPT = (
+    """
+(() => {
+  if (location.origin !== '"""
+    + ORIGIN
+    + """' || window.top !== window) { return; }
+  const proto = window.CredentialsContainer && CredentialsContainer.prototype;
+  const desc = proto && Object.getOwnPropertyDescriptor(proto, 'get');
+  if (!desc || typeof desc.value !== 'function') { return; }
+  const original = desc.value;
+  const binding = '"""
+    + BINDING_NAME
+    + """';
+  const graceMs = """
+    + str(PASSKEY_TIMEOUT_GRACE_MS)
+    + """;
+  const bytes = (buf) => ArrayBuffer.isView(buf)
+    ? new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength) : new Uint8Array(buf);
+  const b64u = (buf) => {
+    let s = '';
+    for (const b of bytes(buf)) { s += String.fromCharCode(b); }
+    return btoa(s).replace(/[+]/g, '-').replace(/[/]/g, '_').replace(/=+$/, '');
+  };
+  const unb64u = (t) => {
+    const s = atob(t.replace(/-/g, '+').replace(/_/g, '/') + '='.repeat((4 - (t.length % 4)) % 4));
+    const out = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) { out[i] = s.charCodeAt(i); }
+    return out.buffer;
+  };
+  const notAllowed = () => new DOMException(
+    'The operation either timed out or was not allowed.', 'NotAllowedError');
+  let pending = null;
+  const settle = (value, error) => {
+    const p = pending;
+    if (!p) { return false; }
+    pending = null;
+    clearTimeout(p.timer);
+    if (error) { p.reject(error); } else { p.resolve(value); }
+    return true;
+  };
+  const own = (obj, props) => {
+    for (const [k, v] of Object.entries(props)) {
+      Object.defineProperty(obj, k, {value: v, enumerable: true, configurable: true});
+    }
+    return obj;
+  };
+  const credential = (j) => {
+    const r = j.response;
+    const RP = window.AuthenticatorAssertionResponse;
+    const CP = window.PublicKeyCredential;
+    const response = own(Object.create(RP ? RP.prototype : Object.prototype), {
+      clientDataJSON: unb64u(r.clientDataJSON),
+      authenticatorData: unb64u(r.authenticatorData),
+      signature: unb64u(r.signature),
+      userHandle: r.userHandle ? unb64u(r.userHandle) : null,
+    });
+    const ext = j.clientExtensionResults || {};
+    const cred = own(Object.create(CP ? CP.prototype : Object.prototype), {
+      id: j.id, rawId: unb64u(j.rawId), type: 'public-key',
+      authenticatorAttachment: j.authenticatorAttachment || null, response,
+    });
+    Object.defineProperty(cred, 'getClientExtensionResults', {value: () => ext});
+    Object.defineProperty(cred, 'toJSON', {value: () => j});
+    return cred;
+  };
+  const wrapped = {
+    get(options) {
+      const pk = options && options.publicKey;
+      if (!pk) { return original.apply(this, arguments); }
+      if (pending) {
+        return Promise.reject(new DOMException('A request is already pending.', 'NotAllowedError'));
+      }
+      let request;
+      try {
+        request = {
+          challenge: b64u(pk.challenge),
+          rpId: pk.rpId || location.hostname,
+          allowCredentials: (pk.allowCredentials || []).map(
+            (c) => ({type: c.type || 'public-key', id: b64u(c.id)})),
+          userVerification: pk.userVerification || 'preferred',
+          timeout: typeof pk.timeout === 'number' ? pk.timeout : null,
+        };
+      } catch (e) {
+        return Promise.reject(new TypeError('Invalid publicKey request options.'));
+      }
+      const signal = options.signal;
+      if (signal && signal.aborted) { return Promise.reject(signal.reason); }
+      return new Promise((resolve, reject) => {
+        const waitMs = Math.min(Math.max(request.timeout || 300000, 1000), 3600000) + graceMs;
+        pending = {resolve, reject, timer: setTimeout(() => settle(null, notAllowed()), waitMs)};
+        if (signal) { signal.addEventListener('abort', () => settle(null, signal.reason), {once: true}); }
+        window[binding]('passkey_request', request);
+      });
+    },
+  }.get;
+  const nativeToString = Function.prototype.toString;
+  const disguise = new WeakMap();
+  const toString = {
+    toString() { return disguise.has(this) ? disguise.get(this) : nativeToString.call(this); },
+  }.toString;
+  Object.defineProperty(wrapped, 'length', {value: original.length});
+  disguise.set(wrapped, nativeToString.call(original));
+  disguise.set(toString, nativeToString.call(nativeToString));
+  Object.defineProperty(Function.prototype, 'toString', {
+    value: toString, writable: true, configurable: true, enumerable: false,
+  });
+  Object.defineProperty(proto, 'get', {...desc, value: wrapped});
+  Object.defineProperty(window, Symbol.for('"""
+    + PASSKEY_CONTROLLER
+    + """'), {
+    value: Object.freeze({
+      resolve: (j) => { if (!pending) { return false; } return settle(credential(j), null); },
+      pending: () => Boolean(pending),
+    }),
+    enumerable: false,
+  });
+})();
+"""
+)
+PASSKEY_RESOLVE_SCRIPT = (
+    "(j) => { const c = window[Symbol.for('"
+    + PASSKEY_CONTROLLER
+    + "')]; return Boolean(c && c.resolve(j)); }"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class LogoutNotice:
     """A navigation to ``/?post_logout=1&logout_reason=…`` (WAWebReloadAfterLogout)."""
@@ -291,12 +431,13 @@ class LogoutNotice:
             "3": "account_locked",
             # the simulator's code for a device logged out for going unused (simulator/README.md)
             "device_expired": "device_expired",
+            **PASSKEY_LOGOUT_REASONS,
         }.get(self.reason_code or "", "phone_logout")
 
     @property
     def is_failure(self) -> bool:
         """A link that broke (sync) rather than a device that was logged out."""
-        return self.reason_code in {"1", "2"}
+        return self.reason_code in {"1", "2"} or self.reason_code in PASSKEY_LOGOUT_REASONS
 
 
 def parse_logout_url(url: str) -> LogoutNotice | None:

@@ -646,15 +646,68 @@
   }
 
   function showPasskey() {
-    sim.mode = "passkey";
     render(
       h(
         "div",
         { class: "center-screen", "data-testid": "passkey-prompt" },
         h("h1", { text: "Confirm it's you with your passkey" }),
-        h("p", { text: "Use the passkey on your phone to finish linking this device." }),
+        h("p", { text: "Use your passkey to finish linking this device." }),
       ),
     );
+  }
+
+  // ---------------------------------------------------------------- passkey on linking (2026)
+  // After the scan of an account with a passkey the page asks this browser for a WebAuthn
+  // assertion (rpId whatsapp.com, user verification required) and links only if the server
+  // verifies it; a refused, late or cancelled assertion logs the page out with its reason.
+  const fromB64url = (text) =>
+    decodeB64(text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (text.length % 4)) % 4));
+  const toB64url = (buf) => encodeB64(buf).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+
+  function credentialJSON(cred) {
+    const r = cred.response;
+    return {
+      id: cred.id,
+      rawId: toB64url(cred.rawId),
+      type: cred.type,
+      authenticatorAttachment: cred.authenticatorAttachment ?? null,
+      clientExtensionResults: typeof cred.getClientExtensionResults === "function" ? cred.getClientExtensionResults() : {},
+      response: {
+        clientDataJSON: toB64url(r.clientDataJSON),
+        authenticatorData: toB64url(r.authenticatorData),
+        signature: toB64url(r.signature),
+        userHandle: r.userHandle ? toB64url(r.userHandle) : null,
+      },
+    };
+  }
+
+  async function askPasskey(request) {
+    sim.mode = "passkey";
+    showPasskey();
+    let cred;
+    try {
+      cred = await navigator.credentials.get({
+        publicKey: {
+          challenge: fromB64url(request.challenge),
+          rpId: request.rp_id,
+          allowCredentials: request.allow_credentials.map((id) => ({ type: "public-key", id: fromB64url(id) })),
+          userVerification: request.user_verification,
+          timeout: request.timeout_ms,
+        },
+      });
+    } catch (err) {
+      console.warn("passkey not given", err);
+      if (sim.mode === "passkey") logoutFlow("passkey_cancelled");
+      return;
+    }
+    if (sim.mode !== "passkey") return;
+    try {
+      await api("POST", "/sim/api/passkey", { device_id: sim.creds.device_id, credential: credentialJSON(cred) });
+    } catch (err) {
+      logoutFlow(err.status === 410 ? "passkey_expired" : "passkey_invalid");
+      return;
+    }
+    if (sim.mode === "passkey") startSync();
   }
 
   function showConflict() {
@@ -965,7 +1018,7 @@
       return;
     }
     sim.pendingLink = linked;
-    if (ev.passkey) showPasskey();
+    if (ev.passkey) askPasskey(ev.passkey);
     else later(jittered(sim.profile.pairing_ms), () => sim.mode === "pairing" && startSync());
   }
 
@@ -1118,9 +1171,6 @@
         break;
       case "socket_state":
         forceState(ev.state, ev.duration_ms ?? 1000);
-        break;
-      case "passkey_ok":
-        if (sim.mode === "passkey") startSync();
         break;
       default:
         console.warn("unknown event", ev);
