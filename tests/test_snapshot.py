@@ -81,8 +81,9 @@ async def whatsapp(pw: Playwright, profile: Path, sim: Sim) -> AsyncIterator[Pag
         await context.close()
 
 
-async def link(pw: Playwright, profile: Path, sim: Sim) -> None:
-    """A real QR link: read the QR, scan it with the simulated phone, wait for the chat list."""
+async def link(pw: Playwright, profile: Path, sim: Sim, *, settled: bool = True) -> None:
+    """A real QR link: read the QR, scan it with the simulated phone, wait for the chat list (and,
+    unless ``settled`` is false, for the credentials to settle), then close the browser."""
     async with whatsapp(pw, profile, sim) as page:
         seen: list[str] = []
 
@@ -102,7 +103,8 @@ async def link(pw: Playwright, profile: Path, sim: Sim) -> None:
             f"() => {{ try {{ return {ME_USER} === '{PHONE}'; }} catch (e) {{ return false; }} }}"
         )
         # closed before its credentials settled, the profile would restore logged out
-        await page.wait_for_function(CREDS_SETTLED, polling=100, timeout=WAIT_S * 1000)
+        if settled:
+            await page.wait_for_function(CREDS_SETTLED, polling=100, timeout=WAIT_S * 1000)
         with pytest.raises(SnapshotInvalid, match="still runs"):
             pack_profile(profile, key=KEY, session_id=SESSION)  # a live profile is never packed
 

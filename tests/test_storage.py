@@ -12,6 +12,7 @@ credential settle ``creds_settle_ms``), against real Chromium, the simulator, Po
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ from tests.conftest import (
     manager_of,
     scan_until_linked,
 )
+from tests.test_snapshot import KEY, PHONE, SESSION, link, whatsapp
 from worker import chromium, snapshot
 from worker import whatsapp_web as wa
 
@@ -270,3 +272,40 @@ async def test_a_page_without_signal_storage_is_not_snapshotted_and_a_copy_logs_
     finally:
         await context.unroute_all(behavior="ignoreErrors")
         await context.close()
+
+
+# ------------------------------------------------------------------------------ 4. the simulator
+
+
+async def boots_to_logout(pw: Any, profile: Path, sim: Sim) -> list[str]:
+    """Open ``profile`` on the simulator; the logout reasons of its navigations once it landed on
+    the logged-out screen with its banner."""
+    async with whatsapp(pw, profile, sim) as page:
+        urls: list[str] = []
+        page.on("framenavigated", lambda frame: urls.append(frame.url))
+        await page.wait_for_selector('[data-testid="logout-reason-banner"]', timeout=WAIT_S * 1000)
+        assert "database error" in await page.inner_text('[data-testid="logout-reason-banner"]')
+    return [n.reason for n in map(wa.parse_logout_url, urls) if n is not None]
+
+
+async def test_a_copy_taken_before_the_credentials_settled_restores_logged_out(
+    pw: Any, sim: Sim, tmp_path: Path
+) -> None:
+    await sim.profile(creds_settle_ms=600_000)  # the copy is surely taken before the settle
+    source = tmp_path / "early"
+    await link(pw, source, sim, settled=False)
+    assert (await sim.devices(PHONE))[0]["creds_settled"] is False
+    blob = await snapshot.pack_profile_async(source, key=KEY, session_id=SESSION)
+    target = tmp_path / "restored"
+    await snapshot.unpack_profile_async(blob, target, key=KEY, session_id=SESSION)
+    assert await boots_to_logout(pw, target, sim) == ["client_fatal"]  # logout_reason=0
+    assert (await sim.get("/admin/state"))["unsettled_logins"] == 1
+
+
+async def test_a_copy_without_its_blob_files_logs_out(pw: Any, sim: Sim, tmp_path: Path) -> None:
+    source = tmp_path / "linked"
+    await link(pw, source, sim)
+    blobs = source / snapshot.IDB_BLOBS
+    assert any(p.is_file() for p in blobs.rglob("*")), "the page's value over 64 KiB is a blob file"
+    shutil.rmtree(blobs)  # as a copy of the leveldb alone would be
+    assert await boots_to_logout(pw, source, sim) == ["client_fatal"]
