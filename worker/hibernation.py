@@ -221,12 +221,14 @@ class Hibernation:
         its page's login storage. False: no snapshot may be taken at the handover (logged)."""
         if session.status != S.READY or session.slot is None or self._ctx.snapshot_keys is None:
             return True
+        await until_settled(session)
         try:
-            await until_settled(session)
             await self.check_login_storage(session)
-        except WalinkError as exc:
+        except SnapshotIncomplete as exc:
             log.error("%s: no snapshot at the handover: %s; the stored one (if any) stays", session.id, exc)
             return False
+        except WalinkError as exc:  # the page cannot say (closing, hung): its closed profile is packed
+            log.warning("%s: login storage not checked before the handover: %s", session.id, exc)
         return True
 
     async def handover(self, session: Session, *, snapshot_ok: bool = True) -> None:
