@@ -650,7 +650,6 @@
     await storePut("signal-storage", "signed-prekey-store", [signed]);
     const user = await storeGet("wawc", "user", "me");
     await storePut("wawc", "user", [{ ...user, settled: true }]);
-    sim.credsSettled = true;
   }
 
   /** Pairing success: the login stores now, the settle later; the history sync's writes meanwhile.
