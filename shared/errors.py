@@ -165,6 +165,13 @@ class SnapshotInvalid(WalinkError):
     code = "snapshot_invalid"
 
 
+class SnapshotIncomplete(SnapshotInvalid):
+    """A live page lacks a database (or localStorage key) its login needs: a snapshot of it would
+    restore logged out, so none is stored (the previous one stays)."""
+
+    code = "snapshot_incomplete"
+
+
 class DatabaseUnavailable(Unavailable):
     """Postgres cannot be reached now: nothing was changed; the same request can be retried."""
 

@@ -123,6 +123,10 @@ HIBERNATE_FAILURES = Counter(
     "walink_hibernate_failures_total",
     "Hibernations given up because the snapshot could not be packed or stored (session kept ready)",
 )
+SNAPSHOT_REFUSED = Counter(
+    "walink_snapshot_refused_total",
+    "Live snapshots not stored because the page lacked a database or key its login needs",
+)
 RETENTION_PURGED = Counter(
     "walink_retention_purged_total",
     "Rows changed by the retention job: delivered outbox rows deleted, deleted sessions' phones purged",

@@ -116,6 +116,11 @@ class Settings:
     # a snapshot of a ready session's live profile this long after ready, for crash failover
     # (Chromium commits localStorage to disk in batches up to ~5 s late, so not sooner)
     live_snapshot_delay_s: float = 8.0
+    # WhatsApp Web's credentials are final only some seconds after pairing success (the simulator's
+    # strict page: 5 s; whatsapp-web.js RemoteAuth waits 60 s after ready before its first backup):
+    # a new link's first snapshot, and any hibernation, waits until this long after its ready
+    # (docs/durability.md, "The credential settle"); at most 600
+    creds_settle_s: float = 6.0
     # a replaced hibernated session's device is unlinked by logging in on its profile and out
     # again (worker.unlinking): one attempt is bounded by this; a failed one is tried again after
     # unlink_retry_s (also how often every worker looks for such sessions left undone)
@@ -226,6 +231,7 @@ class Settings:
 
     def _validate_durability(self) -> None:
         """Retention and shutdown commits (docs/durability.md)."""
+        self._validate_snapshots()
         if (
             self.outbox_retention_s < 0
             or self.deleted_phone_retention_s < 0
@@ -239,6 +245,11 @@ class Settings:
             raise SettingsError(
                 "WALINK_SHUTDOWN_COMMIT_DEADLINE_S must be > 0 and at most WALINK_SHUTDOWN_DEADLINE_S"
             )
+
+    def _validate_snapshots(self) -> None:
+        """When snapshots are taken (docs/durability.md)."""
+        if not 0 <= self.creds_settle_s <= 600:
+            raise SettingsError("WALINK_CREDS_SETTLE_S must be between 0 and 600 (seconds after ready)")
 
     def _validate_keepalive(self) -> None:
         """Keep-alive and link health (docs/keepalive.md)."""

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from simulator.builds import FIRST_BUILD, check_version
-from simulator.httputil import json_response, read_json, req_param, req_str
+from simulator.httputil import json_response, opt_str, read_json, req_param, req_str
 from simulator.keys import BUILDS, STATE
 from simulator.qr import qr_matrices
 from simulator.state import SimError, check_device_id
@@ -65,7 +65,18 @@ def _conn_id(body: dict[str, Any]) -> str:
 
 async def login(request: web.Request) -> web.Response:
     body = await read_json(request)
-    return json_response(request.app[STATE].login(req_str(body, "device_id", 64), _conn_id(body)))
+    digest = opt_str(body, "creds_digest", _KEY_MAX) or ""
+    return json_response(request.app[STATE].login(req_str(body, "device_id", 64), _conn_id(body), digest))
+
+
+async def settle(request: web.Request) -> web.Response:
+    """The page's credentials are final (``creds_settle_ms`` after pairing success)."""
+    body = await read_json(request)
+    device_id = check_device_id(req_str(body, "device_id", 64))
+    settled = request.app[STATE].settle(device_id, req_str(body, "creds_digest", _KEY_MAX))
+    if not settled:
+        raise SimError(409, "not_linked", "this device is not linked")
+    return json_response({"ok": True})
 
 
 async def adv_secret(request: web.Request) -> web.Response:
@@ -129,6 +140,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/sim/api/boot", boot)
     app.router.add_post("/sim/api/pair-device", pair_device)
     app.router.add_post("/sim/api/login", login)
+    app.router.add_post("/sim/api/settle", settle)
     app.router.add_post("/sim/api/adv-secret", adv_secret)
     app.router.add_post("/sim/api/takeover", takeover)
     app.router.add_post("/sim/api/pair-code", pair_code)

@@ -78,6 +78,14 @@ class Profile:
     version_check: bool = False
     """The server checks the build a page reports: a deprecated (or removed) build gets
     ``DEPRECATED_VERSION`` at boot, and pages running a build get it when it is deprecated."""
+    # ----- storage (docs/whatsapp-web-2026.md, "Storage and the credential settle")
+    idb_mb: int = 0
+    """MB of chats, contacts and messages the history sync writes into ``model-storage`` (mostly
+    incompressible, as encrypted message bodies are). The login databases (``wawc``,
+    ``signal-storage``, a 128 KiB value kept as a blob file) are written whatever its value."""
+    creds_settle_ms: int = 0
+    """Pairing success -> the credentials are final (the signed pre-key is rotated and uploaded).
+    A copy of the profile taken before then restores as logged out (0: final at once)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -106,6 +114,8 @@ _INT_FIELDS = {
     "lazy_modules_ms": (0, 600_000),
     "device_ttl_s": (0, 315_360_000),
     "passkey_ttl_ms": (100, 3_600_000),
+    "idb_mb": (0, 1024),
+    "creds_settle_ms": (0, 600_000),
 }
 _BOOL_FIELDS = {"passkey", "me_module", "lid", "version_check"}
 _CHOICE_FIELDS = {"adv_refresh": ADV_REFRESH_MODES, "sync_signal": SYNC_SIGNALS, "conflict": CONFLICT_MODES}
@@ -158,6 +168,7 @@ _STRICT_BEHAVIOURS: dict[str, Any] = {
     "device_ttl_s": 30 * 86_400,
     "version_check": True,
     "passkey": True,
+    "creds_settle_ms": 5_000,
 }
 
 PROFILES: dict[str, Profile] = {
@@ -171,7 +182,7 @@ PROFILES: dict[str, Profile] = {
         sync_ms=(10_000, 60_000),
         resume_ms=(1000, 2000),
         heap_mb=150,
-        **{**_STRICT_BEHAVIOURS, "me_pn_delay_ms": 300, "lazy_modules_ms": 1500},
+        **{**_STRICT_BEHAVIOURS, "me_pn_delay_ms": 300, "lazy_modules_ms": 1500, "creds_settle_ms": 8_000},
     ),
 }
 DEFAULT_PROFILE = "strict"

@@ -61,6 +61,10 @@ class LinkedDevice:
     platform: str
     last_used_s: float = 0.0
     """When its page last connected, on the simulator's clock (:meth:`SimState.now_s`)."""
+    settle_required: bool = False
+    """Linked under a profile with ``creds_settle_ms``: a login needs the settled credentials."""
+    settled_digest: str | None = None
+    """The digest of the final credentials the page uploaded ``creds_settle_ms`` after pairing."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -70,6 +74,7 @@ class LinkedDevice:
             "platform": self.platform,
             "linked_at": self.linked_at,
             "last_used_s": self.last_used_s,
+            "creds_settled": self.settled_digest is not None or not self.settle_required,
         }
 
 
@@ -121,6 +126,8 @@ class SimState:
         """Devices logged out by ``device_ttl_s``: their page learns why when it next connects."""
         self.takeovers = 0
         """"Use Here" (``Socket.takeover()``) calls that reached the server."""
+        self.unsettled_logins = 0
+        """Logins refused for credentials from before the settle (``creds_settle_ms``)."""
         self._last_gc = time.monotonic()
 
     # ----- the clock and device expiry ---------------------------------------------------------------
@@ -229,7 +236,7 @@ class SimState:
         ]
         return client, texts
 
-    def login(self, device_id: str, conn_id: str = "") -> dict[str, Any]:
+    def login(self, device_id: str, conn_id: str = "", creds_digest: str = "") -> dict[str, Any]:
         client = self.client(device_id)
         self.expire_devices()
         device = self.devices.get(device_id)
@@ -237,6 +244,11 @@ class SimState:
             if device_id in self.expired:
                 return {"linked": False, "seq": client.seq, "logout_reason": "device_expired"}
             return {"linked": False, "seq": client.seq}
+        if device.settle_required and creds_digest != (device.settled_digest or None):
+            # credentials from before the settle (an early copy of the profile): refused, and the
+            # page logs out with reason 0 as on a database error (docs/whatsapp-web-2026.md)
+            self.unsettled_logins += 1
+            return {"linked": False, "seq": client.seq, "logout_reason": "0"}
         device.last_used_s = self.now_s()
         seq = client.seq
         self._go_live(client, conn_id)
@@ -291,6 +303,15 @@ class SimState:
         for code in self.codes.values():
             if code.device_id == device_id:
                 code.expires_at = 0.0
+
+    def settle(self, device_id: str, creds_digest: str) -> bool:
+        """The page's credentials are final (``creds_settle_ms`` after pairing success): only a
+        login with this digest is accepted from now on. False when the device is not linked."""
+        device = self.devices.get(device_id)
+        if device is None:
+            return False
+        device.settled_digest = creds_digest
+        return True
 
     def unpair(self, device_id: str) -> bool:
         """The page logged itself out (``Socket.logout()``)."""
@@ -351,7 +372,14 @@ class SimState:
         if not fail:
             self.last_index[phone] = index
             device = LinkedDevice(
-                client.device_id, phone, name, index, _utc_now_iso(), client.platform, self.now_s()
+                client.device_id,
+                phone,
+                name,
+                index,
+                _utc_now_iso(),
+                client.platform,
+                self.now_s(),
+                settle_required=prof.creds_settle_ms > 0,
             )
             if passkey:  # linked only once the page's assertion verifies
                 self.awaiting_passkey[client.device_id] = device
@@ -477,6 +505,7 @@ class SimState:
         self.live_conn.clear()
         self.conflicts_sent = 0
         self.takeovers = 0
+        self.unsettled_logins = 0
         self.clock_offset_s = 0.0
         self.expired.clear()
 
@@ -487,6 +516,7 @@ class SimState:
             "live_connections": len(self.live_conn),
             "conflicts_sent": self.conflicts_sent,
             "takeovers": self.takeovers,
+            "unsettled_logins": self.unsettled_logins,
             "pending_polls": sum(c.waiters for c in self.clients.values()),
         }
 

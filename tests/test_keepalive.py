@@ -172,7 +172,8 @@ async def test_simulator_clock_expires_only_unused_devices_and_refuses_bad_jumps
     _, texts = state.refresh_adv("dev-expiry-01", "a2")
     await sim.scan(texts[0], "+15550110003")
     assert (await sim.post("/admin/clock", {"advance_s": 60}))["expired"] == 0
-    assert state.login("dev-expiry-01")["linked"] is True  # a use: the TTL starts again
+    assert state.settle("dev-expiry-01", "final")  # as the page does creds_settle_ms after the link
+    assert state.login("dev-expiry-01", creds_digest="final")["linked"] is True  # a use: the TTL restarts
     assert (await sim.post("/admin/clock", {"advance_s": 90}))["expired"] == 0
     assert (await sim.post("/admin/clock", {"advance_s": 20}))["expired"] == 1
     assert await sim.devices("+15550110003") == []

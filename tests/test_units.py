@@ -363,3 +363,25 @@ def test_recent_creates_name_the_newest_within_the_window() -> None:
     gone = RecentCreates(window_s=-1.0)  # every create is older than a window that ended already
     gone.add("s_1")
     assert gone.ids() == []
+
+
+def test_the_login_storage_a_snapshot_needs_is_named_from_the_page_answer() -> None:
+    complete = {
+        "databases": [*wa.LOGIN_DATABASES, "fts-storage"],
+        "local_storage": list(wa.LOGIN_LOCAL_STORAGE),
+    }
+    assert wa.missing_login_storage(complete) == []
+    partial = {"databases": ["wawc_db_enc", "wawc", "model-storage"], "local_storage": ["WANoiseInfo"]}
+    assert wa.missing_login_storage(partial) == [
+        "IndexedDB signal-storage",
+        "localStorage WebEncKeySalt",
+        "localStorage last-wid-md",
+    ]
+    assert len(wa.missing_login_storage(None)) == len(wa.LOGIN_DATABASES) + len(wa.LOGIN_LOCAL_STORAGE)
+
+
+@pytest.mark.parametrize("value", ["-1", "601", "nan"])
+def test_creds_settle_s_is_bounded(value: str) -> None:
+    with pytest.raises(SettingsError, match="WALINK_CREDS_SETTLE_S"):
+        Settings.from_env({"WALINK_CREDS_SETTLE_S": value})
+    assert Settings.from_env({"WALINK_CREDS_SETTLE_S": "0"}).creds_settle_s == 0.0

@@ -192,6 +192,13 @@ class BrowserSlot:
         except PlaywrightError as exc:
             raise BrowserError(f"page script failed: {exc.message}") from exc
 
+    async def missing_login_storage(self, timeout_s: float = 10.0) -> list[str]:
+        """What the page lacks of the storage its login needs (``wa.LOGIN_DATABASES`` and
+        ``wa.LOGIN_LOCAL_STORAGE``); empty when a snapshot of it can restore the login."""
+        keys = list(wa.LOGIN_LOCAL_STORAGE)
+        found = await self._evaluate(wa.LOGIN_STORAGE_SCRIPT, keys, timeout_s=timeout_s)
+        return wa.missing_login_storage(found)
+
     async def request_pairing_code(self, phone: str) -> str:
         code = await self._evaluate(wa.PAIRING_CODE_SCRIPT, phone, timeout_s=30.0)
         if not isinstance(code, str) or not code:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from shared import metrics
-from shared.errors import SnapshotInvalid, SnapshotKeyUnknown, WalinkError
+from shared.errors import SnapshotIncomplete, SnapshotInvalid, SnapshotKeyUnknown, WalinkError
 from shared.models import Reason, SessionStatus
 from shared.private_files import make_private_dirs
 from worker import qr_queue, snapshot
@@ -60,6 +60,9 @@ class Hibernation:
         """A session just became ready: its idle clock, the capacity check, its live snapshot (a
         keep-alive wake instead hibernates again at once: its page connected, that was the use)."""
         mark_connected(session, self._ctx.clock)
+        if session.reason == Reason.LINKED:
+            # a new link: its credentials are final only some seconds from now (module docstring)
+            session.creds_settle_at = time.monotonic() + self._ctx.settings.creds_settle_s
         if session.id in self.keepalive_wakes:
             self.keepalive_wakes.discard(session.id)
             hibernate = self._ctx.tasks.quietly(self.hibernate(session, Reason.KEEPALIVE))
@@ -114,6 +117,9 @@ class Hibernation:
             if session.status != S.READY:
                 return
             self.cancel_idle(session)
+            await until_settled(session)  # a copy taken sooner would restore logged out
+            if not _is_ready(session):  # it may have ended meanwhile
+                return
             started = time.monotonic()
             had_browser = session.slot is not None
             # Only a profile whose browser this call closed is packed. A session taken over
@@ -212,10 +218,26 @@ class Hibernation:
         self._ending.forget(session)
         await ctx.durable.release(session.id)
 
-    async def handover(self, session: Session) -> None:
-        """Leave the session ready for another worker: a fresh snapshot, then the lease freed."""
+    async def before_handover(self, session: Session) -> bool:
+        """While its browser still runs: wait for a new link's credentials to settle, then check
+        its page's login storage. False: no snapshot may be taken at the handover (logged)."""
+        if session.status != S.READY or session.slot is None or self._ctx.snapshot_keys is None:
+            return True
+        await until_settled(session)
+        try:
+            await self.check_login_storage(session)
+        except SnapshotIncomplete as exc:
+            log.error("%s: no snapshot at the handover: %s; the stored one (if any) stays", session.id, exc)
+            return False
+        except WalinkError as exc:  # the page cannot say (closing, hung): its closed profile is packed
+            log.warning("%s: login storage not checked before the handover: %s", session.id, exc)
+        return True
+
+    async def handover(self, session: Session, *, snapshot_ok: bool = True) -> None:
+        """Leave the session ready for another worker: a fresh snapshot (unless ``snapshot_ok``
+        is false, see :meth:`before_handover`), then the lease freed."""
         with contextlib.suppress(WalinkError, *DB_ERRORS):
-            if session.status == S.READY and self._ctx.snapshot_keys is not None:
+            if snapshot_ok and session.status == S.READY and self._ctx.snapshot_keys is not None:
                 await self.store_snapshot(session)
         await self._ctx.durable.release(session.id)
 
@@ -223,17 +245,23 @@ class Hibernation:
     async def _live_snapshot(self, session: Session) -> None:
         """Shortly after ready, snapshot the live profile so any worker can restore the session if
         this one dies without a goodbye. Not at once: Chromium commits localStorage (where WhatsApp
-        keeps WANoiseInfo) to disk in batches up to ~5 s late; a copy taken sooner shows a QR.
-        A failure (Postgres or the disk) is retried with backoff; losing the lease ends the tries."""
-        delay_s = self._ctx.settings.live_snapshot_delay_s
+        keeps WANoiseInfo) to disk in batches up to ~5 s late; a copy taken sooner shows a QR. A
+        new link's first one also waits for its credentials to settle (``creds_settle_s``): the
+        deadline is the later of the two. A failure (Postgres or the disk) is retried with backoff;
+        losing the lease, or a page without its login's storage, ends the tries."""
+        first_at = max(time.monotonic() + self._ctx.settings.live_snapshot_delay_s, session.creds_settle_at)
+        delay_s = first_at - time.monotonic()
         for attempt in range(1, LIVE_SNAPSHOT_ATTEMPTS + 1):
-            await asyncio.sleep(delay_s)
+            await asyncio.sleep(max(0.0, delay_s))  # a deadline, not a poll
             if session.status != S.READY or session.slot is None or self._ctx.snapshot_keys is None:
                 return
             try:
                 size = await self.store_snapshot(session, live=True)
             except NotOwner as exc:
                 log.warning("%s: live snapshot refused: %s", session.id, exc)
+                return
+            except SnapshotIncomplete as exc:
+                log.error("%s: live snapshot refused: %s; the stored one (if any) stays", session.id, exc)
                 return
             except SNAPSHOT_ERRORS as exc:
                 retry = attempt < LIVE_SNAPSHOT_ATTEMPTS
@@ -249,6 +277,19 @@ class Hibernation:
             session.timings["live_snapshot_bytes"] = size
             return
 
+    async def check_login_storage(self, session: Session) -> None:
+        """Raise :class:`~shared.errors.SnapshotIncomplete` when the session's page lacks storage
+        its login needs (a snapshot of it would restore logged out; nothing is stored then, and
+        the previous snapshot stays). Checked on the live page: a closed profile cannot say."""
+        if session.slot is None:
+            return
+        missing = await session.slot.missing_login_storage()
+        if missing:
+            metrics.SNAPSHOT_REFUSED.inc()
+            raise SnapshotIncomplete(
+                f"the page lacks {', '.join(missing)}: a snapshot would restore logged out"
+            )
+
     async def store_snapshot(self, session: Session, *, live: bool = False) -> int:
         """Pack the session's profile (``live``: under a running Chromium) and store it, fenced by
         the session's lease token; the answer is the snapshot's size in bytes. The snapshot goes
@@ -256,6 +297,8 @@ class Hibernation:
         loop free whatever the size of WhatsApp's storage."""
         ctx = self._ctx
         assert ctx.snapshot_keys is not None  # callers check: snapshots are enabled
+        if live:
+            await self.check_login_storage(session)
         profile = ctx.launcher.profile_dir(session.profile_id)
         started = time.monotonic()
         async with _snapshot_file(ctx, session, "pack") as path:
@@ -311,6 +354,18 @@ async def _snapshot_file(ctx: Context, session: Session, purpose: str) -> AsyncI
         yield path
     finally:
         await asyncio.to_thread(path.unlink, True)
+
+
+async def until_settled(session: Session) -> None:
+    """Wait (a deadline, at most ``creds_settle_s``) until a new link's credentials are final."""
+    remaining_s = session.creds_settle_at - time.monotonic()
+    if remaining_s > 0:
+        log.info("%s: a snapshot waits %.1f s for the credentials to settle", session.id, remaining_s)
+        await asyncio.sleep(remaining_s)
+
+
+def _is_ready(session: Session) -> bool:
+    return session.status == S.READY
 
 
 def _has_files(directory: Path) -> bool:

@@ -38,7 +38,7 @@ from worker.browser import BrowserSlot
 from worker.commits import Commits
 from worker.context import Context
 from worker.ending import Ending
-from worker.hibernation import Hibernation
+from worker.hibernation import Hibernation, until_settled
 from worker.session import Session
 
 log = logging.getLogger("walink.sessions")
@@ -290,6 +290,8 @@ class Linking:
         self._ctx.tasks.spawn(session, self._reload(session, slot))
 
     async def _reload(self, session: Session, slot: BrowserSlot) -> None:
+        # a page reloaded before a new link's credentials settled would boot logged out
+        await until_settled(session)
         try:
             await slot.reload(self._ctx.settings.start_timeout_s)
         except BrowserError as exc:

@@ -101,6 +101,9 @@ class Session:
     last_used: float = field(default_factory=time.monotonic, repr=False)
     # taken over from Postgres and not yet driven: the first ``_resume`` claims it (only one may)
     needs_resume: bool = field(default=False, repr=False)
+    creds_settle_at: float = field(default=0.0, repr=False)
+    """``time.monotonic()`` after which a new link's credentials are final (``creds_settle_s``
+    after its ready): no snapshot of its profile before then (0: nothing to wait for)."""
 
     def __post_init__(self) -> None:
         if not self.history:

@@ -519,10 +519,19 @@ class SessionManager:
         await ctx.tasks.cancel_all()
         await self._commits.drain(self.settings.shutdown_commit_deadline_s)
         sessions = list(self.sessions.values())
+        # before the browsers end: new links' credentials settled, and their pages' login storage
+        # complete, or the handover stores no snapshot of them (docs/durability.md)
+        snapshot_ok = await asyncio.gather(*(self._hibernation.before_handover(s) for s in sessions))
         await asyncio.gather(
             *(self._ending.end_browser(s, wipe=False) for s in sessions), return_exceptions=True
         )
-        await asyncio.gather(*(self._hibernation.handover(s) for s in sessions), return_exceptions=True)
+        await asyncio.gather(
+            *(
+                self._hibernation.handover(s, snapshot_ok=ok)
+                for s, ok in zip(sessions, snapshot_ok, strict=True)
+            ),
+            return_exceptions=True,
+        )
         for session in sessions:
             session.close_subscribers()
 

@@ -14,8 +14,8 @@ What a snapshot holds (``SNAPSHOT_PATHS``, relative to the profile, checked with
 * ``Default/IndexedDB/https_web.whatsapp.com_0.indexeddb.blob``: kept when it exists. Chromium
   stores Blobs and large IndexedDB values there (also plain ArrayBuffers of 512 KiB, as tested;
   Blink wraps values above ~64 KiB). Without this directory, those values come back as
-  ``undefined``, and Blobs fail with ``NotFoundError``. The simulator never creates it; real
-  WhatsApp Web can.
+  ``undefined``, and Blobs fail with ``NotFoundError``. Real WhatsApp Web can create it; the
+  simulator always does (a 128 KiB value in ``model-storage``, checked at boot).
 
 From the leveldb directories, only the database files are kept: ``CURRENT``, ``MANIFEST-*``, and
 ``*.log``/``*.ldb``/``*.sst``. ``LOCK``, ``LOG``, ``LOG.old`` and temporary files are skipped.

@@ -440,6 +440,31 @@ class LogoutNotice:
         return self.reason_code in {"1", "2"} or self.reason_code in PASSKEY_LOGOUT_REASONS
 
 
+# ----- the storage that holds the login (docs/durability.md, "What a snapshot needs")
+LOGIN_DATABASES: tuple[str, ...] = ("wawc_db_enc", "wawc", "signal-storage", "model-storage")
+"""IndexedDB databases (``WAWebSchemaVersions.DatabaseNames``) a restored login cannot do without:
+the non-extractable key, the device, the Signal keys and sessions, and (strict: nothing public
+says WhatsApp rebuilds it) the chats and contacts."""
+LOGIN_LOCAL_STORAGE: tuple[str, ...] = ("WANoiseInfo", "WebEncKeySalt", "last-wid-md")
+"""localStorage keys of the login: the encrypted credentials, their salt, the linked account."""
+LOGIN_STORAGE_SCRIPT = (
+    "async (keys) => ({ databases: (await indexedDB.databases()).map((d) => d.name).filter(Boolean),"
+    " local_storage: keys.filter((k) => localStorage.getItem(k) !== null) })"
+)
+"""The page's IndexedDB database names and which of ``LOGIN_LOCAL_STORAGE`` it holds."""
+
+
+def missing_login_storage(found: object) -> list[str]:
+    """What ``LOGIN_STORAGE_SCRIPT``'s answer lacks of the login (empty: nothing)."""
+    databases = found.get("databases") if isinstance(found, dict) else None
+    keys = found.get("local_storage") if isinstance(found, dict) else None
+    have = {str(n) for n in databases} if isinstance(databases, list) else set()
+    stored = {str(k) for k in keys} if isinstance(keys, list) else set()
+    return [f"IndexedDB {n}" for n in LOGIN_DATABASES if n not in have] + [
+        f"localStorage {k}" for k in LOGIN_LOCAL_STORAGE if k not in stored
+    ]
+
+
 def parse_logout_url(url: str) -> LogoutNotice | None:
     parts = urlsplit(url)
     if f"{parts.scheme}://{parts.netloc}" != ORIGIN:

@@ -498,6 +498,203 @@
     }
   }
 
+  // ---------------------------------------------------------------- storage model: what a linked page keeps
+  // (docs/whatsapp-web-2026.md, "Storage and the credential settle"). At pairing success the page
+  // writes the device (`wawc`), the Signal keys and sessions (`signal-storage`) and, during the
+  // history sync, chats, contacts and messages (`model-storage`, `idb_mb` MB, plus one 128 KiB value
+  // that Chromium keeps as a blob file). The credentials are final `creds_settle_ms` later: a new
+  // signed pre-key, uploaded; the server accepts only that one at login. At boot with stored keys,
+  // every one of these must be there and agree with WANoiseInfo, else the page logs out (reason 0).
+  const STORE_DBS = {
+    wawc: ["user"],
+    "signal-storage": [
+      "signal-meta-store",
+      "identity-store",
+      "prekey-store",
+      "signed-prekey-store",
+      "session-store",
+      "senderkey-store",
+    ],
+    "model-storage": ["chat", "contact", "message", "user-prefs", "history-sync"],
+  };
+  const LOGIN_DBS = Object.keys(STORE_DBS); // with wawc_db_enc (loadCreds) and localStorage
+  const PREKEY_COUNT = 100;
+  const SIGNAL_SESSIONS = 24;
+  const SENDER_KEYS = 12;
+  const LARGE_VALUE_ID = "initial-history-blob";
+  const LARGE_VALUE_BYTES = 128 * 1024; // twice Blink's 64 KiB wrap threshold: a file in …indexeddb.blob
+  const MESSAGE_BODY_BYTES = 15 * 1024; // encrypted body: incompressible, below the blob threshold
+  const WRITE_TX_BYTES = 1 << 20; // one transaction per MiB: 200 MB goes in 200 of them
+
+  function randomBytes(n) {
+    const out = new Uint8Array(n);
+    for (let i = 0; i < n; i += 65536) crypto.getRandomValues(out.subarray(i, Math.min(n, i + 65536)));
+    return out;
+  }
+  function storeOpen(name) {
+    return new Promise((resolve, reject) => {
+      const req = indexedDB.open(name, 1);
+      req.onupgradeneeded = () => {
+        for (const store of STORE_DBS[name]) {
+          if (!req.result.objectStoreNames.contains(store)) req.result.createObjectStore(store, { keyPath: "id" });
+        }
+      };
+      req.onsuccess = () => resolve(req.result);
+      req.onerror = () => reject(req.error);
+      req.onblocked = () => reject(new Error(`IndexedDB open of ${name} blocked`));
+    });
+  }
+  /** Run `op(tx)` in one transaction on database `name`; the value of `op`'s last request. */
+  async function storeTx(name, stores, mode, op) {
+    const db = await storeOpen(name);
+    try {
+      return await new Promise((resolve, reject) => {
+        const tx = db.transaction(stores, mode);
+        const req = op(tx);
+        let result;
+        if (req) req.onsuccess = () => (result = req.result);
+        tx.oncomplete = () => resolve(result);
+        tx.onerror = () => reject(tx.error);
+        tx.onabort = () => reject(tx.error || new Error(`transaction on ${name} aborted`));
+      });
+    } finally {
+      db.close();
+    }
+  }
+  const storePut = (name, store, rows) =>
+    storeTx(name, [store], "readwrite", (tx) => {
+      for (const row of rows) tx.objectStore(store).put(row);
+    });
+  const storeGet = (name, store, id) => storeTx(name, [store], "readonly", (tx) => tx.objectStore(store).get(id));
+  const storeCount = (name, store) => storeTx(name, [store], "readonly", (tx) => tx.objectStore(store).count());
+
+  async function credsDigest(identityPub, signedPreKeyPub) {
+    const text = new TextEncoder().encode(`${identityPub}|${signedPreKeyPub}`);
+    return toHex(new Uint8Array(await crypto.subtle.digest("SHA-256", text)));
+  }
+  const newKeyPair = () => ({ pub: encodeB64(rand(32)), priv: encodeB64(rand(32)) });
+
+  /** Pairing success: the device and the Signal store (provisional signed pre-key), localStorage keys. */
+  async function writeLoginStores(linked) {
+    const creds = sim.creds;
+    const settleRequired = (sim.profile.creds_settle_ms || 0) > 0;
+    await storePut("wawc", "user", [
+      {
+        id: "me",
+        device_id: creds.device_id,
+        wid: `${linked.phone}:${linked.device_index}@c.us`,
+        identity_pub: creds.identity.pub,
+        settle_required: settleRequired,
+        settled: false,
+      },
+    ]);
+    const signal = "signal-storage";
+    await storePut(signal, "signal-meta-store", [
+      { id: "signal_reg_id", value: creds.registration_id },
+      { id: "signal_static_pubkey", value: creds.noise.pub },
+      { id: "adv_signed_identity", value: encodeB64(rand(180)) },
+    ]);
+    await storePut(signal, "identity-store", [{ id: "me", pub: creds.identity.pub, priv: creds.identity.priv }]);
+    await storePut(
+      signal,
+      "prekey-store",
+      Array.from({ length: PREKEY_COUNT }, (_, i) => ({ id: i + 1, ...newKeyPair() })),
+    );
+    await storePut(signal, "signed-prekey-store", [{ id: "current", key_id: 1, final: false, ...newKeyPair() }]);
+    await storePut(
+      signal,
+      "session-store",
+      Array.from({ length: SIGNAL_SESSIONS }, (_, i) => ({ id: `${linked.phone}.${i}`, record: randomBytes(1200) })),
+    );
+    await storePut(
+      signal,
+      "senderkey-store",
+      Array.from({ length: SENDER_KEYS }, (_, i) => ({ id: `group-${i}`, record: randomBytes(600) })),
+    );
+    localStorage.setItem("WALid", JSON.stringify(sim.meLid ? sim.meLid._serialized : null));
+    localStorage.setItem("mobile-platform", JSON.stringify("android"));
+    localStorage.setItem("md-opted-in", "true");
+  }
+
+  /** The history sync: `idb_mb` MB of chats, contacts and messages (one transaction per MiB), and
+   * one value above the blob threshold. */
+  async function writeHistory(linked) {
+    const model = "model-storage";
+    await storePut(model, "user-prefs", [{ id: "me", wid: `${linked.phone}@c.us`, theme: "light" }]);
+    await storePut(model, "history-sync", [{ id: LARGE_VALUE_ID, data: randomBytes(LARGE_VALUE_BYTES).buffer }]);
+    const totalBytes = (sim.profile.idb_mb || 0) * (1 << 20);
+    const perTx = Math.floor(WRITE_TX_BYTES / MESSAGE_BODY_BYTES);
+    const messages = Math.ceil(totalBytes / MESSAGE_BODY_BYTES);
+    const chats = Math.max(1, Math.ceil(messages / 50));
+    const jid = (i) => `${String(20_000_000_000 + i)}@c.us`;
+    await storePut(
+      model,
+      "contact",
+      Array.from({ length: chats }, (_, i) => ({ id: jid(i), name: `Contact ${i}`, type: "in" })),
+    );
+    await storePut(
+      model,
+      "chat",
+      Array.from({ length: chats }, (_, i) => ({ id: jid(i), t: 1_700_000_000 + i, unreadCount: i % 3, archive: false })),
+    );
+    for (let first = 0; first < messages && !sim.loggingOut; first += perTx) {
+      const rows = [];
+      for (let i = first; i < Math.min(messages, first + perTx); i++) {
+        rows.push({ id: `false_${jid(i % chats)}_${i}`, chat: jid(i % chats), t: 1_700_000_000 + i, body: randomBytes(MESSAGE_BODY_BYTES) });
+      }
+      await storePut(model, "message", rows);
+    }
+    localStorage.setItem("WaInitialHistorySynced", "true");
+  }
+
+  /** `creds_settle_ms` after pairing success: the final signed pre-key, uploaded, then stored. */
+  async function settleCreds() {
+    const signed = { id: "current", key_id: 2, final: true, ...newKeyPair() };
+    const digest = await credsDigest(sim.creds.identity.pub, signed.pub);
+    await apiRetry("POST", "/sim/api/settle", { device_id: sim.creds.device_id, creds_digest: digest }, () => !sim.loggingOut);
+    if (sim.loggingOut) return;
+    await storePut("signal-storage", "signed-prekey-store", [signed]);
+    const user = await storeGet("wawc", "user", "me");
+    await storePut("wawc", "user", [{ ...user, settled: true }]);
+  }
+
+  /** Pairing success: the login stores now, the settle later; the history sync's writes meanwhile.
+   * The answer settles when everything the sync writes is stored. */
+  function startStorage(linked) {
+    const login = writeLoginStores(linked);
+    login.then(
+      () => later(sim.profile.creds_settle_ms || 0, () => settleCreds().catch((err) => storageFailed(err))),
+      () => {},
+    );
+    return login.then(() => writeHistory(linked));
+  }
+  function storageFailed(err) {
+    console.error("storage write failed", err);
+    if (!sim.loggingOut) logoutFlow(0);
+  }
+
+  /** Boot with stored keys: every login database there and consistent with the creds; the digest
+   * the server checks at login. Throws (with what is wrong) otherwise. */
+  async function checkLoginStores(creds) {
+    const names = new Set((await indexedDB.databases()).map((d) => d.name));
+    const missing = LOGIN_DBS.filter((name) => !names.has(name));
+    if (missing.length) throw new Error(`IndexedDB database(s) missing: ${missing.join(", ")}`);
+    const user = await storeGet("wawc", "user", "me");
+    if (!user || user.device_id !== creds.device_id) throw new Error("wawc: the device does not match WANoiseInfo");
+    const identity = await storeGet("signal-storage", "identity-store", "me");
+    if (!identity || identity.pub !== creds.identity.pub) {
+      throw new Error("signal-storage: the identity does not match WANoiseInfo");
+    }
+    if ((await storeCount("signal-storage", "prekey-store")) !== PREKEY_COUNT) throw new Error("signal-storage: pre-keys missing");
+    const signed = await storeGet("signal-storage", "signed-prekey-store", "current");
+    if (!signed) throw new Error("signal-storage: no signed pre-key");
+    const large = await storeGet("model-storage", "history-sync", LARGE_VALUE_ID);
+    if (!large || !(large.data instanceof ArrayBuffer) || large.data.byteLength !== LARGE_VALUE_BYTES) {
+      throw new Error("model-storage: a large value is missing (its blob file?)");
+    }
+    return credsDigest(identity.pub, signed.pub);
+  }
+
   // ---------------------------------------------------------------- screens
   function render(node) {
     $("#wa_web_initial_startup")?.remove();
@@ -1035,13 +1232,14 @@
     Stream.set({ mode: "SYNCING", displayInfo: "SYNCING" });
     later(sim.profile.me_pn_delay_ms || 0, () => sim.loggingOut || setMe(linked));
     Cmd.trigger("offline_progress_update_from_bridge");
+    const stored = startStorage(linked); // the history sync is over once its data is written
     const total = jittered(sim.profile.sync_ms);
     const steps = Math.max(1, Math.min(20, Math.floor(total / 50)));
     for (let i = 1; i <= steps; i++) {
       later((total * i) / steps, () => {
         if (sim.mode !== "syncing") return;
         setProgress((100 * i) / steps);
-        if (i === steps) finishSync();
+        if (i === steps) stored.then(() => sim.mode === "syncing" && finishSync(), storageFailed);
       });
     }
   }
@@ -1258,7 +1456,21 @@
       pollLoop();
       return startQr();
     }
-    const login = await apiRetry("POST", "/sim/api/login", { device_id: sim.creds.device_id, conn_id: sim.connId });
+    let credsDigestNow = "";
+    if (localStorage.getItem("last-wid-md")) {
+      // linked before: every login database must be there (a never-linked page has none yet)
+      try {
+        credsDigestNow = await checkLoginStores(sim.creds);
+      } catch (error) {
+        console.warn("login storage is incomplete:", error);
+        return logoutFlow(0);
+      }
+    }
+    const login = await apiRetry("POST", "/sim/api/login", {
+      device_id: sim.creds.device_id,
+      conn_id: sim.connId,
+      creds_digest: credsDigestNow,
+    });
     sim.seq = login.seq ?? 0;
     pollLoop();
     if (login.linked) return resume(login);

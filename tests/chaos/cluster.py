@@ -264,9 +264,9 @@ class ChaosCluster:
 
     async def steady_state(self, outcome: Outcome) -> None:
         """What a fault meets: every followed session has the live snapshot that lets another
-        worker restore it (WALINK_LIVE_SNAPSHOT_DELAY_S after ready). One still without it after
-        an earlier fault (that fault's check failed already) is no longer followed, so that this
-        fault is judged on its own."""
+        worker restore it (WALINK_LIVE_SNAPSHOT_DELAY_S after ready, once the credentials
+        settled). One still without it after an earlier fault (that fault's check failed already)
+        is no longer followed, so that this fault is judged on its own."""
         with contextlib.suppress(AssertionError):
             await self.until("every ready session has its snapshot", self._all_snapshotted, SNAPSHOT_S)
         for sid in await self.without_snapshot():
