@@ -9,9 +9,10 @@ storage" table; docs/durability.md):
 * one value is built and parsed whole on both sides: a 200 MB snapshot would be 200 MB in the
   worker's memory twice and one 200 MB message that blocks the worker's event loop while asyncpg
   encodes or decodes it (Postgres also caps a value at 1 GB);
-* large objects need ``lo_*`` calls, ownership rules that the data-only roles of the gateway and
-  workers do not have (docs/security.md), and their own clean-up (``vacuumlo``): an
-  ``ON DELETE CASCADE`` does not remove them;
+* large objects were slower to store (2.5 s against 0.9 s at 200 MiB), carry privileges of their
+  own (each object belongs to the role that made it; another role needs a ``GRANT`` per object),
+  and need their own clean-up (``vacuumlo`` or a trigger): ``ON DELETE CASCADE`` does not remove
+  them;
 * rows of 1 MiB are plain DML under the same roles, stream in and out with flat memory (a file is
   read and written a chunk at a time, off the event loop), cascade with their session, and
   replicate and back up like every other row.
@@ -32,8 +33,8 @@ from shared.db import Conn
 from shared.errors import SnapshotInvalid
 
 CHUNK_BYTES = 1 << 20
-"""Bytes per stored chunk (``make bench``: 1 MiB and 8 MiB chunks store a 200 MiB snapshot in about
-the same time, and 1 MiB keeps each message, and the worker's buffers, small)."""
+"""Bytes per stored chunk (``make bench``, 200 MiB: 1 MiB chunks store in 0.86 s and read in 0.34 s
+with +6 MB of RSS; 8 MiB chunks 1.25 s / 0.62 s with +51 MB)."""
 
 Reader = Callable[[int], Awaitable[bytes]]
 
