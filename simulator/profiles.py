@@ -168,7 +168,7 @@ _STRICT_BEHAVIOURS: dict[str, Any] = {
     "device_ttl_s": 30 * 86_400,
     "version_check": True,
     "passkey": True,
-    "creds_settle_ms": 5_000,
+    "creds_settle_ms": 1_000,
 }
 
 PROFILES: dict[str, Profile] = {

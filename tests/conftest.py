@@ -176,6 +176,9 @@ LIFTED_QUOTAS: dict[str, Any] = {
 SNAPSHOT_KEY = "q0v4cXmW2m5W8Ck3tM2o3H3n5F3n2kq9yA8fQ6pL1xE="  # test-only key (base64 of 32 bytes)
 
 
+TEST_CREDS_SETTLE_S = 3.0
+
+
 def worker_settings(tmp_path: Path, sim: Sim, pg_dsn: str, redis_prefix: str, **overrides: Any) -> Settings:
     base = Settings(
         data_dir=tmp_path / "var",
@@ -188,6 +191,10 @@ def worker_settings(tmp_path: Path, sim: Sim, pg_dsn: str, redis_prefix: str, **
         warm_pool_size=0,
         start_timeout_s=45.0,
         shutdown_deadline_s=10.0,
+        # the strict page settles 1 s after pairing success (simulator/profiles.py): 3 s leaves room
+        # for a loaded machine, and keeps what waits for the settle (hibernation, the shutdown
+        # handover) short; the default 6 s is for pages whose settle is not known
+        creds_settle_s=TEST_CREDS_SETTLE_S,
         webhook_backoff_base_s=0.05,
         webhook_backoff_max_s=0.5,
         webhook_allow=LOOPBACK_WEBHOOKS,  # the test receivers listen on loopback: admitted explicitly
@@ -405,6 +412,7 @@ class WorkerProcess:
             "WALINK_SNAPSHOT_KEY": SNAPSHOT_KEY,
             "WALINK_WARM_POOL_SIZE": "0",
             "WALINK_SHUTDOWN_DEADLINE_S": "10",
+            "WALINK_CREDS_SETTLE_S": str(TEST_CREDS_SETTLE_S),
             "WALINK_WEBHOOK_BACKOFF_BASE_S": "0.05",
             "WALINK_WEBHOOK_BACKOFF_MAX_S": "0.5",
             "WALINK_WEBHOOK_ALLOW": LOOPBACK_WEBHOOKS,

@@ -42,6 +42,7 @@ from tests.conftest import (
 from tests.test_snapshot import KEY, PHONE, SESSION, link, whatsapp
 from worker import chromium, snapshot
 from worker import whatsapp_web as wa
+from worker.hibernation import until_settled
 
 pytestmark = pytest.mark.chromium
 
@@ -231,7 +232,7 @@ async def test_a_page_without_signal_storage_is_not_snapshotted_and_a_copy_logs_
     assert session.slot is not None and session.slot.page is not None
     page = session.slot.page
     await page.wait_for_function(CREDS_SETTLED, polling=100, timeout=WAIT_S * 1000)
-    await asyncio.sleep(max(0.0, session.creds_settle_at - time.monotonic()))  # walink's own deadline
+    await until_settled(session)  # walink's own deadline
     assert await session.slot.missing_login_storage() == []
     good = await manager._hibernation.store_snapshot(session, live=True)
     stored = await pg_pool.fetchval("SELECT blob FROM profile_snapshots WHERE session_id = $1", sid)
@@ -252,10 +253,13 @@ async def test_a_page_without_signal_storage_is_not_snapshotted_and_a_copy_logs_
     after = await pg_pool.fetchval("SELECT blob FROM profile_snapshots WHERE session_id = $1", sid)
     assert after == stored, "the previous snapshot stays"
 
-    # forced into a profile anyway (packed past walink's check), the copy logs out at boot
+    # forced into a profile anyway (packed past walink's check), the copy logs out at boot. Packed
+    # from the closed profile: Chromium writes localStorage to disk up to ~5 s late (a live copy
+    # this early may lack `last-wid-md` and boot as never linked), and a close writes everything
     profile = manager.launcher.profile_dir(session.profile_id)
     key = manager._ctx.snapshot_keys
-    forced = await snapshot.pack_live_profile_async(profile, key=key, session_id=sid)
+    await manager._ending.end_browser(session, wipe=False)
+    forced = await snapshot.pack_profile_async(profile, key=key, session_id=sid)
     target = tmp_path / "forced"
     await snapshot.unpack_profile_async(forced, target, key=key, session_id=sid)
     context = await launch(pw, target, service_workers="block")

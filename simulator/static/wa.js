@@ -662,9 +662,13 @@
    * The answer settles when everything the sync writes is stored. */
   function startStorage(linked) {
     const login = writeLoginStores(linked);
-    login.then(
-      () => later(sim.profile.creds_settle_ms || 0, () => settleCreds().catch((err) => storageFailed(err))),
-      () => {},
+    // counted from pairing success (not from the end of the login's writes): the settle happens
+    // creds_settle_ms after it, or as soon as the login is stored if that takes longer
+    later(sim.profile.creds_settle_ms || 0, () =>
+      login.then(
+        () => settleCreds().catch((err) => storageFailed(err)),
+        () => {},
+      ),
     );
     return login.then(() => writeHistory(linked));
   }
