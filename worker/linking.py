@@ -93,6 +93,9 @@ class Linking:
             # half-way would leave a half-unpacked profile, i.e. a QR instead of the login
             return session
         keep_profile = session.status == S.READY
+        if keep_profile:
+            # a page closed before a new link's credentials settled would boot logged out
+            await until_settled(session)
         # the work in flight ends first: a launch it was in must let go of the profile
         await ctx.tasks.stop_work(session, ctx.settings.start_timeout_s)
         await self._ending.end_browser(session, wipe=not keep_profile)

@@ -859,16 +859,6 @@ def _live_copy(profile_dir: Path) -> Iterator[Path]:
         yield copy
 
 
-def pack_live_profile(profile_dir: Path, *, key: bytes | SnapshotKeys, session_id: str) -> bytes:
-    """A snapshot of a profile whose Chromium is still running: packed from :func:`_live_copy`."""
-    with _live_copy(profile_dir) as copy:
-        return pack_profile(copy, key=key, session_id=session_id)
-
-
-async def pack_live_profile_async(profile_dir: Path, *, key: bytes | SnapshotKeys, session_id: str) -> bytes:
-    return await asyncio.to_thread(pack_live_profile, profile_dir, key=key, session_id=session_id)
-
-
 def _pack_file(
     profile_dir: Path, target: Path, key: bytes | SnapshotKeys, session_id: str, live: bool
 ) -> int:
