@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from playwright.async_api import Page
 from prometheus_client import REGISTRY
@@ -313,3 +314,51 @@ async def test_a_copy_without_its_blob_files_logs_out(pw: Any, sim: Sim, tmp_pat
     assert any(p.is_file() for p in blobs.rglob("*")), "the page's value over 64 KiB is a blob file"
     shutil.rmtree(blobs)  # as a copy of the leveldb alone would be
     assert await boots_to_logout(pw, source, sim) == ["client_fatal"]
+
+
+# ------------------------------------------------------------------------------ 5. localStorage
+
+
+async def test_a_live_snapshot_carries_the_pages_localstorage_and_a_restored_browser_puts_it_back_once(
+    sim: Sim, start_worker: WorkerFactory, pg_pool: asyncpg.Pool
+) -> None:
+    # Chromium writes localStorage to disk in batches (at least 5 s late, minutes under its rate
+    # limit): a copy of its files can lack keys the page holds; the chaos suite saw restored pages
+    # without last-wid-md boot as never linked
+    client = await start_worker(live_snapshot_delay_s=3600.0)
+    manager = manager_of(client)
+    sid = await link_id(client, sim, "4917700000005")
+    session = manager.get(sid)
+    await until_settled(session)
+    page = page_of(session)
+    await page.evaluate("() => localStorage.setItem('walink-late-key', 'late-value')")
+    await manager._hibernation.store_snapshot(session, live=True)
+    blob = await manager._ctx.store.get_snapshot(sid)
+    assert blob is not None
+    profile_id = "p_restoredcopy000000001"
+    target = manager.launcher.profile_dir(profile_id)
+    key = manager._ctx.snapshot_keys
+    assert key is not None
+    await asyncio.to_thread(snapshot.unpack_profile, blob, target, key=key, session_id=sid)
+    sidecar = target / snapshot.PAGE_LOCAL_STORAGE
+    carried = orjson.loads(sidecar.read_bytes())
+    assert carried["walink-late-key"] == "late-value"  # the page's view, taken with the copy
+    assert {"WANoiseInfo", "WebEncKeySalt", "last-wid-md"} <= set(carried)
+    # a key certainly not in Chromium's files: only the sidecar can bring it back
+    sidecar.write_bytes(orjson.dumps({**carried, "walink-probe": "from-the-snapshot"}))
+
+    slot = await manager.launcher.launch(profile_id)
+    try:
+        await asyncio.wait_for(slot.hooked.wait(), WAIT_S)
+        assert slot.page is not None
+        restored = await slot.page.evaluate(
+            "() => [localStorage.getItem('walink-probe'), localStorage.getItem('walink-late-key')]"
+        )
+        assert restored == ["from-the-snapshot", "late-value"]
+        assert not sidecar.exists(), "put back once: the file is gone from the profile"
+        # once per tab: a reload sees what the page itself left (as after a logout's reload)
+        await slot.page.evaluate("() => localStorage.removeItem('walink-probe')")
+        await slot.page.reload()
+        assert await slot.page.evaluate("() => localStorage.getItem('walink-probe')") is None
+    finally:
+        await slot.close()

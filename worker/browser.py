@@ -24,7 +24,7 @@ from shared.aio import stop_loops
 from shared.errors import BrowserError, BrowserTimeout
 from shared.private_files import make_private_dirs
 from shared.settings import Settings
-from worker import chromium
+from worker import chromium, snapshot
 from worker import whatsapp_web as wa
 from worker.web_cache import WebCache
 
@@ -199,6 +199,13 @@ class BrowserSlot:
         found = await self._evaluate(wa.LOGIN_STORAGE_SCRIPT, keys, timeout_s=timeout_s)
         return wa.missing_login_storage(found)
 
+    async def page_local_storage(self, timeout_s: float = 10.0) -> dict[str, str]:
+        """The page's localStorage as the page sees it (ahead of what Chromium has on disk)."""
+        entries = await self._evaluate(wa.LOCAL_STORAGE_SCRIPT, timeout_s=timeout_s)
+        if not isinstance(entries, dict):
+            raise BrowserError("the page did not list its localStorage")
+        return {str(k): str(v) for k, v in entries.items() if isinstance(v, str)}
+
     async def request_pairing_code(self, phone: str) -> str:
         code = await self._evaluate(wa.PAIRING_CODE_SCRIPT, phone, timeout_s=30.0)
         if not isinstance(code, str) or not code:
@@ -317,6 +324,10 @@ class BrowserLauncher:
             context.set_default_timeout(timeout_ms)
             await context.expose_binding(wa.BINDING_NAME, slot._on_binding)
             await context.add_init_script(wa.PASSKEY_INIT_SCRIPT)
+            # a restored live snapshot's localStorage, as its page held it (worker/snapshot.py)
+            restored = await asyncio.to_thread(snapshot.take_page_local_storage, profile_dir)
+            if restored is not None:
+                await context.add_init_script(wa.local_storage_restore_script(restored))
             # the simulator serves the whole origin; the live site only its app shell goes through
             # walink (the web cache), everything else goes to the network untouched
             routed = wa.ROUTE_PATTERN if settings.target == "simulator" else wa.is_app_shell_url

@@ -297,13 +297,21 @@ class Hibernation:
         loop free whatever the size of WhatsApp's storage."""
         ctx = self._ctx
         assert ctx.snapshot_keys is not None  # callers check: snapshots are enabled
+        page_local_storage: dict[str, str] | None = None
         if live:
             await self.check_login_storage(session)
+            if session.slot is not None:
+                page_local_storage = await session.slot.page_local_storage()
         profile = ctx.launcher.profile_dir(session.profile_id)
         started = time.monotonic()
         async with _snapshot_file(ctx, session, "pack") as path:
             size = await snapshot.pack_profile_file_async(
-                profile, path, key=ctx.snapshot_keys, session_id=session.id, live=live
+                profile,
+                path,
+                key=ctx.snapshot_keys,
+                session_id=session.id,
+                live=live,
+                page_local_storage=page_local_storage,
             )
             packed = time.monotonic()
             await ctx.store.put_snapshot_file(session.id, path, token=session.fencing_token)

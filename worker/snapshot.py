@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal, cast
 
+import orjson
 import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -110,6 +111,11 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 IDB_LEVELDB = "Default/IndexedDB/https_web.whatsapp.com_0.indexeddb.leveldb"
 IDB_BLOBS = "Default/IndexedDB/https_web.whatsapp.com_0.indexeddb.blob"
 LOCAL_STORAGE = "Default/Local Storage/leveldb"
+
+SIDECAR_DIR = "walink"
+PAGE_LOCAL_STORAGE = SIDECAR_DIR + "/page-local-storage.json"
+"""A live snapshot's localStorage as the page held it (see :func:`take_page_local_storage`)."""
+PAGE_LOCAL_STORAGE_MAX_BYTES = 16 * 1024 * 1024  # Chromium allows ~10 MiB of localStorage an origin
 
 SNAPSHOT_PATHS: tuple[str, ...] = (IDB_LEVELDB, IDB_BLOBS, LOCAL_STORAGE)
 """Profile-relative directories that carry WhatsApp Web's login (see the module docstring)."""
@@ -251,8 +257,10 @@ def classify(name: str) -> Kind | None:
     This is an allow-list of fixed roots and strict per-component patterns. So an accepted name
     can never be absolute, contain ``.``/``..``/empty components, or point outside the roots.
     """
-    if name in SNAPSHOT_PATHS:
+    if name in SNAPSHOT_PATHS or name == SIDECAR_DIR:
         return "dir"
+    if name == PAGE_LOCAL_STORAGE:
+        return "file"
     for root in _LEVELDBS:
         if name.startswith(root + "/"):
             return "file" if _LEVELDB_FILE.fullmatch(name[len(root) + 1 :]) else None
@@ -292,6 +300,10 @@ def _scan(profile_dir: Path) -> list[_Entry]:
             f"nothing to snapshot in {profile_dir}: missing {', '.join(missing)} "
             "(the profile never opened WhatsApp Web, so it holds no login)"
         )
+    sidecar = profile_dir / PAGE_LOCAL_STORAGE
+    if sidecar.is_file() and not sidecar.is_symlink() and not (profile_dir / SIDECAR_DIR).is_symlink():
+        entries.append(_Entry(SIDECAR_DIR, "dir", profile_dir / SIDECAR_DIR))
+        entries.append(_Entry(PAGE_LOCAL_STORAGE, "file", sidecar))
     names = {e.name for e in entries}
     for root in REQUIRED_PATHS:
         if f"{root}/CURRENT" not in names:
@@ -840,12 +852,27 @@ def remove_leftovers(profiles_dir: Path) -> int:
 
 
 @contextlib.contextmanager
-def _live_copy(profile_dir: Path) -> Iterator[Path]:
+def _live_copy(profile_dir: Path, page_local_storage: dict[str, str] | None = None) -> Iterator[Path]:
     """A copy of the login's files of a profile whose Chromium is still running (for crash
     failover). LevelDB only appends to its log and replaces whole table files, so a copy is a
-    valid database missing at most the last unflushed write."""
+    valid database missing at most the last unflushed write.
+
+    localStorage is another matter: Chromium writes it to disk in batches, at least 5 s late and,
+    under its rate limit (60 commits an hour an origin), up to minutes late, so the copy of
+    ``Local Storage`` can lack keys the page set long before (seen: ``last-wid-md``, and the
+    restored page then boots as never linked). ``page_local_storage`` (the page's own view,
+    read just before) goes into the snapshot beside it; a browser started on the restored
+    profile puts it back before the page's scripts run (:func:`take_page_local_storage`)."""
     with tempfile.TemporaryDirectory(prefix="walink-live-", dir=profile_dir.parent) as tmp:
         copy = Path(tmp) / "profile"
+        if page_local_storage is not None:
+            data = orjson.dumps(page_local_storage)
+            if len(data) > PAGE_LOCAL_STORAGE_MAX_BYTES:
+                raise SnapshotInvalid(f"the page's localStorage is {len(data)} bytes; too large to keep")
+            (copy / SIDECAR_DIR).mkdir(parents=True, mode=0o700)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(os.open(copy / PAGE_LOCAL_STORAGE, flags, 0o600), "wb") as out:
+                out.write(data)
         for rel in SNAPSHOT_PATHS:
             src = profile_dir / rel
             if src.is_dir():
@@ -860,20 +887,60 @@ def _live_copy(profile_dir: Path) -> Iterator[Path]:
 
 
 def _pack_file(
-    profile_dir: Path, target: Path, key: bytes | SnapshotKeys, session_id: str, live: bool
+    profile_dir: Path,
+    target: Path,
+    key: bytes | SnapshotKeys,
+    session_id: str,
+    live: bool,
+    page_local_storage: dict[str, str] | None,
 ) -> int:
     if not live:
         return pack_profile_file(profile_dir, target, key=key, session_id=session_id)
-    with _live_copy(profile_dir) as copy:
+    with _live_copy(profile_dir, page_local_storage) as copy:
         return pack_profile_file(copy, target, key=key, session_id=session_id)
 
 
 async def pack_profile_file_async(
-    profile_dir: Path, target: Path, *, key: bytes | SnapshotKeys, session_id: str, live: bool = False
+    profile_dir: Path,
+    target: Path,
+    *,
+    key: bytes | SnapshotKeys,
+    session_id: str,
+    live: bool = False,
+    page_local_storage: dict[str, str] | None = None,
 ) -> int:
     """The session's snapshot into the new file ``target``, in a thread (``live``: the profile's
-    Chromium still runs); the answer is its size."""
-    return await asyncio.to_thread(_pack_file, profile_dir, target, key, session_id, live)
+    Chromium still runs, and ``page_local_storage`` is what its page holds); its size."""
+    return await asyncio.to_thread(_pack_file, profile_dir, target, key, session_id, live, page_local_storage)
+
+
+def take_page_local_storage(profile_dir: Path) -> dict[str, str] | None:
+    """The localStorage a restored live snapshot carried beside Chromium's files (see
+    :func:`_live_copy`), removed from the profile as it is read: it is put back once, by the
+    first page of the browser started on it. None when there is none (or it is unreadable)."""
+    path = profile_dir / PAGE_LOCAL_STORAGE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(PAGE_LOCAL_STORAGE_MAX_BYTES + 1)
+    finally:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (profile_dir / SIDECAR_DIR).rmdir()
+    try:
+        entries = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        log.warning("%s: unreadable page localStorage; ignored", path)
+        return None
+    if not isinstance(entries, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in entries.items()
+    ):
+        log.warning("%s: page localStorage is not a map of strings; ignored", path)
+        return None
+    return entries
 
 
 async def unpack_profile_file_async(

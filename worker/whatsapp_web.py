@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
+
 log = logging.getLogger("walink.whatsapp_web")
 
 ORIGIN = "https://web.whatsapp.com"
@@ -452,6 +454,30 @@ LOGIN_STORAGE_SCRIPT = (
     " local_storage: keys.filter((k) => localStorage.getItem(k) !== null) })"
 )
 """The page's IndexedDB database names and which of ``LOGIN_LOCAL_STORAGE`` it holds."""
+
+
+LOCAL_STORAGE_SCRIPT = (
+    "() => { const out = {}; for (let i = 0; i < localStorage.length; i++) {"
+    " const k = localStorage.key(i); if (k !== null) { out[k] = localStorage.getItem(k); } } return out; }"
+)
+"""The page's whole localStorage (a live snapshot keeps it: Chromium's own copy on disk lags)."""
+_RESTORED_FLAG = "__walinkLocalStorageRestored"
+
+
+def local_storage_restore_script(entries: dict[str, str]) -> str:
+    """An init script that puts ``entries`` back into the origin's localStorage before WhatsApp's
+    own scripts run, on the first document of the tab only (a later reload, e.g. after a logout,
+    must see what the page itself left; sessionStorage lives as long as the tab)."""
+    return (
+        "(() => { try {"
+        f" if (location.origin !== {orjson.dumps(ORIGIN).decode()}) {{ return; }}"
+        f" if (sessionStorage.getItem({orjson.dumps(_RESTORED_FLAG).decode()})) {{ return; }}"
+        f" sessionStorage.setItem({orjson.dumps(_RESTORED_FLAG).decode()}, '1');"
+        f" const entries = {orjson.dumps(entries).decode()};"
+        " for (const [k, v] of Object.entries(entries)) {"
+        " if (localStorage.getItem(k) !== v) { localStorage.setItem(k, v); } }"
+        " } catch (e) { /* storage unavailable: the page boots from what is on disk */ } })();"
+    )
 
 
 def missing_login_storage(found: object) -> list[str]:
