@@ -17,7 +17,7 @@ pytestmark = pytest.mark.chromium
 PHONE = "447911123456"
 
 
-async def _until_passkey(client: Any, sim: Sim) -> tuple[str, EventStream, dict[str, Any], dict[str, Any]]:
+async def until_passkey(client: Any, sim: Sim) -> tuple[str, EventStream, dict[str, Any], dict[str, Any]]:
     """A session of a passkey account, scanned: its id, stream, the prompt and the registration."""
     reg = await sim.post("/phone/passkey", {"phone": PHONE}, expect=201)
     sid = str((await create(client))["id"])
@@ -29,7 +29,7 @@ async def _until_passkey(client: Any, sim: Sim) -> tuple[str, EventStream, dict[
 
 async def test_passkey_required_then_a_valid_assertion_links(sim: Sim, start_worker: WorkerFactory) -> None:
     client = await start_worker()
-    sid, stream, prompt, reg = await _until_passkey(client, sim)
+    sid, stream, prompt, reg = await until_passkey(client, sim)
     assert prompt["rp_id"] == "whatsapp.com"
     assert prompt["user_verification"] == "required"
     assert prompt["allow_credentials"] == [reg["credential_id"]]
@@ -56,7 +56,7 @@ async def test_bad_assertions_are_refused_and_a_wrong_key_fails_the_link(
     sim: Sim, start_worker: WorkerFactory
 ) -> None:
     client = await start_worker()
-    sid, stream, prompt, reg = await _until_passkey(client, sim)
+    sid, stream, prompt, reg = await until_passkey(client, sim)
     url = f"/v1/sessions/{sid}/passkey"
 
     async def post(body: Any) -> tuple[int, dict[str, Any]]:
@@ -85,7 +85,7 @@ async def test_bad_assertions_are_refused_and_a_wrong_key_fails_the_link(
 
 async def test_wrong_origin_fails_the_link(sim: Sim, start_worker: WorkerFactory) -> None:
     client = await start_worker()
-    sid, stream, prompt, reg = await _until_passkey(client, sim)
+    sid, stream, prompt, reg = await until_passkey(client, sim)
     phished = assertion(
         reg["private_key"], reg["credential_id"], prompt["challenge"], origin="https://evil.example"
     )
@@ -97,7 +97,7 @@ async def test_wrong_origin_fails_the_link(sim: Sim, start_worker: WorkerFactory
 
 async def test_no_answer_times_out_with_reason(sim: Sim, start_worker: WorkerFactory) -> None:
     client = await start_worker(passkey_timeout_s=1.0)
-    _sid, stream, prompt, _reg = await _until_passkey(client, sim)
+    _sid, stream, prompt, _reg = await until_passkey(client, sim)
     failed = await stream.until("session_failed")
     assert failed["reason"] == "passkey_timeout"
     token = prompt["passkey_token"]
@@ -108,7 +108,7 @@ async def test_no_answer_times_out_with_reason(sim: Sim, start_worker: WorkerFac
 
 async def test_token_routes(sim: Sim, start_worker: WorkerFactory) -> None:
     client = await start_worker()
-    sid, stream, prompt, reg = await _until_passkey(client, sim)
+    sid, stream, prompt, reg = await until_passkey(client, sim)
     token = prompt["passkey_token"]
     got = await client.get(f"/v1/passkey/{token}")
     body = await got.json()
@@ -129,7 +129,7 @@ async def test_token_routes(sim: Sim, start_worker: WorkerFactory) -> None:
 
 async def test_the_wrapper_looks_native_to_the_page(sim: Sim, start_worker: WorkerFactory) -> None:
     client = await start_worker()
-    sid, stream, _prompt, _reg = await _until_passkey(client, sim)
+    sid, stream, _prompt, _reg = await until_passkey(client, sim)
     page = manager_of(client).local(sid).slot.page
     seen = await page.evaluate(
         """() => ({

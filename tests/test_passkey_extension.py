@@ -16,12 +16,12 @@ from playwright.async_api import BrowserContext, Page, Playwright, Route
 
 from shared import passkeys as wire
 from tests.browser import ARGS
-from tests.conftest import Sim, WorkerFactory, create, events, get_json
+from tests.conftest import Sim, WorkerFactory, get_json
+from tests.test_passkey import PHONE, until_passkey
 from tests.webauthn import new_private_key, virtual_authenticator
 
 pytestmark = pytest.mark.chromium
 
-PHONE = "447911123456"
 FULL_CHROMIUM = Path("/usr/lib/chromium/chromium")  # the binary (extensions need the full browser)
 EXTENSION = Path(__file__).resolve().parent.parent / "extension"
 WHATSAPP_PAGE = (
@@ -60,21 +60,12 @@ async def _with_authenticator(context: BrowserContext, reg: dict[str, Any], priv
     return page
 
 
-async def _passkey_session(client: Any, sim: Sim) -> tuple[str, Any, dict[str, Any], dict[str, Any]]:
-    reg = await sim.post("/phone/passkey", {"phone": PHONE}, expect=201)
-    sid = str((await create(client))["id"])
-    stream = await events(client, sid)
-    await sim.scan_linking(stream, PHONE)
-    prompt = await stream.until("passkey_prompt")
-    return sid, stream, prompt, reg
-
-
 async def test_extension_signs_and_the_session_is_ready(
     sim: Sim, start_worker: WorkerFactory, pw: Playwright, tmp_path: Path
 ) -> None:
     client = await start_worker()
     walink = str(client.make_url("")).rstrip("/")
-    sid, stream, prompt, reg = await _passkey_session(client, sim)
+    sid, stream, prompt, reg = await until_passkey(client, sim)
     async with user_browser(pw, tmp_path, walink) as context:
         page = await _with_authenticator(context, reg, reg["private_key"])
         await page.goto(wire.link(walink, prompt["passkey_token"]))
@@ -93,7 +84,7 @@ async def test_extension_with_a_wrong_passkey_fails_the_link(
 ) -> None:
     client = await start_worker()
     walink = str(client.make_url("")).rstrip("/")
-    _sid, stream, prompt, reg = await _passkey_session(client, sim)
+    _sid, stream, prompt, reg = await until_passkey(client, sim)
     async with user_browser(pw, tmp_path, walink) as context:
         # the authenticator holds the registered credential id with another key
         page = await _with_authenticator(context, reg, new_private_key())
@@ -112,7 +103,7 @@ async def test_extension_refuses_a_link_to_another_server(
 ) -> None:
     client = await start_worker()
     walink = str(client.make_url("")).rstrip("/")
-    sid, stream, prompt, reg = await _passkey_session(client, sim)
+    sid, stream, prompt, reg = await until_passkey(client, sim)
     async with user_browser(pw, tmp_path, walink) as context:
         page = await _with_authenticator(context, reg, reg["private_key"])
         await page.goto(wire.link("http://127.0.0.1:9", prompt["passkey_token"]))
