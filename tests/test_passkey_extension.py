@@ -60,6 +60,14 @@ async def _with_authenticator(context: BrowserContext, reg: dict[str, Any], priv
     return page
 
 
+async def _open_link(page: Page, link: str) -> tuple[str | None, str]:
+    """The user opens the passkey link: the extension's verdict (its banner's state and text)."""
+    await page.goto(link)
+    banner = page.locator('[data-walink-passkey="done"], [data-walink-passkey="failed"]')
+    await banner.wait_for()
+    return await banner.get_attribute("data-walink-passkey"), await banner.inner_text()
+
+
 async def test_extension_signs_and_the_session_is_ready(
     sim: Sim, start_worker: WorkerFactory, pw: Playwright, tmp_path: Path
 ) -> None:
@@ -68,10 +76,8 @@ async def test_extension_signs_and_the_session_is_ready(
     sid, stream, prompt, reg = await until_passkey(client, sim)
     async with user_browser(pw, tmp_path, walink) as context:
         page = await _with_authenticator(context, reg, reg["private_key"])
-        await page.goto(wire.link(walink, prompt["passkey_token"]))
-        banner = page.locator('[data-walink-passkey="done"], [data-walink-passkey="failed"]')
-        await banner.wait_for()
-        assert await banner.get_attribute("data-walink-passkey") == "done", await banner.inner_text()
+        state, text = await _open_link(page, wire.link(walink, prompt["passkey_token"]))
+        assert state == "done", text
         assert wire.LINK_FRAGMENT not in page.url  # the link is taken off the address bar
     ready = await stream.until("session_ready")
     assert ready["phone_number"] == PHONE
@@ -88,11 +94,9 @@ async def test_extension_with_a_wrong_passkey_fails_the_link(
     async with user_browser(pw, tmp_path, walink) as context:
         # the authenticator holds the registered credential id with another key
         page = await _with_authenticator(context, reg, new_private_key())
-        await page.goto(wire.link(walink, prompt["passkey_token"]))
-        banner = page.locator('[data-walink-passkey="done"], [data-walink-passkey="failed"]')
-        await banner.wait_for()
-        assert await banner.get_attribute("data-walink-passkey") == "failed"
-        assert "passkey_invalid" in await banner.inner_text()
+        state, text = await _open_link(page, wire.link(walink, prompt["passkey_token"]))
+        assert state == "failed"
+        assert "passkey_invalid" in text
     failed = await stream.until("session_failed")
     assert failed["reason"] == "passkey_invalid"
     stream.close()
@@ -106,9 +110,8 @@ async def test_extension_refuses_a_link_to_another_server(
     sid, stream, prompt, reg = await until_passkey(client, sim)
     async with user_browser(pw, tmp_path, walink) as context:
         page = await _with_authenticator(context, reg, reg["private_key"])
-        await page.goto(wire.link("http://127.0.0.1:9", prompt["passkey_token"]))
-        banner = page.locator('[data-walink-passkey="failed"]')
-        await banner.wait_for()
-        assert "not an allowed service" in await banner.inner_text()
+        state, text = await _open_link(page, wire.link("http://127.0.0.1:9", prompt["passkey_token"]))
+        assert state == "failed"
+        assert "not an allowed service" in text
     assert (await get_json(client, f"/v1/sessions/{sid}"))["status"] == "passkey_required"
     stream.close()

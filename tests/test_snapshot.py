@@ -8,6 +8,7 @@ and opened again: it must come back logged in, without a QR. Everything that sho
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -35,9 +36,7 @@ from worker.snapshot import (
     SNAPSHOT_PATHS,
     load_key,
     pack_profile,
-    pack_profile_async,
     unpack_profile,
-    unpack_profile_async,
 )
 
 pytestmark = pytest.mark.chromium
@@ -185,7 +184,7 @@ async def test_snapshot_restores_the_login_into_an_empty_profile(
     await link(pw, source, sim)
 
     started = time.perf_counter()
-    blob = await pack_profile_async(source, key=KEY, session_id=SESSION)
+    blob = await asyncio.to_thread(pack_profile, source, key=KEY, session_id=SESSION)
     pack_ms = (time.perf_counter() - started) * 1000
     tar = open_blob(blob)
     print(
@@ -207,7 +206,7 @@ async def test_snapshot_restores_the_login_into_an_empty_profile(
 
     target = tmp_path / "worker-b" / "profiles" / "restored"  # neither it nor its parent exists
     started = time.perf_counter()
-    written = await unpack_profile_async(blob, target, key=KEY, session_id=SESSION)
+    written = await asyncio.to_thread(unpack_profile, blob, target, key=KEY, session_id=SESSION)
     unpack_ms = (time.perf_counter() - started) * 1000
     restored = files_of(target)
     print(f"unpacked {written} bytes in {len(restored)} files in {unpack_ms:.1f} ms")

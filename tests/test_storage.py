@@ -260,9 +260,9 @@ async def test_a_page_without_signal_storage_is_not_snapshotted_and_a_copy_logs_
     profile = manager.launcher.profile_dir(session.profile_id)
     key = manager._ctx.snapshot_keys
     await manager._ending.end_browser(session, wipe=False)
-    forced = await snapshot.pack_profile_async(profile, key=key, session_id=sid)
+    forced = await asyncio.to_thread(snapshot.pack_profile, profile, key=key, session_id=sid)
     target = tmp_path / "forced"
-    await snapshot.unpack_profile_async(forced, target, key=key, session_id=sid)
+    await asyncio.to_thread(snapshot.unpack_profile, forced, target, key=key, session_id=sid)
     context = await launch(pw, target, service_workers="block")
     try:
         await context.route(f"{ORIGIN}/**", forward_to(sim.url, timeout_ms=60_000))
@@ -300,9 +300,9 @@ async def test_a_copy_taken_before_the_credentials_settled_restores_logged_out(
     source = tmp_path / "early"
     await link(pw, source, sim, settled=False)
     assert (await sim.devices(PHONE))[0]["creds_settled"] is False
-    blob = await snapshot.pack_profile_async(source, key=KEY, session_id=SESSION)
+    blob = await asyncio.to_thread(snapshot.pack_profile, source, key=KEY, session_id=SESSION)
     target = tmp_path / "restored"
-    await snapshot.unpack_profile_async(blob, target, key=KEY, session_id=SESSION)
+    await asyncio.to_thread(snapshot.unpack_profile, blob, target, key=KEY, session_id=SESSION)
     assert await boots_to_logout(pw, target, sim) == ["client_fatal"]  # logout_reason=0
     assert (await sim.get("/admin/state"))["unsettled_logins"] == 1
 

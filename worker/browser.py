@@ -192,19 +192,23 @@ class BrowserSlot:
         except PlaywrightError as exc:
             raise BrowserError(f"page script failed: {exc.message}") from exc
 
-    async def missing_login_storage(self, timeout_s: float = 10.0) -> list[str]:
-        """What the page lacks of the storage its login needs (``wa.LOGIN_DATABASES`` and
-        ``wa.LOGIN_LOCAL_STORAGE``); empty when a snapshot of it can restore the login."""
+    async def login_storage(self, timeout_s: float = 10.0) -> tuple[list[str], dict[str, str]]:
+        """In one look at the page: what it lacks of the storage its login needs
+        (``wa.LOGIN_DATABASES`` and ``wa.LOGIN_LOCAL_STORAGE``; empty when a snapshot of it can
+        restore the login), and its localStorage as the page sees it (ahead of what Chromium
+        has on disk)."""
         keys = list(wa.LOGIN_LOCAL_STORAGE)
         found = await self._evaluate(wa.LOGIN_STORAGE_SCRIPT, keys, timeout_s=timeout_s)
-        return wa.missing_login_storage(found)
+        entries = found.get("entries") if isinstance(found, dict) else None
+        local = (
+            {str(k): v for k, v in entries.items() if isinstance(v, str)} if isinstance(entries, dict) else {}
+        )
+        return wa.missing_login_storage(found), local
 
-    async def page_local_storage(self, timeout_s: float = 10.0) -> dict[str, str]:
-        """The page's localStorage as the page sees it (ahead of what Chromium has on disk)."""
-        entries = await self._evaluate(wa.LOCAL_STORAGE_SCRIPT, timeout_s=timeout_s)
-        if not isinstance(entries, dict):
-            raise BrowserError("the page did not list its localStorage")
-        return {str(k): str(v) for k, v in entries.items() if isinstance(v, str)}
+    async def missing_login_storage(self, timeout_s: float = 10.0) -> list[str]:
+        """What the page lacks of the storage its login needs (see :meth:`login_storage`)."""
+        missing, _entries = await self.login_storage(timeout_s)
+        return missing
 
     async def request_pairing_code(self, phone: str) -> str:
         code = await self._evaluate(wa.PAIRING_CODE_SCRIPT, phone, timeout_s=30.0)

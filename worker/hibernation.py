@@ -277,18 +277,20 @@ class Hibernation:
             session.timings["live_snapshot_bytes"] = size
             return
 
-    async def check_login_storage(self, session: Session) -> None:
+    async def check_login_storage(self, session: Session) -> dict[str, str] | None:
         """Raise :class:`~shared.errors.SnapshotIncomplete` when the session's page lacks storage
         its login needs (a snapshot of it would restore logged out; nothing is stored then, and
-        the previous snapshot stays). Checked on the live page: a closed profile cannot say."""
+        the previous snapshot stays). Checked on the live page: a closed profile cannot say.
+        The answer is the page's localStorage (None without a page), for a live snapshot."""
         if session.slot is None:
-            return
-        missing = await session.slot.missing_login_storage()
+            return None
+        missing, entries = await session.slot.login_storage()
         if missing:
             metrics.SNAPSHOT_REFUSED.inc()
             raise SnapshotIncomplete(
                 f"the page lacks {', '.join(missing)}: a snapshot would restore logged out"
             )
+        return entries
 
     async def store_snapshot(self, session: Session, *, live: bool = False) -> int:
         """Pack the session's profile (``live``: under a running Chromium) and store it, fenced by
@@ -297,11 +299,7 @@ class Hibernation:
         loop free whatever the size of WhatsApp's storage."""
         ctx = self._ctx
         assert ctx.snapshot_keys is not None  # callers check: snapshots are enabled
-        page_local_storage: dict[str, str] | None = None
-        if live:
-            await self.check_login_storage(session)
-            if session.slot is not None:
-                page_local_storage = await session.slot.page_local_storage()
+        page_local_storage = await self.check_login_storage(session) if live else None
         profile = ctx.launcher.profile_dir(session.profile_id)
         started = time.monotonic()
         async with _snapshot_file(ctx, session, "pack") as path:

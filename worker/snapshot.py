@@ -809,25 +809,6 @@ def unpack_profile_file(
 # ---------------------------------------------------------------------------------------- async
 
 
-async def pack_profile_async(profile_dir: Path, *, key: bytes | SnapshotKeys, session_id: str) -> bytes:
-    """:func:`pack_profile` in a thread (it reads files and compresses)."""
-    return await asyncio.to_thread(pack_profile, profile_dir, key=key, session_id=session_id)
-
-
-async def unpack_profile_async(
-    blob: bytes,
-    profile_dir: Path,
-    *,
-    key: bytes | SnapshotKeys,
-    session_id: str,
-    max_bytes: int = MAX_UNPACKED_BYTES,
-) -> int:
-    """:func:`unpack_profile` in a thread (it decompresses and writes files)."""
-    return await asyncio.to_thread(
-        unpack_profile, blob, profile_dir, key=key, session_id=session_id, max_bytes=max_bytes
-    )
-
-
 _LEFTOVER = re.compile(r"\.[^/]+\.(?:restore|payload)-[^/]+|walink-live-[^/]+")
 
 

@@ -450,17 +450,16 @@ says WhatsApp rebuilds it) the chats and contacts."""
 LOGIN_LOCAL_STORAGE: tuple[str, ...] = ("WANoiseInfo", "WebEncKeySalt", "last-wid-md")
 """localStorage keys of the login: the encrypted credentials, their salt, the linked account."""
 LOGIN_STORAGE_SCRIPT = (
-    "async (keys) => ({ databases: (await indexedDB.databases()).map((d) => d.name).filter(Boolean),"
-    " local_storage: keys.filter((k) => localStorage.getItem(k) !== null) })"
+    "async (keys) => { const entries = {};"
+    " for (let i = 0; i < localStorage.length; i++) {"
+    " const k = localStorage.key(i); if (k !== null) { entries[k] = localStorage.getItem(k); } }"
+    " return { databases: (await indexedDB.databases()).map((d) => d.name).filter(Boolean),"
+    " local_storage: keys.filter((k) => k in entries), entries }; }"
 )
-"""The page's IndexedDB database names and which of ``LOGIN_LOCAL_STORAGE`` it holds."""
+"""The page's IndexedDB database names, which of ``LOGIN_LOCAL_STORAGE`` it holds, and its whole
+localStorage (``entries``: a live snapshot keeps it, as Chromium's own copy on disk lags)."""
 
 
-LOCAL_STORAGE_SCRIPT = (
-    "() => { const out = {}; for (let i = 0; i < localStorage.length; i++) {"
-    " const k = localStorage.key(i); if (k !== null) { out[k] = localStorage.getItem(k); } } return out; }"
-)
-"""The page's whole localStorage (a live snapshot keeps it: Chromium's own copy on disk lags)."""
 _RESTORED_FLAG = "__walinkLocalStorageRestored"
 
 
